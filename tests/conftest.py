@@ -1,0 +1,49 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPO, "cleanrl_pool")
+sys.path.insert(0, SCRIPTS)  # the scripts import `utils` as a sibling file, as a copied-out script does
+
+
+def run_script(name, *flags, cwd, timeout=600):
+    """Run a script for real in a subprocess, as a user would; returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    return subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, name), *flags],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_scalars(run_dir):
+    """{tag: [(step, value), ...]} from a run folder's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for name in sorted(os.listdir(run_dir)):
+        if name.startswith("events.out.tfevents"):
+            accumulator = EventAccumulator(os.path.join(run_dir, name), size_guidance={"scalars": 0, "images": 0})
+            accumulator.Reload()
+            for tag in accumulator.Tags()["scalars"]:
+                scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return scalars
+
+
+def read_image_tags(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for name in os.listdir(run_dir):
+        if name.startswith("events.out.tfevents"):
+            accumulator = EventAccumulator(os.path.join(run_dir, name), size_guidance={"images": 0})
+            accumulator.Reload()
+            tags.update(accumulator.Tags()["images"])
+    return tags
+
+
+@pytest.fixture
+def script_runner():
+    return run_script
