@@ -66,6 +66,10 @@ def run_prefix(args) -> str:
     return os.path.join(args.runs_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__")
 
 
+def checkpoint_path(run_dir: str, global_step: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"step_{global_step:012d}.pt")
+
+
 def latest_checkpoint(run_dir: str):
     """The newest periodic checkpoint of a run folder, or None."""
     paths = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")))
@@ -207,6 +211,17 @@ def saliency_image(gradient: torch.Tensor) -> torch.Tensor:
     low = saliency.flatten(1).min(1).values.view(-1, 1, 1, 1)
     high = saliency.flatten(1).max(1).values.view(-1, 1, 1, 1)
     return (saliency - low) / (high - low + 1e-12)
+
+
+def save_video(path: str, frames, fps: int = 30):
+    """Write uint8 frames (T, H, W, 3) as an animated GIF (no codec or network needed)."""
+    from PIL import Image
+
+    images = [Image.fromarray(np.asarray(frame)) for frame in frames]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp_path = path + ".tmp"
+    images[0].save(tmp_path, format="GIF", save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
+    os.replace(tmp_path, path)
 
 
 def parameter_count(*modules) -> int:

@@ -109,3 +109,14 @@ def test_score_normalisation_tables():
     assert utils.atari_human_normalized_score("Breakout", 1.7) == 0.0
     assert utils.atari_human_normalized_score("NotAGame", 1.0) is None
     assert len(utils.PROCGEN_SCORE_RANGES) == 16
+
+
+def test_save_video_writes_a_readable_gif(tmp_path):
+    from PIL import Image
+
+    frames = np.random.default_rng(0).integers(0, 255, (5, 16, 16, 3), dtype=np.uint8)
+    path = str(tmp_path / "videos" / "eval.gif")
+    utils.save_video(path, frames)
+    with Image.open(path) as image:
+        assert image.n_frames == 5 and image.size == (16, 16)
+    assert os.listdir(tmp_path / "videos") == ["eval.gif"]
