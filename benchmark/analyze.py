@@ -1,0 +1,487 @@
+"""Offline analysis of cleanrl_pool run folders: per-game normalised final scores, IQM / median /
+mean / optimality gap with 95 % stratified-bootstrap confidence intervals, performance profiles,
+learning curves, score-vs-flag and score-vs-parameters plots (PNG), a Markdown summary and a CSV.
+
+    python benchmark/analyze.py runs --out analysis
+
+Every run folder under the root (any depth) that holds config.json and TensorBoard event files
+is read with TensorBoard's own reader. Scores are normalised here from the raw returns and the
+run's config (Procgen: min-max by distribution mode; Atari: human-normalised; anything else:
+raw), with the tables of cleanrl_pool/utils.py, so every script's runs go through one computation.
+"""
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter, defaultdict
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cleanrl_pool"))
+import utils  # noqa: E402  (the score tables live there, shared with the scripts)
+
+EVAL_RETURN_TAGS = {  # split -> the raw-return tag the scripts log at each evaluation
+    "train_levels": "eval/train_levels/return",
+    "test_levels": "eval/test_levels/return",
+    "eval": "eval/return",
+}
+LOGGED_NORMALIZED_TAGS = {
+    "train_levels": "eval/train_levels/normalized_score",
+    "test_levels": "eval/test_levels/normalized_score",
+    "eval": "eval/normalized_score",
+}
+PARAMETER_TAGS = ("diag/params/encoder", "diag/params/bottleneck", "diag/params/head")
+# Config keys that say how a run was launched or logged, not what was trained: never a grouping flag.
+BOOKKEEPING_KEYS = {
+    "env_id", "seed", "exp_name", "runs_dir", "resume", "track", "wandb_project_name", "wandb_entity",
+    "cuda", "capture_video", "compile", "save_every", "eval_every", "diag_every", "torch_deterministic",
+}
+
+
+# Statistics (rliable's definitions, REFERENCE §7)
+def iqm(scores) -> float:
+    """Interquartile mean: mean of the pooled scores after cutting int(n/4) from each end
+    (scipy.stats.trim_mean(scores, 0.25), which rliable uses)."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    cut = int(0.25 * ordered.size)
+    return float(ordered[cut:ordered.size - cut].mean())
+
+
+def aggregate_metrics(scores_by_task) -> dict:
+    """IQM and optimality gap (γ = 1) over all runs of all tasks; median and mean over tasks of the
+    per-task mean score. With the same number of runs per task these are rliable's numbers."""
+    pooled = np.concatenate([np.asarray(s, dtype=np.float64) for s in scores_by_task])
+    task_means = np.array([np.mean(s) for s in scores_by_task])
+    return {
+        "IQM": iqm(pooled),
+        "median": float(np.median(task_means)),
+        "mean": float(np.mean(task_means)),
+        "optimality gap": float(1.0 - np.mean(np.minimum(pooled, 1.0))),
+    }
+
+
+def stratified_bootstrap(scores_by_task, reps: int, seed: int):
+    """Resample runs with replacement within each task, `reps` times.
+
+    Draws, for each task in order, `rng.integers(0, n_task, size=(reps, n_task))` from
+    `np.random.default_rng(seed)`. Returns (pooled resamples (reps, total runs), per-task means
+    (reps, tasks))."""
+    rng = np.random.default_rng(seed)
+    samples = [np.asarray(s, dtype=np.float64)[rng.integers(0, len(s), size=(reps, len(s)))] for s in scores_by_task]
+    return np.concatenate(samples, axis=1), np.stack([sample.mean(axis=1) for sample in samples], axis=1)
+
+
+def bootstrap_metrics(pooled, task_means) -> dict:
+    """The metrics of `aggregate_metrics` for every bootstrap resample at once: {name: (reps,)}."""
+    ordered = np.sort(pooled, axis=1)
+    cut = int(0.25 * ordered.shape[1])
+    return {
+        "IQM": ordered[:, cut:ordered.shape[1] - cut].mean(axis=1),
+        "median": np.median(task_means, axis=1),
+        "mean": task_means.mean(axis=1),
+        "optimality gap": 1.0 - np.minimum(pooled, 1.0).mean(axis=1),
+    }
+
+
+def percentile_interval(values, confidence: float = 0.95):
+    """Percentile-method bootstrap interval (numpy's linear interpolation between order statistics)."""
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def aggregate_with_intervals(scores_by_task, reps: int, seed: int) -> dict:
+    """{metric: (point estimate, CI low, CI high)} with 95 % stratified-bootstrap intervals."""
+    point = aggregate_metrics(scores_by_task)
+    resampled = bootstrap_metrics(*stratified_bootstrap(scores_by_task, reps, seed))
+    return {name: (point[name], *percentile_interval(resampled[name])) for name in point}
+
+
+def performance_profile(scores_by_task, thresholds, reps: int, seed: int):
+    """Fraction of all runs whose score exceeds each threshold (rliable's score distribution),
+    with 95 % stratified-bootstrap intervals: (fraction, low, high), each of shape (thresholds,)."""
+    pooled = np.concatenate([np.asarray(s, dtype=np.float64) for s in scores_by_task])
+    fraction = np.array([np.mean(pooled > tau) for tau in thresholds])
+    resampled, _ = stratified_bootstrap(scores_by_task, reps, seed)
+    bounds = np.array([percentile_interval(np.mean(resampled > tau, axis=1)) for tau in thresholds])
+    return fraction, bounds[:, 0], bounds[:, 1]
+
+
+# Reading run folders
+def read_event_scalars(run_dir: str) -> dict:
+    """{tag: (steps, values)} from every event file of a run folder, oldest file first. A resumed
+    run re-logs the steps after its last checkpoint: points of a later file replace the earlier
+    points at or after that file's first step for the same tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    merged = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")), key=event_file_time):
+        accumulator = EventAccumulator(path, size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            points = [(event.step, event.value) for event in accumulator.Scalars(tag)]
+            if points:
+                first_step = points[0][0]
+                merged[tag] = [p for p in merged.get(tag, []) if p[0] < first_step] + points
+    return {tag: (np.array([p[0] for p in points]), np.array([p[1] for p in points], dtype=np.float64))
+            for tag, points in merged.items()}
+
+
+def event_file_time(path: str):
+    """Event files are named events.out.tfevents.{unix time}.{host}...: order by that time."""
+    match = re.match(r"events\.out\.tfevents\.(\d+)", os.path.basename(path))
+    return (int(match.group(1)) if match else 0, path)
+
+
+def find_run_dirs(root: str):
+    return sorted(os.path.dirname(path) for path in glob.glob(os.path.join(root, "**", "config.json"), recursive=True)
+                  if glob.glob(os.path.join(os.path.dirname(path), "events.out.tfevents.*")))
+
+
+def score_normalizer(config: dict):
+    """(name of the normalisation, function raw return -> score) for a run's env id and config."""
+    env_id = str(config.get("env_id", ""))
+    procgen_game = re.sub(r"(easy|hard)?(-v\d+)?$", "", env_id.lower())
+    if procgen_game in utils.PROCGEN_SCORE_RANGES:
+        mode = str(config.get("distribution_mode", "easy")).lower()
+        if mode in utils.PROCGEN_SCORE_RANGES[procgen_game]:
+            return f"Procgen min-max ({mode})", lambda r: utils.procgen_normalized_score(procgen_game, mode, r)
+    atari_game = re.sub(r"(NoFrameskip)?-v\d+$", "", env_id)
+    if atari_game in utils.ATARI_RANDOM_HUMAN:
+        return "Atari human-normalised", lambda r: utils.atari_human_normalized_score(atari_game, r)
+    return "raw return", lambda r: r
+
+
+def load_run(run_dir: str, last_episodes: int) -> dict:
+    """One run folder -> its config, final scores per split, learning curves and parameter count."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    scalars = read_event_scalars(run_dir)
+    normalization, normalize = score_normalizer(config)
+    is_procgen = normalization.startswith("Procgen")
+    run = {
+        "dir": run_dir, "config": config, "env_id": str(config.get("env_id")), "seed": config.get("seed"),
+        "finished": os.path.isfile(os.path.join(run_dir, "final.pt")), "normalization": normalization,
+        "final": {}, "curves": {}, "warnings": [],
+        "parameters": sum(scalars[tag][1][0] for tag in PARAMETER_TAGS) if all(t in scalars for t in PARAMETER_TAGS) else None,
+    }
+    for split, tag in EVAL_RETURN_TAGS.items():
+        if tag in scalars:
+            steps, returns = scalars[tag]
+            scores = np.array([normalize(r) for r in returns], dtype=np.float64)
+            run["curves"][split] = (steps, scores)
+            run["final"][split] = {"step": int(steps[-1]), "return": float(returns[-1]), "score": float(scores[-1]),
+                                   "source": f"last {tag}"}
+            logged = scalars.get(LOGGED_NORMALIZED_TAGS[split])
+            if logged is not None and normalization != "raw return" and not math.isclose(logged[1][-1], scores[-1], rel_tol=1e-4, abs_tol=1e-4):
+                run["warnings"].append(f"{run_dir}: logged {LOGGED_NORMALIZED_TAGS[split]} {logged[1][-1]:.4f} "
+                                       f"differs from the analysis' {scores[-1]:.4f}")
+    if not run["final"] and "charts/episodic_return" in scalars:
+        # No evaluation logged: the mean of the last training episodes stands in (says so in the output).
+        split = "train_levels" if is_procgen else "eval"
+        steps, returns = scalars["charts/episodic_return"]
+        window = np.array([np.mean(returns[max(0, i + 1 - last_episodes):i + 1]) for i in range(len(returns))])
+        scores = np.array([normalize(r) for r in window], dtype=np.float64)
+        run["curves"][split] = (steps, scores)
+        run["final"][split] = {"step": int(steps[-1]), "return": float(window[-1]), "score": float(scores[-1]),
+                               "source": f"mean of last {min(last_episodes, len(returns))} charts/episodic_return"}
+    return run
+
+
+# Grouping runs by the flags that vary
+def partition_runs(runs):
+    """Runs of one script and one normalisation share a partition (same config keys)."""
+    partitions = defaultdict(list)
+    for run in runs:
+        partitions[(run["normalization"], tuple(sorted(run["config"])))].append(run)
+    named = {}
+    for (normalization, _), members in sorted(partitions.items(), key=lambda item: item[0][0]):
+        stem = Counter(str(r["config"].get("exp_name", "runs")).split("-")[0] for r in members).most_common(1)[0][0]
+        name, suffix = stem, 2
+        while name in named:
+            name, suffix = f"{stem}_{suffix}", suffix + 1
+        named[name] = members
+    return named
+
+
+def varied_keys(runs, group_by=None):
+    if group_by:
+        return list(group_by)
+    keys = sorted({key for run in runs for key in run["config"]} - BOOKKEEPING_KEYS)
+    return [key for key in keys if len({json.dumps(run["config"].get(key), sort_keys=True) for run in runs}) > 1]
+
+
+def group_label(group: tuple) -> str:
+    return ", ".join(f"{key}={value}" for key, value in group) or "all runs"
+
+
+def group_runs(runs, keys):
+    """{group (tuple of (key, value)): runs}, groups in sorted order of their values."""
+    groups = defaultdict(list)
+    for run in runs:
+        groups[tuple((key, run["config"].get(key)) for key in keys)].append(run)
+    return dict(sorted(groups.items(), key=lambda item: [sort_value(v) for _, v in item[0]]))
+
+
+def sort_value(value):
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+
+
+def scores_by_task(runs, split):
+    """[(env_id, scores of its runs)] for the runs that have a final score on `split`."""
+    by_task = defaultdict(list)
+    for run in runs:
+        if split in run["final"]:
+            by_task[run["env_id"]].append(run["final"][split]["score"])
+    return sorted(by_task.items())
+
+
+def learning_curve(runs, split, points: int, reps: int, seed: int):
+    """IQM over all runs vs environment steps, each run's curve linearly interpolated onto a common
+    grid up to the shortest run's last evaluation; 95 % stratified-bootstrap intervals."""
+    curves = [(run["env_id"], run["curves"][split]) for run in runs if split in run["curves"]]
+    if not curves:
+        return None
+    last_step = min(steps[-1] for _, (steps, _) in curves)
+    first_step = max(steps[0] for _, (steps, _) in curves)
+    grid = np.unique(np.linspace(first_step, last_step, points).round())
+    by_task = defaultdict(list)
+    for env_id, (steps, scores) in curves:
+        by_task[env_id].append(np.interp(grid, steps, scores))
+    tasks = [np.array(rows) for _, rows in sorted(by_task.items())]  # (runs of a task, grid points)
+    value, low, high = [], [], []
+    for i in range(len(grid)):
+        at_step = [rows[:, i] for rows in tasks]
+        value.append(iqm(np.concatenate(at_step)))
+        resampled, _ = stratified_bootstrap(at_step, reps, seed)
+        ordered = np.sort(resampled, axis=1)
+        cut = int(0.25 * ordered.shape[1])
+        low_i, high_i = percentile_interval(ordered[:, cut:ordered.shape[1] - cut].mean(axis=1))
+        low.append(low_i)
+        high.append(high_i)
+    return grid, np.array(value), np.array(low), np.array(high)
+
+
+# Plots (matplotlib, Agg: no display needed)
+def new_figure(width=6.4, height=4.2, columns=1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, columns, figsize=(width * columns, height), squeeze=False)
+    return plt, figure, axes[0]
+
+
+def save_figure(plt, figure, path):
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def score_axis_label(normalization: str) -> str:
+    return "raw return" if normalization == "raw return" else f"normalised score: {normalization}"
+
+
+def plot_learning_curves(path, title, normalization, curves):
+    plt, figure, (axis,) = new_figure()
+    for label, (steps, value, low, high) in curves.items():
+        axis.plot(steps, value, marker="o" if len(steps) < 10 else None, label=label)
+        axis.fill_between(steps, low, high, alpha=0.2)
+    axis.set(xlabel="environment steps", ylabel=f"IQM {score_axis_label(normalization)}", title=title)
+    axis.legend(fontsize=7)
+    save_figure(plt, figure, path)
+
+
+def plot_performance_profiles(path, title, normalization, thresholds, profiles):
+    plt, figure, (axis,) = new_figure()
+    for label, (fraction, low, high) in profiles.items():
+        axis.plot(thresholds, fraction, label=label)
+        axis.fill_between(thresholds, low, high, alpha=0.2)
+    axis.set(xlabel=f"{score_axis_label(normalization)} τ", ylabel="fraction of runs with score > τ", title=title, ylim=(0, 1.02))
+    axis.legend(fontsize=7)
+    save_figure(plt, figure, path)
+
+
+def plot_aggregates(path, title, aggregates):
+    names = ["IQM", "median", "mean", "optimality gap"]
+    plt, figure, axes = new_figure(width=3.2, height=0.9 + 0.35 * len(aggregates), columns=4)
+    labels = list(aggregates)
+    for axis, name in zip(axes, names):
+        for row, label in enumerate(labels):
+            point, low, high = aggregates[label][name]
+            axis.plot([low, high], [row, row], linewidth=6, alpha=0.5)
+            axis.plot([point], [row], "k|", markersize=12)
+        axis.set_yticks(range(len(labels)), labels if axis is axes[0] else [""] * len(labels), fontsize=7)
+        axis.set_title(name)
+    figure.suptitle(title, fontsize=9)
+    save_figure(plt, figure, path)
+
+
+def plot_score_vs(path, title, normalization, xlabel, series, log_x=False):
+    """series: {label: [(x, (IQM, low, high)), ...]} -> IQM with 95 % interval bars against x."""
+    plt, figure, (axis,) = new_figure()
+    for label, points in series.items():
+        points = sorted(points)
+        xs = [x for x, _ in points]
+        ys = np.array([v[0] for _, v in points])
+        errors = np.array([[v[0] - v[1], v[2] - v[0]] for _, v in points]).T
+        axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label)
+    if log_x:
+        axis.set_xscale("log")
+    axis.set(xlabel=xlabel, ylabel=f"IQM {score_axis_label(normalization)}", title=title)
+    axis.legend(fontsize=7)
+    save_figure(plt, figure, path)
+
+
+# Summary
+def format_interval(value):
+    point, low, high = value
+    return f"{point:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+
+
+def analyze(root, out, reps=50_000, curve_reps=2_000, seed=0, last_episodes=10, include_unfinished=False,
+            group_by=None, curve_points=50):
+    """Read every run under `root`, write the PNGs, summary.md and scores.csv to `out`; return the
+    numbers as a dict (what the summary shows)."""
+    os.makedirs(out, exist_ok=True)
+    run_dirs = find_run_dirs(root)
+    runs = [load_run(run_dir, last_episodes) for run_dir in run_dirs]
+    unfinished = [run for run in runs if not run["finished"]]
+    if not include_unfinished:
+        runs = [run for run in runs if run["finished"]]
+    no_score = [run for run in runs if not run["final"]]
+    runs = [run for run in runs if run["final"]]
+    lines = [f"# Analysis of `{root}`", "",
+             f"{len(run_dirs)} run folders found; {len(runs)} used. "
+             + (f"{len(unfinished)} unfinished (no final.pt) " + ("included" if include_unfinished else "left out") + ". " if unfinished else "")
+             + (f"{len(no_score)} without any return logged left out. " if no_score else ""),
+             "",
+             "Final score of a run = its last evaluation (`eval/.../return`), normalised here from the config "
+             "(Procgen min-max by distribution mode, Atari human-normalised, otherwise the raw return); "
+             f"a run without evaluation falls back to the mean of its last {last_episodes} training episodes "
+             "(`charts/episodic_return`), marked in scores.csv. Aggregates: IQM and optimality gap (γ = 1) over "
+             "all runs, median and mean over per-game means; 95 % stratified-bootstrap percentile intervals "
+             f"({reps} resamples, seed {seed}). Learning curves: IQM at each step ({curve_reps} resamples).", ""]
+    results = {"partitions": {}, "warnings": [w for run in runs for w in run["warnings"]]}
+    csv_rows = []
+    for name, members in partition_runs(runs).items():
+        keys = varied_keys(members, group_by)
+        groups = group_runs(members, keys)
+        normalization = members[0]["normalization"]
+        splits = [split for split in EVAL_RETURN_TAGS if any(split in run["final"] for run in members)]
+        lines += [f"## {name} ({normalization})", "",
+                  f"Grouped by: {', '.join(keys) or 'nothing varies'}. Games: "
+                  f"{', '.join(sorted({run['env_id'] for run in members}))}.", ""]
+        partition = results["partitions"][name] = {"normalization": normalization, "group_keys": keys, "splits": {}}
+        for split in splits:
+            per_group = {group: scores_by_task(group_runs_, split) for group, group_runs_ in groups.items()}
+            per_group = {group: tasks for group, tasks in per_group.items() if tasks}
+            aggregates = {group: aggregate_with_intervals([s for _, s in tasks], reps, seed) for group, tasks in per_group.items()}
+            all_scores = np.concatenate([s for tasks in per_group.values() for _, s in tasks])
+            high = max(1.0, float(all_scores.max())) if normalization != "raw return" else float(all_scores.max())
+            low = min(0.0, float(all_scores.min()))
+            thresholds = np.linspace(low, high, 101)
+            profiles = {group: performance_profile([s for _, s in tasks], thresholds, reps, seed) for group, tasks in per_group.items()}
+            curves = {group: learning_curve(groups[group], split, curve_points, curve_reps, seed) for group in per_group}
+            partition["splits"][split] = {"aggregates": aggregates, "per_game": per_group, "profiles": (thresholds, profiles), "curves": curves}
+
+            unequal = [group_label(g) for g, tasks in per_group.items() if len({len(s) for _, s in tasks}) > 1]
+            lines += [f"### {split}: aggregates", ""]
+            lines += markdown_table(["group", "runs", "games", "IQM [95% CI]", "median", "mean", "optimality gap"],
+                                    [[group_label(g), sum(len(s) for _, s in per_group[g]), len(per_group[g])]
+                                     + [format_interval(a[m]) for m in ("IQM", "median", "mean", "optimality gap")]
+                                     for g, a in aggregates.items()])
+            if unequal:
+                lines += ["", f"Unequal runs per game in: {'; '.join(unequal)} (IQM and optimality gap then weight games by their runs)."]
+            games = sorted({env for tasks in per_group.values() for env, _ in tasks})
+            lines += ["", f"### {split}: final score per game (mean ± sd over runs, n)", ""]
+            lines += markdown_table(["game"] + [group_label(g) for g in per_group],
+                                    [[game] + [per_game_cell(dict(per_group[g]).get(game)) for g in per_group] for game in games])
+            lines += [""]
+
+            prefix = os.path.join(out, f"{name}_{split}")
+            labels = {group: group_label(group) for group in per_group}
+            plot_aggregates(prefix + "_aggregates.png", f"{name}, {split}: 95% stratified-bootstrap CIs",
+                            {labels[g]: a for g, a in aggregates.items()})
+            plot_performance_profiles(prefix + "_performance_profile.png", f"{name}, {split}", normalization, thresholds,
+                                      {labels[g]: p for g, p in profiles.items()})
+            plot_learning_curves(prefix + "_learning_curves.png", f"{name}, {split}", normalization,
+                                 {labels[g]: c for g, c in curves.items() if c is not None})
+            for key in keys:  # score vs resolution / width / dense scale / any numeric flag
+                if all(isinstance(dict(g)[key], (int, float)) and not isinstance(dict(g)[key], bool) for g in per_group):
+                    series = defaultdict(list)
+                    for group, aggregate in aggregates.items():
+                        rest = tuple(item for item in group if item[0] != key)
+                        series[group_label(rest)].append((dict(group)[key], aggregate["IQM"]))
+                    plot_score_vs(f"{prefix}_score_vs_{key}.png", f"{name}, {split}", normalization, key, series)
+            parameters = {g: [r["parameters"] for r in groups[g] if r["parameters"] is not None] for g in per_group}
+            if len(per_group) > 1 and all(parameters.values()):
+                series = defaultdict(list)
+                line_key = "pool" if "pool" in keys else None
+                for group, aggregate in aggregates.items():
+                    series[f"pool={dict(group)['pool']}" if line_key else "runs"].append((float(np.median(parameters[group])), aggregate["IQM"]))
+                plot_score_vs(f"{prefix}_score_vs_parameters.png", f"{name}, {split}", normalization,
+                              "parameters (encoder + bottleneck + head, median over runs)", series, log_x=True)
+        for run in members:
+            for split, final in run["final"].items():
+                csv_rows.append([name, group_label(tuple((k, run["config"].get(k)) for k in keys)), run["env_id"], run["seed"],
+                                 split, final["step"], final["return"], final["score"], normalization, final["source"],
+                                 run["parameters"], run["finished"], run["dir"]])
+    if results["warnings"]:
+        lines += ["## Warnings", ""] + [f"- {warning}" for warning in results["warnings"]] + [""]
+    lines += ["Files: " + ", ".join(sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "*.png")))) + ", scores.csv.", ""]
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(out, "scores.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["partition", "group", "env_id", "seed", "split", "step", "return", "score", "normalization",
+                         "source", "parameters", "finished", "run_dir"])
+        writer.writerows(csv_rows)
+    return results
+
+
+def per_game_cell(scores):
+    if scores is None:
+        return "–"
+    return f"{np.mean(scores):.3f} ± {np.std(scores):.3f} ({len(scores)})"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="folder holding run folders (searched recursively)")
+    parser.add_argument("--out", default="analysis", help="output folder for the PNGs, summary.md and scores.csv")
+    parser.add_argument("--reps", type=int, default=50_000, help="bootstrap resamples for aggregates and profiles (rliable: 50,000)")
+    parser.add_argument("--curve-reps", type=int, default=2_000, help="bootstrap resamples per learning-curve point")
+    parser.add_argument("--curve-points", type=int, default=50, help="steps at which learning curves are evaluated")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument("--last-episodes", type=int, default=10, help="episodes averaged when a run has no evaluation")
+    parser.add_argument("--include-unfinished", action="store_true", help="also use runs without final.pt")
+    parser.add_argument("--group-by", default="", help="comma-separated config keys to group by (default: every key that varies)")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.root):
+        utils.fail(f"RUNS_ROOT {args.root!r} is not a folder")
+    for flag in ("reps", "curve_reps", "curve_points", "last_episodes"):
+        utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
+    if not find_run_dirs(args.root):
+        utils.fail(f"RUNS_ROOT {args.root!r} holds no run folder (config.json + TensorBoard events)")
+    group_by = [key.strip().replace("-", "_") for key in args.group_by.split(",") if key.strip()]
+    results = analyze(args.root, args.out, args.reps, args.curve_reps, args.seed, args.last_episodes,
+                      args.include_unfinished, group_by, args.curve_points)
+    for warning in results["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"wrote {os.path.join(args.out, 'summary.md')}")
+
+
+if __name__ == "__main__":
+    main()

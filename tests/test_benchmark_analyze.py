@@ -1,0 +1,283 @@
+"""benchmark/analyze.py: aggregates and bootstrap intervals against slow references, score
+normalisation from the config, final-score rules, grouping, and the command end to end on
+synthetic run folders written exactly as the scripts write them (config.json + SummaryWriter)."""
+import csv
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmark"))
+import analyze  # noqa: E402
+
+
+# Synthetic run folders, as utils.start_run + the scripts' SummaryWriter write them
+def write_run(root, env_id, seed, config, scalars, finished=True, unix_time=1700000000):
+    from torch.utils.tensorboard import SummaryWriter
+
+    exp_name = config.get("exp_name", "ppo_procgen_impoola")
+    run_dir = os.path.join(root, f"{env_id}__{exp_name}__{seed}__{unix_time}")
+    os.makedirs(os.path.join(run_dir, "checkpoints"))
+    full_config = {"env_id": env_id, "seed": seed, "exp_name": exp_name, "runs_dir": root, "resume": "", "cuda": True,
+                   "track": False, "capture_video": False, "total_timesteps": 100, "pool": "flatten", "width": 1,
+                   "dense_scale": 1, "resolution": 64, "eval_every": 50, "save_every": 50, "diag_every": 50}
+    full_config.update(config)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(full_config, f, indent=2, sort_keys=True)
+    writer = SummaryWriter(run_dir)
+    for tag, points in scalars.items():
+        for step, value in points:
+            writer.add_scalar(tag, value, step)
+    writer.close()
+    if finished:
+        open(os.path.join(run_dir, "final.pt"), "wb").close()
+    return run_dir
+
+
+PROCGEN_RANGES_EASY = {"bigfish": (1, 40), "starpilot": (2.5, 64), "coinrun": (5, 10)}  # REFERENCE §2, typed by hand
+# Normalised final test-level scores of the synthetic Procgen runs, by pool, game, seed.
+TEST_SCORES = {
+    "avg": {"bigfish": [0.2, 0.5, 0.8], "starpilot": [0.1, 0.3, 0.9], "coinrun": [0.4, 0.6, 1.2]},
+    "flatten": {"bigfish": [0.1, 0.1, 0.4], "starpilot": [0.0, 0.2, 0.3], "coinrun": [0.2, 0.5, 0.6]},
+}
+
+
+def procgen_return(game, score):
+    low, high = PROCGEN_RANGES_EASY[game]
+    return low + score * (high - low)
+
+
+def write_procgen_sweep(root):
+    for pool, games in TEST_SCORES.items():
+        for game, scores in games.items():
+            for seed, score in enumerate(scores, start=1):
+                train = min(score + 0.25, 1.5)
+                write_run(root, game, seed, {"pool": pool, "distribution_mode": "easy", "exp_name": f"ppo_procgen_impoola-pool_{pool}"}, {
+                    "eval/test_levels/return": [(0, procgen_return(game, 0.0)), (50, procgen_return(game, score / 2)), (100, procgen_return(game, score))],
+                    "eval/train_levels/return": [(0, procgen_return(game, 0.0)), (100, procgen_return(game, train))],
+                    "eval/test_levels/normalized_score": [(100, score)],
+                    "charts/episodic_return": [(10, 1.0), (20, 2.0)],
+                    "diag/params/encoder": [(0, 1000.0)], "diag/params/bottleneck": [(0, 4096.0 if pool == "flatten" else 64.0)],
+                    "diag/params/head": [(0, 100.0)],
+                })
+
+
+# Statistics against slow, loop-based references
+def slow_iqm(values):
+    ordered = sorted(values)
+    cut = len(ordered) // 4
+    middle = ordered[cut:len(ordered) - cut]
+    return sum(middle) / len(middle)
+
+
+def slow_metrics(tasks):
+    pooled = [x for scores in tasks for x in scores]
+    task_means = [sum(s) / len(s) for s in tasks]
+    return {"IQM": slow_iqm(pooled), "median": statistics.median(task_means), "mean": sum(task_means) / len(task_means),
+            "optimality gap": 1 - sum(min(x, 1.0) for x in pooled) / len(pooled)}
+
+
+def slow_percentile(values, q):
+    ordered = sorted(values)
+    position = q / 100 * (len(ordered) - 1)
+    below = math.floor(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (position - below) * (ordered[above] - ordered[below])
+
+
+def test_iqm_by_hand():
+    assert analyze.iqm([8, 1, 7, 2, 6, 3, 5, 4]) == pytest.approx((3 + 4 + 5 + 6) / 4)  # cut 2 each side of 8
+    assert analyze.iqm([1, 2, 3, 4, 5, 6, 7, 8, 9, 100]) == pytest.approx((3 + 4 + 5 + 6 + 7 + 8) / 6)  # cut 2 of 10
+    assert analyze.iqm([5, 1, 3]) == pytest.approx(3)  # int(3/4) = 0: nothing cut
+
+
+def test_aggregate_metrics_by_hand():
+    tasks = [[0.2, 0.5, 0.8], [0.1, 0.3, 0.9], [0.4, 0.6, 1.2]]
+    metrics = analyze.aggregate_metrics(tasks)
+    assert metrics["IQM"] == pytest.approx((0.3 + 0.4 + 0.5 + 0.6 + 0.8) / 5)
+    assert metrics["median"] == pytest.approx(0.5)  # task means 0.5, 0.4333, 0.7333
+    assert metrics["mean"] == pytest.approx((0.5 + 1.3 / 3 + 2.2 / 3) / 3)
+    assert metrics["optimality gap"] == pytest.approx(1 - 4.8 / 9)  # 1.2 counts as 1.0
+    assert metrics == pytest.approx(slow_metrics(tasks))
+
+
+def test_median_and_mean_weight_each_game_equally():
+    tasks = [[0.0], [1.0, 1.0, 1.0]]
+    metrics = analyze.aggregate_metrics(tasks)
+    assert metrics["mean"] == pytest.approx(0.5) and metrics["median"] == pytest.approx(0.5)
+
+
+def test_bootstrap_intervals_match_loop_reference_with_same_draws():
+    tasks = [[0.2, 0.5, 0.8, 0.1], [0.1, 0.3, 0.9], [0.4, 0.6, 1.2, 0.0, 0.7]]
+    reps, seed = 300, 7
+    intervals = analyze.aggregate_with_intervals(tasks, reps, seed)
+    rng = np.random.default_rng(seed)  # the documented draws: per task, integers(0, n, size=(reps, n))
+    index_tables = [rng.integers(0, len(s), size=(reps, len(s))) for s in tasks]
+    resampled = [slow_metrics([[s[i] for i in table[r]] for s, table in zip(tasks, index_tables)]) for r in range(reps)]
+    for name, (point, low, high) in intervals.items():
+        values = [metrics[name] for metrics in resampled]
+        assert point == pytest.approx(slow_metrics(tasks)[name])
+        assert low == pytest.approx(slow_percentile(values, 2.5))
+        assert high == pytest.approx(slow_percentile(values, 97.5))
+
+
+def test_bootstrap_iqm_interval_agrees_with_independent_random_stream():
+    tasks = [[0.2, 0.5, 0.8, 0.1, 0.45], [0.1, 0.3, 0.9, 0.35, 0.5], [0.4, 0.6, 1.2, 0.0, 0.7]]
+    _, low, high = analyze.aggregate_with_intervals(tasks, 4000, 0)["IQM"]
+    stream = random.Random(12345)  # Python's own generator, resampling one run at a time
+    values = [slow_iqm([stream.choice(s) for s in tasks for _ in s]) for _ in range(4000)]
+    assert low == pytest.approx(slow_percentile(values, 2.5), abs=0.03)
+    assert high == pytest.approx(slow_percentile(values, 97.5), abs=0.03)
+
+
+def test_bootstrap_of_constant_scores_has_zero_width():
+    point, low, high = analyze.aggregate_with_intervals([[0.3, 0.3], [0.3]], 100, 0)["IQM"]
+    assert point == pytest.approx(0.3) and low == pytest.approx(0.3) and high == pytest.approx(0.3)
+
+
+def test_performance_profile_is_fraction_of_runs_above_threshold():
+    tasks = [[0.1, 0.5], [0.9, 0.3]]
+    thresholds = [0.0, 0.2, 0.5, 0.95]
+    fraction, low, high = analyze.performance_profile(tasks, thresholds, 200, 3)
+    np.testing.assert_allclose(fraction, [4 / 4, 3 / 4, 1 / 4, 0 / 4])  # strictly above: 0.5 is not > 0.5
+    assert np.all(low <= fraction + 1e-12) and np.all(fraction <= high + 1e-12)
+    assert low[0] == high[0] == 1.0 and low[-1] == high[-1] == 0.0
+
+
+# Scores of one run
+def test_procgen_score_normalised_from_config_by_mode(tmp_path):
+    run_dir = write_run(str(tmp_path), "bigfish", 1, {"distribution_mode": "hard"}, {"eval/test_levels/return": [(100, 10.0)]})
+    run = analyze.load_run(run_dir, 10)
+    assert run["final"]["test_levels"]["score"] == pytest.approx((10.0 - 0) / (40 - 0))  # bigfish hard: 0, 40
+    run_dir = write_run(str(tmp_path), "BigfishEasy-v0", 1, {"distribution_mode": "easy"}, {"eval/test_levels/return": [(100, 10.0)]})
+    assert analyze.load_run(run_dir, 10)["final"]["test_levels"]["score"] == pytest.approx((10.0 - 1) / (40 - 1))
+
+
+def test_atari_score_is_human_normalised_and_dmc_stays_raw(tmp_path):
+    atari = write_run(str(tmp_path), "Pong-v5", 1, {"exp_name": "dqn_atari_gap"}, {"eval/return": [(50, -20.7), (100, 14.6)]})
+    assert analyze.load_run(atari, 10)["final"]["eval"]["score"] == pytest.approx(1.0)  # Pong: random -20.7, human 14.6
+    dmc = write_run(str(tmp_path), "CheetahRun-v1", 1, {"exp_name": "sac_dmc_gap"}, {"eval/return": [(100, 321.5)]})
+    run = analyze.load_run(dmc, 10)
+    assert run["normalization"] == "raw return" and run["final"]["eval"]["score"] == pytest.approx(321.5)
+
+
+def test_final_score_is_last_evaluation(tmp_path):
+    run_dir = write_run(str(tmp_path), "Breakout-v5", 1, {}, {"eval/return": [(100, 30.5), (200, 1.7), (300, 16.1)]})
+    final = analyze.load_run(run_dir, 10)["final"]["eval"]
+    assert final["step"] == 300 and final["return"] == pytest.approx(16.1)
+    assert final["score"] == pytest.approx((16.1 - 1.7) / (30.5 - 1.7))
+
+
+def test_run_without_evaluation_falls_back_to_last_training_episodes(tmp_path):
+    returns = [(i * 10, float(i)) for i in range(1, 13)]  # returns 1..12
+    run_dir = write_run(str(tmp_path), "CheetahRun-v1", 1, {}, {"charts/episodic_return": returns})
+    final = analyze.load_run(run_dir, 4)["final"]["eval"]
+    assert final["return"] == pytest.approx((9 + 10 + 11 + 12) / 4) and final["step"] == 120
+    assert "last 4 charts/episodic_return" in final["source"]
+
+
+def test_resumed_run_later_event_file_replaces_overlapping_steps(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = write_run(str(tmp_path), "Pong-v5", 1, {}, {"eval/return": [(100, 1.0), (200, 2.0), (300, 3.0)]}, unix_time=1)
+    writer = SummaryWriter(run_dir, filename_suffix=".resumed")  # what a resume from the step-200 checkpoint writes
+    for step, value in [(200, 20.0), (300, 30.0), (400, 40.0)]:
+        writer.add_scalar("eval/return", value, step)
+    writer.close()
+    steps, values = analyze.read_event_scalars(run_dir)["eval/return"]
+    assert steps.tolist() == [100, 200, 300, 400] and values.tolist() == [1.0, 20.0, 30.0, 40.0]
+
+
+def test_disagreeing_logged_normalized_score_is_reported(tmp_path):
+    run_dir = write_run(str(tmp_path), "coinrun", 1, {"distribution_mode": "easy"},
+                        {"eval/test_levels/return": [(100, 7.5)], "eval/test_levels/normalized_score": [(100, 0.9)]})
+    run = analyze.load_run(run_dir, 10)
+    assert run["final"]["test_levels"]["score"] == pytest.approx(0.5)
+    assert len(run["warnings"]) == 1 and "0.9000" in run["warnings"][0]
+
+
+def test_groups_by_flags_that_vary_only(tmp_path):
+    for pool in ("flatten", "avg"):
+        for width in (1, 2):
+            for seed in (1, 2):
+                write_run(str(tmp_path), "Pong-v5", seed, {"pool": pool, "width": width, "exp_name": f"x-{pool}{width}"}, {"eval/return": [(1, 0.0)]})
+    runs = [analyze.load_run(d, 10) for d in analyze.find_run_dirs(str(tmp_path))]
+    keys = analyze.varied_keys(runs)
+    assert keys == ["pool", "width"]  # seed, exp_name and run_dir are bookkeeping; resolution is the same everywhere
+    groups = analyze.group_runs(runs, keys)
+    assert list(groups) == [(("pool", "avg"), ("width", 1)), (("pool", "avg"), ("width", 2)),
+                            (("pool", "flatten"), ("width", 1)), (("pool", "flatten"), ("width", 2))]
+    assert all(len(members) == 2 for members in groups.values())
+
+
+# The command end to end
+@pytest.fixture(scope="module")
+def analysis(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("runs"))
+    write_procgen_sweep(root)
+    write_run(root, "bigfish", 9, {"pool": "avg", "distribution_mode": "easy", "exp_name": "ppo_procgen_impoola-pool_avg"},
+              {"eval/test_levels/return": [(100, 40.0)]}, finished=False)  # unfinished: left out
+    out = os.path.join(root, "analysis")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmark", "analyze.py"), root, "--out", out,
+                             "--reps", "2000", "--curve-reps", "200", "--curve-points", "3"],
+                            capture_output=True, text=True, timeout=300)
+    return result, out
+
+
+def test_analysis_command_succeeds(analysis):
+    result, out = analysis
+    assert result.returncode == 0, result.stderr
+    assert os.path.isfile(os.path.join(out, "summary.md"))
+
+
+def test_summary_shows_hand_computed_aggregates(analysis):
+    _, out = analysis
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "19 run folders found; 18 used. 1 unfinished (no final.pt) left out." in summary
+    row = next(line for line in summary.splitlines() if line.startswith("| pool=avg | 9 | 3 | 0.520 ["))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert [cell.split(" [")[0] for cell in cells[3:]] == [f"{0.52:.3f}", "0.500", f"{(0.5 + 1.3 / 3 + 2.2 / 3) / 3:.3f}", f"{1 - 4.8 / 9:.3f}"]
+    flatten = slow_metrics(list(TEST_SCORES["flatten"].values()))
+    assert f"| pool=flatten | 9 | 3 | {flatten['IQM']:.3f} [" in summary
+    assert f"| bigfish | {np.mean([0.2, 0.5, 0.8]):.3f} ± {np.std([0.2, 0.5, 0.8]):.3f} (3) | {np.mean([0.1, 0.1, 0.4]):.3f} ±" in summary
+    assert "### train_levels: aggregates" in summary and "### test_levels: aggregates" in summary
+
+
+def test_scores_csv_has_every_finished_run_and_split(analysis):
+    _, out = analysis
+    rows = list(csv.DictReader(open(os.path.join(out, "scores.csv"))))
+    assert len(rows) == 18 * 2
+    row = next(r for r in rows if r["env_id"] == "starpilot" and r["seed"] == "3" and r["split"] == "test_levels" and "avg" in r["group"])
+    assert float(row["score"]) == pytest.approx(0.9, abs=1e-5) and float(row["return"]) == pytest.approx(2.5 + 0.9 * 61.5, rel=1e-6)
+    assert row["source"] == "last eval/test_levels/return" and float(row["parameters"]) == 1164
+
+
+def test_plots_are_written_as_png(analysis):
+    _, out = analysis
+    for split in ("train_levels", "test_levels"):
+        for kind in ("aggregates", "performance_profile", "learning_curves", "score_vs_parameters"):
+            with Image.open(os.path.join(out, f"ppo_procgen_impoola_{split}_{kind}.png")) as image:
+                assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_learning_curve_is_iqm_over_runs_at_each_step():
+    runs = [{"env_id": game, "curves": {"test_levels": (np.array([0, 50, 100]), np.array([0.0, s / 2, s]))}}
+            for game, scores in TEST_SCORES["avg"].items() for s in scores]
+    steps, value, low, high = analyze.learning_curve(runs, "test_levels", 3, 100, 0)
+    assert steps.tolist() == [0, 50, 100]
+    np.testing.assert_allclose(value, [0.0, 0.26, 0.52])
+    assert np.all(low <= value + 1e-12) and np.all(value <= high + 1e-12)
+
+
+def test_empty_root_is_refused_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmark", "analyze.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "holds no run folder" in result.stderr
