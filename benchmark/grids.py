@@ -1,0 +1,46 @@
+"""Ready-made sweeps for the papers' main experiments, as plain data.
+
+A grid names a script of cleanrl_pool/ (or a path), flags that stay `fixed`, and flags to `vary`:
+a dict of flag -> list of values (every combination is one run), or a list of such dicts (the
+union of their combinations). Flags are spelled as on the command line, without the dashes.
+A JSON file with the same keys works as well: `python benchmark/sweep.py --grid my_grid.json`.
+"""
+
+PROCGEN_GAMES = [
+    "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
+    "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
+]
+GAP_ATARI_GAMES = [  # Sokar & Castro 2025, REFERENCE §7
+    "Asterix", "SpaceInvaders", "Breakout", "Pong", "Qbert", "DemonAttack", "Seaquest", "WizardOfWor",
+    "RoadRunner", "BeamRider", "Frostbite", "CrazyClimber", "Assault", "Krull", "Boxing", "Jamesbond",
+    "Kangaroo", "UpNDown", "Gopher", "Hero",
+]
+SEEDS = [1, 2, 3, 4, 5]
+
+GRIDS = {
+    "procgen_hd": {
+        "about": "Procgen-HD (Trumpp et al., TMLR 2026): Impala (flatten) vs Impoola (avg) x resolution x width, "
+                 "16 games, 5 seeds, 25M steps, easy, 200 training levels",
+        "script": "ppo_procgen_impoola.py",
+        "fixed": {"total-timesteps": 25_000_000, "distribution-mode": "easy"},
+        "vary": {"env-id": PROCGEN_GAMES, "seed": SEEDS, "pool": ["flatten", "avg"],
+                 "resolution": [48, 64, 80, 96, 112], "width": [2, 3, 4]},
+    },
+    "impoola_width": {
+        "about": "Impoola (Trumpp et al., RLC 2025) scaling plot: Impala width 1-3 vs Impoola width 1-4, "
+                 "16 games, 5 seeds, 25M steps, easy, 64x64",
+        "script": "ppo_procgen_impoola.py",
+        "fixed": {"total-timesteps": 25_000_000, "distribution-mode": "easy", "resolution": 64},
+        "vary": [
+            {"env-id": PROCGEN_GAMES, "seed": SEEDS, "pool": ["flatten"], "width": [1, 2, 3]},
+            {"env-id": PROCGEN_GAMES, "seed": SEEDS, "pool": ["avg"], "width": [1, 2, 3, 4]},
+        ],
+    },
+    "gap_atari": {
+        "about": "Mind the GAP (Sokar & Castro 2025): Rainbow with the Impala encoder, flatten vs GAP x dense "
+                 "width x1-x8, the paper's 20 Atari games, 5 seeds, 200M frames",
+        "script": "rainbow_atari_gap.py",
+        "fixed": {"preset": "rainbow", "encoder": "impala", "total-timesteps": 50_000_000},
+        "vary": {"env-id": GAP_ATARI_GAMES, "seed": SEEDS, "pool": ["flatten", "avg"], "dense-scale": [1, 2, 4, 8]},
+    },
+}

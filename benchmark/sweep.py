@@ -1,0 +1,297 @@
+"""Run a grid of cleanrl_pool runs: locally as a queue over GPU slots (or CPU processes), or on a
+cluster as a Slurm job array.
+
+    python benchmark/sweep.py --grid procgen_hd --only env-id=bigfish,starpilot --only seed=1
+    python benchmark/sweep.py --grid gap_atari --slurm --slurm-time 48:00:00          # sbatch
+    python benchmark/sweep.py --grid my_grid.json --slurm --dry-run                   # print only
+
+Every run gets a deterministic `--exp-name` ({script}-{flag}_{value}-...) from the flags the grid
+varies and the `--set` overrides, so a run folder `{env_id}__{exp_name}__{seed}__{time}` says
+which grid point it is. A run whose folder holds final.pt is skipped; every other run is started
+with `--resume auto`, which continues an unfinished one from its latest checkpoint.
+"""
+
+import argparse
+import glob
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "cleanrl_pool"))
+sys.path.insert(0, os.path.join(REPO, "benchmark"))
+import utils  # noqa: E402
+from grids import GRIDS  # noqa: E402
+
+
+# Grid -> runs
+def load_grid(name_or_path: str) -> dict:
+    if name_or_path in GRIDS:
+        return dict(GRIDS[name_or_path], name=name_or_path)
+    if not name_or_path.endswith(".json") or not os.path.isfile(name_or_path):
+        utils.fail(f"--grid {name_or_path!r} is neither a ready-made grid ({', '.join(GRIDS)}) nor a .json file")
+    with open(name_or_path) as f:
+        try:
+            grid = json.load(f)
+        except json.JSONDecodeError as error:
+            utils.fail(f"--grid {name_or_path!r} is not valid JSON ({error})")
+    if not isinstance(grid, dict) or "script" not in grid or "vary" not in grid:
+        utils.fail(f"--grid {name_or_path!r} needs the keys 'script' and 'vary' (and optionally 'fixed')")
+    return dict(grid, name=os.path.splitext(os.path.basename(name_or_path))[0])
+
+
+def parse_value(text: str):
+    """'64' -> 64, '0.5' -> 0.5, 'true' -> True, anything else stays a string (as JSON reads it)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_assignments(items, flag):
+    """['pool=avg,flatten', ...] -> {'pool': ['avg', 'flatten']}"""
+    result = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key:
+            utils.fail(f"--{flag} {item!r} must look like FLAG=VALUE[,VALUE...]")
+        result[key.lstrip("-")] = [parse_value(v) for v in values.split(",")]
+    return result
+
+
+def script_path(grid) -> str:
+    script = grid["script"]
+    path = script if os.sep in script else os.path.join(REPO, "cleanrl_pool", script)
+    return os.path.abspath(path)
+
+
+def exp_name_of(stem: str, named_flags: dict, suffix: str) -> str:
+    """{script stem}-{flag}_{value}-... ; flags in the order given; no '__' (the run-folder separator)."""
+    parts = [stem] + [f"{flag.replace('-', '_')}_{value}" for flag, value in named_flags.items()]
+    name = "-".join(parts) + (f"-{suffix}" if suffix else "")
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_.+-]", "_", name))
+
+
+def expand_grid(grid, only=None, overrides=None, exp_suffix=""):
+    """Every run of the grid as {"flags": {flag: value}, "exp_name": str}, in a fixed order."""
+    only, overrides = only or {}, overrides or {}
+    stem = os.path.splitext(os.path.basename(grid["script"]))[0]
+    subgrids = grid["vary"] if isinstance(grid["vary"], list) else [grid["vary"]]
+    varied_flags = sorted({flag for subgrid in subgrids for flag in subgrid})
+    for flag in only:
+        if flag not in varied_flags:
+            utils.fail(f"--only {flag!r}: the grid does not vary it; it varies {', '.join(varied_flags)}")
+    runs = []
+    for subgrid in subgrids:
+        axes = {flag: [v for v in values if flag not in only or v in only[flag] or str(v) in map(str, only[flag])]
+                for flag, values in subgrid.items()}
+        for point in itertools.product(*axes.values()):
+            varied = dict(zip(axes, point))
+            for flag in overrides:
+                if flag in varied:
+                    utils.fail(f"--set {flag!r}: the grid varies it; pick its values with --only {flag}=...")
+            flags = {**grid.get("fixed", {}), **{f: v[0] for f, v in overrides.items()}, **varied}
+            named = {f: v for f, v in varied.items() if f not in ("env-id", "seed")}
+            named.update({f: v[0] for f, v in overrides.items()})
+            runs.append({"flags": flags, "exp_name": exp_name_of(stem, named, exp_suffix)})
+    return runs
+
+
+def command_of(run, script: str, runs_dir: str, python: str):
+    command = [python, script]
+    for flag, value in run["flags"].items():
+        if isinstance(value, bool):  # tyro spells booleans --flag / --no-flag
+            command.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            command += [f"--{flag}", str(value)]
+    return command + ["--exp-name", run["exp_name"], "--runs-dir", runs_dir, "--resume", "auto"]
+
+
+# Which runs are done: final.pt in a folder of the same env id, experiment name and seed
+def run_status(run, runs_dir: str):
+    """("finished" | "unfinished" | "new" | "conflict", run folder or None, message)."""
+    prefix = os.path.join(runs_dir, f"{run['flags']['env-id']}__{run['exp_name']}__{run['flags'].get('seed', 1)}__")
+    folders = sorted((d for d in glob.glob(glob.escape(prefix) + "*") if d[len(prefix):].isdigit()), reverse=True)
+    for folder in folders:
+        if os.path.isfile(os.path.join(folder, "final.pt")):
+            differences = config_differences(run, folder)
+            if differences:
+                return "conflict", folder, f"{folder} has the same experiment name but {differences}"
+            return "finished", folder, ""
+    for folder in folders:
+        if glob.glob(os.path.join(folder, "checkpoints", "step_*.pt")):
+            return "unfinished", folder, ""
+    return "new", None, ""
+
+
+def config_differences(run, folder) -> str:
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return ""
+    differences = [f"{flag}={config[flag.replace('-', '_')]!r} (grid: {value!r})" for flag, value in run["flags"].items()
+                   if flag.replace("-", "_") in config and config[flag.replace("-", "_")] != value
+                   and str(config[flag.replace("-", "_")]) != str(value)]
+    return ", ".join(differences)
+
+
+# Local queue: one run per GPU slot (CUDA_VISIBLE_DEVICES), or N CPU processes
+def gpu_slots(gpus, jobs_per_gpu: int, cpu_jobs: int):
+    """A list with one entry per parallel job: the GPU id it sees, or None for a CPU job."""
+    if gpus is None:
+        import torch
+
+        gpus = list(range(torch.cuda.device_count()))
+    if not gpus:
+        return [None] * cpu_jobs
+    return [gpu for gpu in gpus for _ in range(jobs_per_gpu)]
+
+
+def run_local(todo, slots, log_dir, poll_seconds=0.2):
+    """Run the commands, at most one per slot at a time; returns {run index: exit status}."""
+    os.makedirs(log_dir, exist_ok=True)
+    threads = str(max(1, (os.cpu_count() or 1) // len(slots)))
+    pending, running, statuses = list(todo), {}, {}
+    try:
+        while pending or running:
+            for slot, gpu in enumerate(slots):
+                if slot not in running and pending:
+                    index, run, command = pending.pop(0)
+                    env = dict(os.environ)
+                    env.setdefault("OMP_NUM_THREADS", threads)
+                    if gpu is not None:
+                        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+                    log_path = os.path.join(log_dir, f"{run['flags']['env-id']}__{run['exp_name']}__{run['flags'].get('seed', 1)}.log")
+                    with open(log_path, "a") as log:
+                        log.write(f"$ {shlex.join(command)}\n")
+                        log.flush()
+                        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+                    running[slot] = (index, process, log_path)
+                    print(f"[{time.strftime('%H:%M:%S')}] start  {index}: {run['exp_name']} {run['flags']['env-id']} seed "
+                          f"{run['flags'].get('seed', 1)} on {'GPU ' + str(gpu) if gpu is not None else 'CPU'}", flush=True)
+            for slot, (index, process, log_path) in list(running.items()):
+                if process.poll() is not None:
+                    statuses[index] = process.returncode
+                    del running[slot]
+                    state = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}, log {log_path})"
+                    print(f"[{time.strftime('%H:%M:%S')}] {state} {index}", flush=True)
+            time.sleep(poll_seconds)
+    finally:  # on Ctrl-C, stop what this sweep started; `--resume auto` picks them up next time
+        for _, process, _ in running.values():
+            process.terminate()
+    return statuses
+
+
+# Slurm: one job-array task per run
+def slurm_script(todo, args, grid_name: str, log_dir: str) -> str:
+    lines = [
+        "#!/bin/bash",
+        f"# Written by benchmark/sweep.py --grid {grid_name} --slurm: one array task per run not finished yet.",
+        f"#SBATCH --job-name={grid_name}",
+        f"#SBATCH --array=0-{len(todo) - 1}%{args.slurm_max_parallel}",
+        f"#SBATCH --gres=gpu:{args.slurm_gpus}",
+        f"#SBATCH --cpus-per-task={args.slurm_cpus}",
+        f"#SBATCH --mem={args.slurm_mem}",
+        f"#SBATCH --time={args.slurm_time}",
+        f"#SBATCH --output={log_dir}/%x_%A_%a.out",
+    ]
+    if args.slurm_partition:
+        lines.append(f"#SBATCH --partition={args.slurm_partition}")
+    lines += [f"#SBATCH --{line.lstrip('-')}" for line in args.sbatch_line]
+    lines += ["set -euo pipefail", f"cd {shlex.quote(REPO)}", 'case "$SLURM_ARRAY_TASK_ID" in']
+    for task, (index, run, command) in enumerate(todo):
+        lines.append(f"  {task}) exec {shlex.join(command)} ;;  # run {index}")
+    lines += ['  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;', "esac", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="ready-made grids:\n" + "\n".join(f"  {name}: {g['about']}" for name, g in GRIDS.items()))
+    parser.add_argument("--grid", required=True, help="a ready-made grid name (see below) or a .json file")
+    parser.add_argument("--only", action="append", default=[], help="FLAG=V1,V2: keep only these values of a varied flag (repeatable)")
+    parser.add_argument("--set", action="append", default=[], help="FLAG=VALUE: add or override a fixed flag (repeatable; part of the exp name)")
+    parser.add_argument("--exp-suffix", default="", help="appended to every experiment name (a second sweep of the same grid)")
+    parser.add_argument("--runs-dir", default="runs", help="folder of the run folders (passed to every script)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter that runs the scripts")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run (and write the Slurm script) without running it")
+    parser.add_argument("--gpus", default=None, help="comma-separated GPU ids to use (default: every GPU torch sees)")
+    parser.add_argument("--jobs-per-gpu", type=int, default=1, help="parallel runs per GPU")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel runs when there is no GPU")
+    parser.add_argument("--slurm", action="store_true", help="write a Slurm job-array script and submit it with sbatch")
+    parser.add_argument("--slurm-script", default="", help="where to write it (default: RUNS_DIR/slurm/GRID.sbatch)")
+    parser.add_argument("--slurm-max-parallel", type=int, default=64, help="array tasks running at once (%%N)")
+    parser.add_argument("--slurm-max-array", type=int, default=1000, help="tasks per array at most (cluster's MaxArraySize); more runs -> several scripts")
+    parser.add_argument("--slurm-time", default="24:00:00", help="time limit per run")
+    parser.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per run (--gres=gpu:N)")
+    parser.add_argument("--slurm-cpus", type=int, default=8, help="CPU cores per run")
+    parser.add_argument("--slurm-mem", default="32G", help="memory per run")
+    parser.add_argument("--slurm-partition", default="", help="partition (default: the cluster's)")
+    parser.add_argument("--sbatch-line", action="append", default=[], help="extra #SBATCH option, e.g. account=abc (repeatable)")
+    args = parser.parse_args(argv)
+    for flag in ("jobs_per_gpu", "jobs", "slurm_max_parallel", "slurm_max_array", "slurm_gpus", "slurm_cpus"):
+        utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
+
+    grid = load_grid(args.grid)
+    script = script_path(grid)
+    if not os.path.isfile(script):
+        utils.fail(f"--grid {args.grid!r} runs {grid['script']!r}, which is not at {script}")
+    runs_dir = os.path.abspath(args.runs_dir)
+    runs = expand_grid(grid, parse_assignments(args.only, "only"), parse_assignments(args.set, "set"), args.exp_suffix)
+    if not runs:
+        utils.fail("--only leaves no run of the grid")
+    todo, counts = [], {"finished": 0, "unfinished": 0, "new": 0, "conflict": 0}
+    for index, run in enumerate(runs):
+        status, folder, message = run_status(run, runs_dir)
+        counts[status] += 1
+        if status == "conflict":
+            print(f"skip {index}: {message}; rename with --exp-suffix or move the folder", file=sys.stderr)
+        elif status != "finished":
+            todo.append((index, run, command_of(run, script, runs_dir, args.python)))
+    print(f"grid {grid['name']}: {len(runs)} runs; {counts['finished']} finished (skipped), {counts['unfinished']} to resume, "
+          f"{counts['new']} new" + (f", {counts['conflict']} in conflict (skipped)" if counts["conflict"] else ""), flush=True)
+
+    log_dir = os.path.join(runs_dir, "sweep_logs")
+    if args.slurm:
+        if not todo:
+            return 0
+        base = args.slurm_script or os.path.join(runs_dir, "slurm", f"{grid['name']}.sbatch")
+        chunks = [todo[i:i + args.slurm_max_array] for i in range(0, len(todo), args.slurm_max_array)]
+        for part, chunk in enumerate(chunks):
+            path = base if len(chunks) == 1 else f"{os.path.splitext(base)[0]}_part{part}.sbatch"
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            os.makedirs(log_dir, exist_ok=True)
+            text = slurm_script(chunk, args, grid["name"], log_dir)
+            with open(path, "w") as f:
+                f.write(text)
+            if args.dry_run:
+                print(f"# {path} (not submitted: --dry-run)\n{text}")
+            else:
+                try:
+                    result = subprocess.run(["sbatch", path], capture_output=True, text=True)
+                except FileNotFoundError:
+                    utils.fail(f"--slurm: sbatch is not on PATH; the script is written at {path}")
+                print(result.stdout.strip() or result.stderr.strip())
+                if result.returncode != 0:
+                    return result.returncode
+        return 0
+    if args.dry_run:
+        for index, run, command in todo:
+            print(f"{index}: {shlex.join(command)}")
+        return 0
+    gpus = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]
+    slots = gpu_slots(gpus, args.jobs_per_gpu, args.jobs)
+    statuses = run_local(todo, slots, log_dir)
+    failed = [index for index, status in statuses.items() if status != 0]
+    print(f"{len(statuses) - len(failed)} runs done, {len(failed)} failed" + (f": {failed} (logs in {log_dir})" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""benchmark/sweep.py: the ready-made grids, deterministic experiment names, the local queue
+(skip finished, resume unfinished, GPU slots) with a stand-in script that keeps the run-folder
+contract, and the Slurm job array (--slurm --dry-run, checked with bash -n and by content)."""
+import collections
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmark"))
+import sweep  # noqa: E402
+import utils  # noqa: E402
+from grids import GRIDS  # noqa: E402
+
+# A stand-in for a cleanrl_pool script: the same run folder, checkpoints, --resume auto and
+# final.pt, ten steps per checkpoint; it crashes after its first checkpoint when
+# FAKE_CRASH_SEED names its seed, as a killed run would.
+FAKE_SCRIPT = f'''
+import json, os, sys
+from dataclasses import dataclass
+sys.path.insert(0, {os.path.join(REPO, "cleanrl_pool")!r})
+import torch, tyro, utils
+
+@dataclass
+class Args:
+    env_id: str = "Pong"
+    seed: int = 1
+    exp_name: str = "fake"
+    runs_dir: str = "runs"
+    resume: str = ""
+    pool: str = "flatten"
+    width: int = 1
+    total_timesteps: int = 30
+
+args = tyro.cli(Args)
+run_dir, checkpoint = utils.resolve_run(args)
+start = 0 if checkpoint is None else torch.load(checkpoint, weights_only=True)["global_step"]
+writer = utils.start_run(args, run_dir)
+with open(os.path.join(run_dir, "started_at.txt"), "a") as f:
+    f.write(f"{{start}}\\n")
+with open(os.path.join(run_dir, "env.json"), "w") as f:
+    json.dump({{k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}}, f)
+for step in range(start + 10, args.total_timesteps + 1, 10):
+    utils.save_checkpoint(utils.checkpoint_path(run_dir, step), {{"global_step": step}})
+    if os.environ.get("FAKE_CRASH_SEED") == str(args.seed):
+        sys.exit(1)
+writer.add_scalar("eval/return", 1.0, args.total_timesteps)
+writer.close()
+utils.save_checkpoint(os.path.join(run_dir, "final.pt"), {{"global_step": args.total_timesteps}})
+'''
+
+
+def write_fake_grid(tmp_path, vary):
+    script = tmp_path / "fake_script.py"
+    script.write_text(FAKE_SCRIPT)
+    grid = tmp_path / "fake_grid.json"
+    grid.write_text(json.dumps({"script": str(script), "fixed": {"total-timesteps": 30}, "vary": vary}))
+    return str(grid)
+
+
+def run_sweep(capsys, *flags):
+    """sweep.main in this process (the runs it starts are subprocesses): (exit status, stdout, stderr)."""
+    try:
+        status = sweep.main(list(flags))
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def run_folders(runs_dir):
+    return sorted(glob.glob(os.path.join(runs_dir, "*__*__*__*")))
+
+
+# Ready-made grids
+def test_procgen_hd_grid_is_16_games_5_seeds_2_pools_5_resolutions_3_widths():
+    runs = sweep.expand_grid(GRIDS["procgen_hd"])
+    assert len(runs) == 16 * 5 * 2 * 5 * 3
+    assert {r["flags"]["resolution"] for r in runs} == {48, 64, 80, 96, 112} and {r["flags"]["width"] for r in runs} == {2, 3, 4}
+    assert {r["flags"]["env-id"] for r in runs} == set(utils.PROCGEN_SCORE_RANGES)
+    assert len({(r["flags"]["env-id"], r["exp_name"], r["flags"]["seed"]) for r in runs}) == len(runs)  # one folder each
+
+
+def test_impoola_width_grid_is_impala_widths_1_to_3_and_impoola_1_to_4():
+    runs = sweep.expand_grid(GRIDS["impoola_width"])
+    per_pool = collections.Counter((r["flags"]["pool"], r["flags"]["width"]) for r in runs)
+    assert per_pool == {(pool, width): 16 * 5 for pool, width in
+                        [("flatten", 1), ("flatten", 2), ("flatten", 3), ("avg", 1), ("avg", 2), ("avg", 3), ("avg", 4)]}
+
+
+def test_gap_atari_grid_is_the_papers_20_games_by_pool_and_dense_scale():
+    runs = sweep.expand_grid(GRIDS["gap_atari"])
+    games = {r["flags"]["env-id"] for r in runs}
+    assert games == {"Asterix", "SpaceInvaders", "Breakout", "Pong", "Qbert", "DemonAttack", "Seaquest", "WizardOfWor",
+                     "RoadRunner", "BeamRider", "Frostbite", "CrazyClimber", "Assault", "Krull", "Boxing", "Jamesbond",
+                     "Kangaroo", "UpNDown", "Gopher", "Hero"}  # REFERENCE §7
+    assert games <= set(utils.ATARI_RANDOM_HUMAN)
+    assert len(runs) == 20 * 5 * 2 * 4 and {r["flags"]["dense-scale"] for r in runs} == {1, 2, 4, 8}
+
+
+# Experiment names
+def test_exp_name_encodes_varied_flags_and_overrides_but_not_filters():
+    grid = GRIDS["procgen_hd"]
+    all_names = {r["exp_name"] for r in sweep.expand_grid(grid)}
+    filtered = sweep.expand_grid(grid, only={"env-id": ["bigfish"], "pool": ["avg"], "resolution": [96], "width": [3]})
+    assert {r["exp_name"] for r in filtered} == {"ppo_procgen_impoola-pool_avg-resolution_96-width_3"} <= all_names
+    assert len(filtered) == 5  # the five seeds
+    tiny = sweep.expand_grid(grid, only={"pool": ["avg"], "resolution": [96], "width": [3]}, overrides={"total-timesteps": [64]})
+    assert tiny[0]["exp_name"] == "ppo_procgen_impoola-pool_avg-resolution_96-width_3-total_timesteps_64"
+    assert tiny[0]["flags"]["total-timesteps"] == 64
+
+
+def test_command_passes_every_flag_exp_name_runs_dir_and_resume_auto():
+    run = {"flags": {"env-id": "Pong", "seed": 2, "pool": "avg", "noisy": True, "dueling": False}, "exp_name": "x-pool_avg"}
+    command = sweep.command_of(run, "/s.py", "/runs", "python")
+    assert command == ["python", "/s.py", "--env-id", "Pong", "--seed", "2", "--pool", "avg", "--noisy", "--no-dueling",
+                       "--exp-name", "x-pool_avg", "--runs-dir", "/runs", "--resume", "auto"]
+
+
+def test_gpu_slots_are_jobs_per_gpu_or_cpu_jobs():
+    assert sweep.gpu_slots([0, 1], 2, 5) == [0, 0, 1, 1]
+    assert sweep.gpu_slots([], 2, 3) == [None, None, None]
+
+
+# Local queue, end to end with the stand-in script
+def test_local_sweep_skips_finished_and_resumes_crashed_runs(tmp_path, capsys, monkeypatch):
+    grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1, 2], "pool": ["avg"]})
+    runs_dir = str(tmp_path / "runs")
+    monkeypatch.setenv("FAKE_CRASH_SEED", "2")
+    status, out, err = run_sweep(capsys, "--grid", grid, "--runs-dir", runs_dir, "--jobs", "2")
+    assert status == 1 and "1 runs done, 1 failed" in out, out + err
+    folders = run_folders(runs_dir)
+    assert [os.path.isfile(os.path.join(f, "final.pt")) for f in folders] == [True, False]  # seed 1 finished, seed 2 crashed
+    assert [os.path.basename(f).split("__")[:3] for f in folders] == [["Pong", "fake_script-pool_avg", "1"], ["Pong", "fake_script-pool_avg", "2"]]
+
+    monkeypatch.delenv("FAKE_CRASH_SEED")
+    status, out, err = run_sweep(capsys, "--grid", grid, "--runs-dir", runs_dir, "--jobs", "2")
+    assert status == 0 and "2 runs; 1 finished (skipped), 1 to resume, 0 new" in out, out + err
+    assert run_folders(runs_dir) == folders  # resumed in the same folder
+    assert all(os.path.isfile(os.path.join(f, "final.pt")) for f in folders)
+    assert open(os.path.join(folders[0], "started_at.txt")).read().split() == ["0"]  # not run again
+    assert open(os.path.join(folders[1], "started_at.txt")).read().split() == ["0", "10"]  # continued from step 10
+    assert "--resume auto" in open(glob.glob(os.path.join(runs_dir, "sweep_logs", "Pong__*__2.log"))[0]).read()
+
+    status, out, err = run_sweep(capsys, "--grid", grid, "--runs-dir", runs_dir)
+    assert status == 0 and "2 runs; 2 finished (skipped), 0 to resume, 0 new" in out and "0 runs done" in out
+
+
+def test_local_sweep_gives_each_gpu_slot_its_device(tmp_path, capsys):
+    grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1, 2]})
+    runs_dir = str(tmp_path / "runs")
+    status, out, err = run_sweep(capsys, "--grid", grid, "--runs-dir", runs_dir, "--gpus", "0,1")
+    assert status == 0, out + err
+    devices = [json.load(open(os.path.join(f, "env.json")))["CUDA_VISIBLE_DEVICES"] for f in run_folders(runs_dir)]
+    assert sorted(devices) == ["0", "1"] and "on GPU 1" in out
+
+
+def test_finished_folder_with_other_flags_is_a_conflict_not_a_skip(tmp_path):
+    run = {"flags": {"env-id": "Pong", "seed": 1, "total-timesteps": 30}, "exp_name": "fake"}
+    folder = tmp_path / "Pong__fake__1__123"
+    folder.mkdir()
+    (folder / "final.pt").write_bytes(b"")
+    (folder / "config.json").write_text(json.dumps({"env_id": "Pong", "seed": 1, "total_timesteps": 1000}))
+    status, found, message = sweep.run_status(run, str(tmp_path))
+    assert status == "conflict" and found == str(folder) and "total-timesteps=1000" in message
+    (folder / "config.json").write_text(json.dumps({"env_id": "Pong", "seed": 1, "total_timesteps": 30}))
+    assert sweep.run_status(run, str(tmp_path))[0] == "finished"
+    assert sweep.run_status(dict(run, flags=dict(run["flags"], seed=11)), str(tmp_path))[0] == "new"  # seed 1 is not seed 11
+
+
+# Slurm job array
+def test_slurm_dry_run_writes_a_valid_array_script_without_submitting(tmp_path, capsys, monkeypatch):
+    grid = write_fake_grid(tmp_path, {"env-id": ["Pong", "Breakout"], "seed": [1, 2], "pool": ["flatten", "avg"]})
+    runs_dir = tmp_path / "runs"
+    finished = runs_dir / "Pong__fake_script-pool_avg__2__100"
+    finished.mkdir(parents=True)
+    (finished / "final.pt").write_bytes(b"")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere: --dry-run must not call it
+    status, out, err = run_sweep(capsys, "--grid", grid, "--runs-dir", str(runs_dir), "--slurm", "--dry-run", "--slurm-max-parallel",
+                                 "3", "--slurm-time", "2:00:00", "--slurm-partition", "gpu", "--sbatch-line", "account=abc")
+    assert status == 0, err
+    monkeypatch.undo()
+    path = runs_dir / "slurm" / "fake_grid.sbatch"
+    text = path.read_text()
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    assert "not submitted: --dry-run" in out and text in out
+    for line in ["#SBATCH --array=0-6%3", "#SBATCH --gres=gpu:1", "#SBATCH --time=2:00:00", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=abc", f"#SBATCH --output={runs_dir}/sweep_logs/%x_%A_%a.out", 'case "$SLURM_ARRAY_TASK_ID" in']:
+        assert line in text.splitlines()
+    tasks = [line for line in text.splitlines() if line.startswith("  ") and ") exec " in line]
+    assert [t.split(")")[0].strip() for t in tasks] == [str(i) for i in range(7)]  # 8 runs, 1 finished
+    assert all("--resume auto" in t and f"--runs-dir {runs_dir}" in t for t in tasks)
+    assert not any("--env-id Pong --seed 2 --pool avg" in t for t in tasks)
+
+
+def test_slurm_array_is_split_at_the_maximum_array_size(tmp_path, capsys):
+    grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1, 2, 3, 4, 5]})
+    script = tmp_path / "arr.sbatch"
+    status, out, err = run_sweep(capsys, "--grid", grid, "--runs-dir", str(tmp_path / "runs"), "--slurm", "--dry-run",
+                                 "--slurm-max-array", "2", "--slurm-script", str(script))
+    assert status == 0, err
+    parts = sorted(glob.glob(str(tmp_path / "arr_part*.sbatch")))
+    assert [os.path.basename(p) for p in parts] == ["arr_part0.sbatch", "arr_part1.sbatch", "arr_part2.sbatch"]
+    assert "#SBATCH --array=0-0%64" in open(parts[2]).read() and "--seed 5" in open(parts[2]).read()
+
+
+def test_unknown_grid_is_refused_with_one_line(capsys):
+    status, out, err = run_sweep(capsys, "--grid", "procgen_hdd", "--dry-run")
+    assert status == 2 and err.count("\n") == 1 and "procgen_hd" in err
+
+
+def test_only_on_a_flag_the_grid_does_not_vary_is_refused(tmp_path, capsys):
+    grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1]})
+    status, out, err = run_sweep(capsys, "--grid", grid, "--only", "width=2", "--dry-run")
+    assert status == 2 and err.count("\n") == 1 and "does not vary it" in err
