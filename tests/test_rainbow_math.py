@@ -1,0 +1,266 @@
+"""Rainbow's math against slow, independent references written as plain Python loops."""
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import rainbow_atari_gap as rainbow
+
+
+# C51 projection
+def slow_projection(next_probs, returns, discounts, v_min, v_max):
+    """Bellemare et al. 2017, Algorithm 1, atom by atom."""
+    batch, num_atoms = len(next_probs), len(next_probs[0])
+    delta = (v_max - v_min) / (num_atoms - 1)
+    support = [v_min + j * delta for j in range(num_atoms)]
+    projected = [[0.0] * num_atoms for _ in range(batch)]
+    for b in range(batch):
+        for j in range(num_atoms):
+            atom = min(max(returns[b] + discounts[b] * support[j], v_min), v_max)
+            position = (atom - v_min) / delta
+            lower, upper = math.floor(position), math.ceil(position)
+            if lower == upper:
+                projected[b][lower] += next_probs[b][j]
+            else:
+                projected[b][lower] += next_probs[b][j] * (upper - position)
+                projected[b][upper] += next_probs[b][j] * (position - lower)
+    return projected
+
+
+def project(next_probs, returns, discounts, v_min=-10.0, v_max=10.0):
+    support = torch.linspace(v_min, v_max, next_probs.shape[1], dtype=torch.float64)
+    return rainbow.project_distribution(next_probs, returns, discounts, support)
+
+
+def test_projection_matches_slow_reference_on_random_targets():
+    generator = torch.Generator().manual_seed(0)
+    next_probs = torch.rand(6, 51, generator=generator, dtype=torch.float64).softmax(1)
+    returns = torch.randn(6, generator=generator, dtype=torch.float64) * 3
+    discounts = torch.tensor([0.99, 0.97, 0.5, 0.0, 0.99**3, 1.0], dtype=torch.float64)
+    expected = slow_projection(next_probs.tolist(), returns.tolist(), discounts.tolist(), -10.0, 10.0)
+    assert torch.allclose(project(next_probs, returns, discounts), torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+
+
+def test_projection_keeps_atoms_that_land_exactly_on_atoms_including_the_edges():
+    next_probs = torch.rand(1, 11, dtype=torch.float64).softmax(1)
+    # reward 0, discount 1: every atom, v_min and v_max included, maps onto itself
+    projected = project(next_probs, torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+    assert torch.allclose(projected, next_probs, atol=1e-12)
+    # reward = one atom spacing: shift up by one atom, the top atom's mass stays at v_max
+    shifted = project(next_probs, torch.full((1,), 2.0, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+    expected = slow_projection(next_probs.tolist(), [2.0], [1.0], -10.0, 10.0)
+    assert torch.allclose(shifted, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+    assert shifted[0, -1].item() == pytest.approx((next_probs[0, -1] + next_probs[0, -2]).item())
+
+
+def test_projection_clamps_targets_beyond_the_support():
+    next_probs = torch.rand(2, 51, dtype=torch.float64).softmax(1)
+    projected = project(next_probs, torch.tensor([100.0, -100.0], dtype=torch.float64), torch.full((2,), 0.99, dtype=torch.float64))
+    expected = slow_projection(next_probs.tolist(), [100.0, -100.0], [0.99, 0.99], -10.0, 10.0)
+    assert torch.allclose(projected, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+    assert projected[0, -1].item() == pytest.approx(1.0) and projected[1, 0].item() == pytest.approx(1.0)
+
+
+def test_projection_of_a_terminal_transition_is_the_reward_alone():
+    next_probs = torch.rand(1, 51, dtype=torch.float64).softmax(1)
+    projected = project(next_probs, torch.tensor([1.3], dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    expected = slow_projection(next_probs.tolist(), [1.3], [0.0], -10.0, 10.0)
+    assert torch.allclose(projected, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+    # all mass between the atoms 1.2 and 1.6 (spacing 0.4), split 3:1
+    assert projected[0, 28].item() == pytest.approx(0.75) and projected[0, 29].item() == pytest.approx(0.25)
+    assert projected.sum().item() == pytest.approx(1.0)
+
+
+# n-step returns
+def slow_n_step(rewards, terminated, truncated, gamma):
+    out = []
+    for r, term, trunc in zip(rewards, terminated, truncated):
+        total, steps, discount = 0.0, len(r), gamma ** len(r)
+        for i in range(len(r)):
+            total += gamma**i * r[i]
+            if term[i]:
+                steps, discount = i + 1, 0.0
+                break
+            if trunc[i]:
+                steps, discount = i + 1, gamma ** (i + 1)
+                break
+        out.append((total, discount, steps))
+    return out
+
+
+def test_n_step_returns_stop_at_episode_ends():
+    rewards = torch.tensor([[1.0, 1, 1], [1, -1, 1], [0, 1, 1], [1, 1, 1], [1, 0, 1], [1, 1, 1]])
+    terminated = torch.tensor([[0, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 0, 0], [0, 1, 1]], dtype=torch.bool)
+    truncated = torch.tensor([[0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0], [1, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    returns, discounts, steps = rainbow.n_step_returns(rewards, terminated, truncated, 0.9)
+    expected = slow_n_step(rewards.tolist(), terminated.tolist(), truncated.tolist(), 0.9)
+    assert torch.allclose(returns, torch.tensor([e[0] for e in expected]), atol=1e-6)
+    assert torch.allclose(discounts, torch.tensor([e[1] for e in expected]), atol=1e-6)
+    assert steps.tolist() == [e[2] for e in expected]
+
+
+def test_n_step_returns_random_windows_match_slow_reference():
+    generator = torch.Generator().manual_seed(3)
+    rewards = torch.randint(-1, 2, (200, 10), generator=generator).float()
+    terminated = torch.rand(200, 10, generator=generator) < 0.1
+    truncated = torch.rand(200, 10, generator=generator) < 0.05
+    returns, discounts, steps = rainbow.n_step_returns(rewards, terminated, truncated, 0.99)
+    expected = slow_n_step(rewards.tolist(), terminated.tolist(), truncated.tolist(), 0.99)
+    assert np.allclose(returns.numpy(), [e[0] for e in expected], atol=1e-5)
+    assert np.allclose(discounts.numpy(), [e[1] for e in expected], atol=1e-6)
+    assert steps.tolist() == [e[2] for e in expected]
+
+
+# Sum tree
+def make_tree(priorities):
+    leaves = 1 << max(1, math.ceil(math.log2(len(priorities))))
+    tree = torch.zeros(2 * leaves, dtype=torch.float64)
+    rainbow.sum_tree_update(tree, torch.arange(len(priorities)), torch.tensor(priorities, dtype=torch.float64))
+    return tree
+
+
+def test_sum_tree_nodes_are_sums_of_their_children_after_updates():
+    tree = make_tree([1.0, 2.0, 0.0, 3.0, 4.0, 0.5, 0.0, 2.5, 1.5, 7.0])
+    # a batch with duplicates (a transition sampled twice gets the same new priority) and a zero
+    rainbow.sum_tree_update(tree, torch.tensor([3, 9, 3, 0]), torch.tensor([0.25, 1.0, 0.25, 0.0], dtype=torch.float64))
+    leaves = [1.0, 2.0, 0.0, 3.0, 4.0, 0.5, 0.0, 2.5, 1.5, 7.0]
+    leaves[3], leaves[9], leaves[0] = 0.25, 1.0, 0.0
+    half = tree.numel() // 2
+    assert tree[half:half + 10].tolist() == leaves and tree[half + 10:].sum() == 0
+    assert tree[1].item() == pytest.approx(sum(leaves))
+    for node in range(1, half):
+        assert tree[node].item() == pytest.approx(tree[2 * node].item() + tree[2 * node + 1].item())
+
+
+def slow_retrieve(priorities, target):
+    running = 0.0
+    for i, p in enumerate(priorities):
+        if p > 0 and running <= target < running + p:
+            return i
+        running += p
+    return max(i for i, p in enumerate(priorities) if p > 0)
+
+
+def test_sum_tree_prefix_sum_retrieval_matches_a_linear_scan():
+    priorities = [1.0, 2.0, 0.0, 3.0, 4.0, 0.5, 0.0, 2.5, 1.5, 0.0]
+    tree = make_tree(priorities)
+    targets = [0.0, 0.99, 1.0, 2.999, 3.0, 5.9, 6.0, 9.99, 10.0, 10.49, 10.5, 12.9, 13.0, 14.49, 14.5 - 1e-12]
+    leaves = rainbow.sum_tree_retrieve(tree, torch.tensor(targets, dtype=torch.float64))
+    assert leaves.tolist() == [slow_retrieve(priorities, t) for t in targets]
+
+
+def test_prioritised_sampling_frequencies_follow_priorities():
+    torch.manual_seed(0)
+    priorities = [1.0, 2.0, 0.0, 3.0, 4.0, 0.5, 0.0, 2.5, 1.5, 5.5]
+    tree = make_tree(priorities)
+    counts = np.zeros(len(priorities))
+    for _ in range(2000):
+        leaves, sampled = rainbow.sum_tree_sample(tree, 32)
+        counts += np.bincount(leaves.numpy(), minlength=len(priorities))[: len(priorities)]
+        assert torch.equal(sampled, torch.tensor(priorities, dtype=torch.float64)[leaves])
+    expected = np.array(priorities) / sum(priorities)
+    assert counts[2] == 0 and counts[6] == 0  # zero priority is never sampled
+    assert np.abs(counts / counts.sum() - expected).max() < 0.005
+
+
+def test_importance_weights_are_inverse_sqrt_probabilities_over_their_maximum():
+    probabilities = torch.tensor([0.1, 0.4, 0.05, 0.25, 0.2])
+    weights = rainbow.importance_weights(probabilities, 0.5)
+    raw = [1 / math.sqrt(p + 1e-10) for p in probabilities.tolist()]
+    assert weights.tolist() == pytest.approx([w / max(raw) for w in raw], rel=1e-6)
+    assert weights.max().item() == pytest.approx(1.0)
+
+
+# Epsilon schedule
+def dopamine_linearly_decaying_epsilon(decay_period, step, warmup_steps, epsilon):
+    """Dopamine's dqn_agent.linearly_decaying_epsilon, an independent formulation."""
+    steps_left = decay_period + warmup_steps - step
+    bonus = (1.0 - epsilon) * steps_left / decay_period
+    bonus = min(max(bonus, 0.0), 1.0 - epsilon)
+    return epsilon + bonus
+
+
+def test_epsilon_schedule_matches_dopamine():
+    for step in [0, 1, 19_999, 20_000, 20_001, 100_000, 269_999, 270_000, 270_001, 1_000_000]:
+        ours = rainbow.linear_schedule(1.0, 0.01, 250_000, step - 20_000)
+        assert ours == pytest.approx(dopamine_linearly_decaying_epsilon(250_000, step, 20_000, 0.01), abs=1e-12)
+
+
+# NoisyNet layer
+def test_noisy_linear_noise_is_factorised_with_zero_mean_and_variance_2_over_pi():
+    torch.manual_seed(0)
+    layer = rainbow.NoisyLinear(6, 5, std_init=0.5)
+    with torch.no_grad():
+        layer.weight_mu.zero_(), layer.weight_sigma.fill_(1.0), layer.bias_mu.zero_(), layer.bias_sigma.zero_()
+    noises = []
+    for _ in range(4000):
+        with torch.no_grad():
+            noise = layer(torch.eye(6)).T  # row i, column j: the weight noise of output i, input j
+        singular_values = torch.linalg.svdvals(noise)
+        assert singular_values[1] <= 1e-5 * max(singular_values[0].item(), 1e-6)  # rank one: f(eps_out) f(eps_in)^T
+        noises.append(noise)
+    noises = torch.stack(noises)
+    # f(x) = sign(x) sqrt(|x|) for x ~ N(0, 1): E f = 0, E f^2 = E|x| = sqrt(2/pi), so the product has variance 2/pi
+    assert noises.mean().abs().item() < 0.02
+    assert noises.var().item() == pytest.approx(2 / math.pi, rel=0.05)
+
+
+def test_noisy_linear_initialisation_and_bias_noise():
+    torch.manual_seed(1)
+    layer = rainbow.NoisyLinear(16, 3, std_init=0.5)
+    assert layer.weight_mu.abs().max().item() <= 1 / 4 and layer.weight_sigma.unique().tolist() == [pytest.approx(0.5 / 4)]
+    with torch.no_grad():
+        layer.weight_sigma.zero_()
+        outputs = torch.stack([layer(torch.zeros(1, 16))[0] - layer.bias_mu for _ in range(4000)])
+    assert outputs.mean(0).abs().max().item() < 0.01  # bias noise sigma_b * f(eps_out): mean 0
+    assert outputs.var(0).tolist() == pytest.approx([(0.5 / 4) ** 2 * math.sqrt(2 / math.pi)] * 3, rel=0.1)
+
+
+def test_noisy_linear_is_deterministic_mean_layer_in_eval_mode():
+    layer = rainbow.NoisyLinear(8, 4, std_init=0.5).eval()
+    x = torch.randn(3, 8)
+    first, second = layer(x), layer(x)
+    assert torch.equal(first, second)
+    assert torch.allclose(first, x @ layer.weight_mu.T + layer.bias_mu)
+    assert not torch.equal(layer.train()(x), layer(x))  # training mode draws fresh noise every call
+
+
+# Network shapes and the preset
+def network_args(**overrides):
+    return rainbow.Args(**overrides)
+
+
+@pytest.mark.parametrize("encoder,pool,resolution", [("impala", "avg", 84), ("impala", "flatten", 84), ("nature", "max", 84), ("nature", "flatten", 100), ("impala", "flatten", 120)])
+def test_network_outputs_logits_per_action_and_atom_and_sizes_the_bottleneck(encoder, pool, resolution):
+    args = network_args(encoder=encoder, pool=pool, resolution=resolution, dense_scale=1, dueling=True, noisy=True)
+    network = rainbow.QNetwork(args, num_actions=6)
+    logits = network(torch.randint(0, 256, (2, 4, resolution, resolution), dtype=torch.uint8))
+    assert logits.shape == (2, 6, 51)
+    channels = 32 if encoder == "impala" else 64
+    side = network.encoder(torch.zeros(1, 4, resolution, resolution)).shape[-1]
+    assert side == rainbow.encoder_output_side(encoder, resolution)
+    joined = channels * side * side if pool == "flatten" else channels
+    assert network.dense.weight_mu.shape == (512, joined)
+
+
+def parse(monkeypatch, *flags):
+    monkeypatch.setattr(sys, "argv", ["rainbow_atari_gap.py", *flags])
+    return rainbow.parse_args()
+
+
+def test_der_preset_sets_every_der_value(monkeypatch):
+    args = parse(monkeypatch, "--preset", "der")
+    assert (args.noisy, args.dueling, args.double, args.n_step, args.learning_starts, args.train_frequency) == (True, True, True, 10, 1600, 1)
+    assert (args.target_network_frequency, args.learning_rate, args.adam_eps) == (2000, 1e-4, 1.5e-4)
+    assert (args.repeat_action_probability, args.episodic_life, args.total_timesteps, args.eval_episodes) == (0.0, True, 100_000, 100)
+    default = parse(monkeypatch)
+    assert (default.noisy, default.n_step, default.learning_rate, default.repeat_action_probability) == (False, 3, 6.25e-5, 0.25)
+
+
+def test_explicit_flags_override_the_preset(monkeypatch):
+    args = parse(monkeypatch, "--preset", "der", "--n-step", "5", "--no-noisy", "--learning-rate", "3e-4")
+    assert (args.n_step, args.noisy, args.learning_rate) == (5, False, 3e-4)
+    assert (args.dueling, args.learning_starts) == (True, 1600)
