@@ -1,0 +1,96 @@
+"""dqn_atari_gap.py with a real EnvPool Atari rollout: what the replay rebuilds is what EnvPool returned."""
+
+import numpy as np
+import pytest
+import torch
+
+import dqn_atari_gap as dqn
+
+
+@pytest.fixture(scope="module")
+def rollout():
+    """Random play in Breakout with a short time limit so that life losses, game ends and
+    truncations all happen; stored exactly as the training loop stores it."""
+    args = dqn.Args(env_id="Breakout", max_episode_steps=40, num_envs=2)
+    envs = dqn.make_env(args, 2, seed=3)
+    obs, info = envs.reset()
+    observations, elapsed, records = [obs], [info["elapsed_step"]], []
+    replay = dqn.make_replay(2, 400, 84, "cpu")
+    dqn.store_first_frame(replay, 0, torch.tensor(obs), torch.tensor(info["elapsed_step"]))
+    episode_done = np.zeros(2, dtype=bool)
+    episode_return, games = np.zeros(2), []
+    rng = np.random.default_rng(0)
+    for t in range(300):
+        actions = rng.integers(envs.action_space.n, size=2)
+        obs, rewards, terminated, truncated, info = envs.step(actions)
+        dqn.store_step(replay, t, torch.tensor(actions), torch.tensor(rewards), torch.tensor(terminated),
+                       torch.tensor(truncated), torch.tensor(episode_done), torch.tensor(obs), torch.tensor(info["elapsed_step"]))
+        episode_done = terminated | truncated
+        games += dqn.finished_games(episode_return, info, truncated)
+        observations.append(obs)
+        elapsed.append(info["elapsed_step"])
+        records.append(dict(rewards=rewards, raw=info["reward"], terminated=terminated, truncated=truncated, game_over=info["terminated"]))
+    envs.close()
+    return replay, np.stack(observations), np.stack(elapsed), records, games
+
+
+def test_the_rollout_has_life_losses_truncations_and_resets(rollout):
+    _, _, elapsed, records, _ = rollout
+    assert sum(r["terminated"].sum() for r in records) >= 4
+    assert sum(r["truncated"].sum() for r in records) >= 2
+    assert (elapsed[1:] == 0).sum() >= 2
+
+
+def test_rebuilt_stacks_equal_envpool_observations_at_every_slot(rollout):
+    replay, observations, _, _, _ = rollout
+    steps = len(observations)
+    for env in range(2):
+        rebuilt = dqn.stack_frames(replay, torch.full((steps,), env), torch.arange(steps), 4)
+        assert np.array_equal(rebuilt.numpy(), observations[:, env])
+
+
+def test_valid_slots_are_exactly_the_steps_that_advanced_the_game(rollout):
+    # independent of the done flags: a real step advances EnvPool's elapsed_step by one; its
+    # auto-reset step keeps it (after a life loss) or restarts it at 0 (a new game)
+    replay, _, elapsed, _, _ = rollout
+    advanced = elapsed[1:] == elapsed[:-1] + 1
+    assert np.array_equal(replay["valid"][:, : len(advanced)].numpy(), advanced.T)
+
+
+def test_rewards_are_clipped_for_training_while_info_keeps_the_raw_score(rollout):
+    replay, _, _, records, _ = rollout
+    raw = np.stack([r["raw"] for r in records])
+    clipped = np.stack([r["rewards"] for r in records])
+    assert np.array_equal(clipped, np.sign(raw))
+    assert np.array_equal(replay["rewards"][:, : len(records)].numpy(), clipped.T)
+
+
+def test_evaluation_env_plays_full_games_with_raw_rewards():
+    args = dqn.Args(env_id="Breakout", max_episode_steps=300)
+    envs = dqn.make_env(args, 1, seed=5, for_evaluation=True)
+    envs.reset()
+    lives_seen, rng = set(), np.random.default_rng(0)
+    for _ in range(300):
+        _, reward, terminated, truncated, info = envs.step(rng.integers(4, size=1))
+        lives_seen.add(int(info["lives"][0]))
+        assert reward[0] == info["reward"][0]
+        if terminated[0]:
+            assert info["terminated"][0] == 1, "evaluation ends only at game over"
+            break
+    assert len(lives_seen) > 1
+
+
+def test_logged_episodes_are_whole_games_with_raw_returns_over_all_lives(rollout):
+    # independent of the done flags: a new game is where EnvPool's elapsed_step restarts at 0;
+    # game k's raw rewards are those of the steps between its first observation and the next game's
+    _, _, elapsed, records, games = rollout
+    raw = np.stack([r["raw"] for r in records])
+    expected = []
+    for env in range(2):
+        starts = np.flatnonzero(elapsed[:, env] == 0)
+        for start, next_start in zip(starts[:-1], starts[1:]):
+            # steps start .. next_start - 2 played the game; step next_start - 1 was the auto-reset step
+            expected.append((env, raw[start : next_start - 1, env].sum(), elapsed[next_start - 1, env]))
+    assert len(games) == len(expected) >= 2
+    assert sorted((float(r), int(n)) for r, n in games) == sorted((float(r), int(n)) for _, r, n in expected)
+    assert sum((r["terminated"] | r["truncated"]).sum() for r in records) > len(games), "life losses are not game ends"

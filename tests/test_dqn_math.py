@@ -1,0 +1,244 @@
+"""dqn_atari_gap.py: the DQN math and the frame-once replay against slow, independent references."""
+
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+
+import dqn_atari_gap as dqn
+
+
+# epsilon schedule
+def test_linear_schedule_matches_a_plain_interpolation_then_stays_at_the_end():
+    start, end, duration = 1.0, 0.01, 1000.0
+    for t in [0, 1, 250, 500, 999, 1000, 1001, 5000]:
+        reference = start + (end - start) * min(t / duration, 1.0)
+        assert dqn.linear_schedule(start, end, duration, t) == pytest.approx(reference)
+
+
+# n-step returns
+def slow_n_step(rewards, terminated, truncated, gamma):
+    """Plain loop: sum until (and including) the first episode end; bootstrap unless terminated."""
+    total, discount = 0.0, 1.0
+    for k in range(len(rewards)):
+        total += discount * rewards[k]
+        discount *= gamma
+        if terminated[k]:
+            return total, k + 1, 0.0
+        if truncated[k]:
+            return total, k + 1, discount
+    return total, len(rewards), discount
+
+
+def test_n_step_return_stops_at_episode_ends_and_bootstraps_only_when_not_terminated():
+    gamma = 0.9
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=(64, 5)).astype(np.float32)
+    terminated = rng.random((64, 5)) < 0.15
+    truncated = (rng.random((64, 5)) < 0.15) & ~terminated
+    returns, steps, bootstrap = dqn.n_step_return(
+        torch.tensor(rewards), torch.tensor(terminated), torch.tensor(truncated), gamma)
+    for i in range(64):
+        reference_return, reference_steps, reference_bootstrap = slow_n_step(rewards[i], terminated[i], truncated[i], gamma)
+        assert returns[i].item() == pytest.approx(reference_return, abs=1e-5)
+        assert steps[i].item() == reference_steps
+        assert bootstrap[i].item() == pytest.approx(reference_bootstrap, abs=1e-6)
+
+
+def test_one_step_return_is_the_reward_and_gamma_bootstrap():
+    returns, steps, bootstrap = dqn.n_step_return(
+        torch.tensor([[2.0], [3.0]]), torch.tensor([[False], [True]]), torch.tensor([[False], [False]]), 0.99)
+    assert returns.tolist() == [2.0, 3.0]
+    assert steps.tolist() == [1, 1]
+    assert bootstrap.tolist() == pytest.approx([0.99, 0.0])
+
+
+# TD target
+def test_td_target_uses_the_max_of_the_target_network():
+    returns = torch.tensor([1.0, 0.5])
+    bootstrap = torch.tensor([0.99, 0.0])
+    next_q_target = torch.tensor([[1.0, 4.0, 2.0], [7.0, 1.0, 0.0]])
+    target = dqn.compute_td_target(returns, bootstrap, next_q_target)
+    reference = [returns[i].item() + bootstrap[i].item() * max(next_q_target[i].tolist()) for i in range(2)]
+    assert target.tolist() == pytest.approx(reference)
+
+
+def test_double_td_target_evaluates_the_online_argmax_with_the_target_network():
+    returns = torch.tensor([1.0, 0.5, 0.0])
+    bootstrap = torch.tensor([0.9, 0.81, 1.0])
+    next_q_target = torch.tensor([[1.0, 4.0, 2.0], [7.0, 1.0, 0.0], [0.0, 3.0, -1.0]])
+    next_q_online = torch.tensor([[5.0, 0.0, 1.0], [0.0, 0.0, 9.0], [0.0, 2.0, 1.0]])
+    target = dqn.compute_td_target(returns, bootstrap, next_q_target, next_q_online)
+    reference = []
+    for i in range(3):
+        online = next_q_online[i].tolist()
+        best = online.index(max(online))
+        reference.append(returns[i].item() + bootstrap[i].item() * next_q_target[i, best].item())
+    assert target.tolist() == pytest.approx(reference)
+
+
+# a scripted EnvPool stream: episodes (lives and games) with distinct frames
+def scripted_stream(segments, frame_stack=4, side=2):
+    """Emulate EnvPool Atari with episodic life and auto-reset on hand-made frames.
+
+    `segments`: (steps, how) per life: how is "life" (life loss, terminated, the game goes on and the
+    stack keeps stacking), "game" (game over, terminated) or "time" (truncated). Frame values count up,
+    so each observation's newest frame names its time slot. Returns the per-step records the
+    training loop sees and the list of real transitions (obs, action, reward, term, trunc, next_obs).
+    """
+    counter = 0
+    stack = deque(maxlen=frame_stack)
+
+    def new_frame():
+        nonlocal counter
+        frame = np.full((side, side), counter, dtype=np.uint8)
+        counter += 1
+        return frame
+
+    def observe(push_all):
+        frame = new_frame()
+        if push_all:
+            stack.extend([frame] * frame_stack)
+        else:
+            stack.append(frame)
+        return np.stack(stack)
+
+    first_obs = observe(push_all=True)
+    steps, transitions = [], []
+    obs, elapsed, pending_reset = first_obs, 0, None
+    rng = np.random.default_rng(1)
+    for length, how in segments:
+        if pending_reset is not None:  # EnvPool's auto-reset step: action ignored, reward 0
+            fresh = pending_reset != "life"
+            elapsed = 0 if fresh else elapsed
+            obs = observe(push_all=fresh)
+            steps.append(dict(action=int(rng.integers(4)), reward=0.0, terminated=False, truncated=False, next_obs=obs, elapsed=elapsed))
+        for k in range(length):
+            action, reward = int(rng.integers(4)), float(rng.integers(-1, 2))
+            last = k == length - 1
+            terminated, truncated = last and how in ("life", "game"), last and how == "time"
+            elapsed += 1
+            next_obs = observe(push_all=False)
+            steps.append(dict(action=action, reward=reward, terminated=terminated, truncated=truncated, next_obs=next_obs, elapsed=elapsed))
+            transitions.append(dict(obs=obs, action=action, reward=reward, terminated=terminated, truncated=truncated, next_obs=next_obs))
+            obs = next_obs
+        pending_reset = how
+    return first_obs, steps, transitions
+
+
+def fill_replay(first_obs, steps, capacity):
+    """Store a stream exactly as the training loop does (one environment)."""
+    replay = dqn.make_replay(1, capacity, first_obs.shape[-1], "cpu")
+    dqn.store_first_frame(replay, 0, torch.tensor(first_obs[None]), torch.tensor([0]))
+    episode_done = torch.tensor([False])
+    for t, step in enumerate(steps):
+        dqn.store_step(replay, t, torch.tensor([step["action"]]), torch.tensor([step["reward"]]),
+                       torch.tensor([step["terminated"]]), torch.tensor([step["truncated"]]), episode_done,
+                       torch.tensor(step["next_obs"][None]), torch.tensor([step["elapsed"]]))
+        episode_done = torch.tensor([step["terminated"] or step["truncated"]])
+    return replay, len(steps)
+
+
+SEGMENTS = [(6, "life"), (3, "life"), (5, "game"), (4, "time"), (1, "life"), (7, "game"), (2, "time"), (5, "life")]
+
+
+def test_stack_frames_rebuilds_every_observation_envpool_returned():
+    first_obs, steps, _ = scripted_stream(SEGMENTS)
+    replay, buffer_time = fill_replay(first_obs, steps, capacity=256)
+    observations = [first_obs] + [step["next_obs"] for step in steps]
+    env_index = torch.zeros(buffer_time + 1, dtype=torch.long)
+    rebuilt = dqn.stack_frames(replay, env_index, torch.arange(buffer_time + 1), 4)
+    for t, obs in enumerate(observations):
+        assert np.array_equal(rebuilt[t].numpy(), obs), f"slot {t}"
+
+
+def reference_n_step(transitions, index, n, gamma):
+    """From the list of real transitions: n-step return of transition `index`, never past an episode end."""
+    total, discount = 0.0, 1.0
+    for k in range(n):
+        transition = transitions[index + k]
+        total += discount * transition["reward"]
+        discount *= gamma
+        if transition["terminated"]:
+            return total, 0.0, transition["next_obs"]
+        if transition["truncated"] or k == n - 1:
+            return total, discount, transition["next_obs"]
+
+
+@pytest.mark.parametrize("n_step", [1, 3])
+def test_sampled_transitions_are_exactly_the_real_ones_never_the_auto_reset_step(n_step):
+    gamma = 0.9
+    first_obs, steps, transitions = scripted_stream(SEGMENTS)
+    replay, buffer_time = fill_replay(first_obs, steps, capacity=256)
+    # the newest n-step windows are not complete yet: only transitions whose window is stored count
+    by_newest_frame = {int(tr["obs"][-1, 0, 0]): i for i, tr in enumerate(transitions)}
+    torch.manual_seed(0)
+    batch = dqn.sample_batch(replay, buffer_time, 4000, n_step, 4, gamma)
+    assert bool((batch["weights"] == 1).all())
+    seen = set()
+    for i in range(4000):
+        newest = int(batch["observations"][i, -1, 0, 0])
+        assert newest in by_newest_frame, f"slot {newest} is not a real transition (an auto-reset step?)"
+        index = by_newest_frame[newest]
+        seen.add(index)
+        transition = transitions[index]
+        expected_return, expected_bootstrap, expected_next = reference_n_step(transitions, index, n_step, gamma)
+        assert np.array_equal(batch["observations"][i].numpy(), transition["obs"])
+        assert batch["actions"][i].item() == transition["action"]
+        assert batch["returns"][i].item() == pytest.approx(expected_return, abs=1e-6)
+        assert batch["bootstrap_discount"][i].item() == pytest.approx(expected_bootstrap, abs=1e-6)
+        assert np.array_equal(batch["next_observations"][i].numpy(), expected_next)
+    complete = {i for i, tr in enumerate(transitions) if int(tr["obs"][-1, 0, 0]) <= buffer_time - n_step}
+    assert seen == complete
+
+
+def test_wrapped_replay_samples_only_transitions_whose_frames_are_still_stored():
+    first_obs, steps, transitions = scripted_stream(SEGMENTS)
+    capacity = 20
+    replay, buffer_time = fill_replay(first_obs, steps, capacity=capacity)
+    by_newest_frame = {int(tr["obs"][-1, 0, 0]): tr for tr in transitions}
+    torch.manual_seed(0)
+    batch = dqn.sample_batch(replay, buffer_time, 2000, 1, 4, 0.99)
+    newest = batch["observations"][:, -1, 0, 0].long()
+    assert int(newest.min()) >= buffer_time - capacity + 4
+    for i in range(2000):
+        transition = by_newest_frame[int(newest[i])]
+        assert np.array_equal(batch["observations"][i].numpy(), transition["obs"])
+        assert np.array_equal(batch["next_observations"][i].numpy(), transition["next_obs"])
+
+
+def test_resume_cut_ends_stored_episodes_as_time_limits_before_the_new_games():
+    first_obs, steps, transitions = scripted_stream([(12, "game")])
+    replay, buffer_time = fill_replay(first_obs, steps[:8], capacity=64)  # stopped mid-episode at o_8
+    dqn.cut_episodes_at_resume(replay, buffer_time)
+    fresh = np.full((4, 2, 2), 200, dtype=np.uint8)
+    dqn.store_step(replay, buffer_time, torch.tensor([0]), torch.tensor([0.0]), torch.tensor([False]), torch.tensor([False]),
+                   torch.tensor([True]), torch.tensor(fresh[None]), torch.tensor([0]))
+    torch.manual_seed(0)
+    batch = dqn.sample_batch(replay, buffer_time + 1, 1000, 3, 4, 0.5)
+    for i in range(1000):
+        newest = int(batch["observations"][i, -1, 0, 0])
+        assert newest < 8, "the slot of o_8 (before the new games) is never a transition"
+        expected_return, expected_bootstrap, expected_next = reference_n_step(transitions[:8], newest, min(3, 8 - newest), 0.5)
+        assert batch["returns"][i].item() == pytest.approx(expected_return)
+        assert batch["bootstrap_discount"][i].item() == pytest.approx(expected_bootstrap)
+        assert np.array_equal(batch["next_observations"][i].numpy(), expected_next)
+
+
+# network shapes and parameter counts
+@pytest.mark.parametrize("encoder,resolution", [("nature", 84), ("nature", 36), ("nature", 128), ("impala", 84), ("impala", 64)])
+def test_encoder_output_shape_matches_the_real_network(encoder, resolution):
+    args = dqn.Args(encoder=encoder, resolution=resolution, width=1)
+    channels, side = dqn.encoder_output_shape(encoder, 1, resolution)
+    output = dqn.QNetwork(args, 4).encoder(torch.zeros(1, 4, resolution, resolution))
+    assert tuple(output.shape) == (1, channels, side, side)
+
+
+def test_nature_encoder_at_84_gives_7x7x64_and_flatten_bottleneck_has_hwc_times_dense_weights():
+    assert dqn.encoder_output_shape("nature", 1, 84) == (64, 7)
+    flatten = dqn.parameter_counts(dqn.QNetwork(dqn.Args(pool="flatten", dense_scale=2), 4))
+    pooled = dqn.parameter_counts(dqn.QNetwork(dqn.Args(pool="avg", dense_scale=2), 4))
+    assert flatten["bottleneck"] == 7 * 7 * 64 * 1024 + 1024
+    assert pooled["bottleneck"] == 64 * 1024 + 1024
+    assert flatten["encoder"] == pooled["encoder"] and flatten["head"] == pooled["head"] == 1024 * 4 + 4
