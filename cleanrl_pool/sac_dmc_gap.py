@@ -1,0 +1,777 @@
+"""SAC from pixels on DeepMind Control (EnvPool) with a choice of bottleneck between encoder and dense layer.
+
+DrQ (Kostrikov, Yarats & Fergus 2021) defaults: 84x84 camera-0 frames, 3-frame stack, per-task
+action repeat with summed rewards, random shift (pad 4) with two augmented views for the target
+and the loss (K = M = 2), shared 4-conv encoder trained by the critic only, twin critics, auto
+temperature. `--pool flatten|avg|max` replaces DrQ's flatten before the Linear(50) -> LayerNorm ->
+tanh projection, so that "global average pooling lets pixel RL scale" (Sokar & Castro 2025, "Mind
+the GAP", SAC on DMC) can be tested; `--no-augment` gives the Dopamine-like plain SAC from pixels.
+Step counts are agent steps: DrQ's "100k steps" are 100k environment frames = 100k / action repeat.
+"""
+
+import copy
+import ctypes
+import ctypes.util
+import glob
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import envpool
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+import utils
+
+SCRIPT = os.path.basename(__file__)
+ARCHITECTURE_FLAGS = ("env_id", "pool", "width", "dense_scale", "resolution", "frame_stack", "feature_dim", "hidden_dim")
+
+
+# Args
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of the experiment (python, numpy, torch and the environments)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, train on CUDA when it is available"""
+    track: bool = False
+    """if toggled, also log to Weights and Biases (needs `wandb` installed)"""
+    wandb_project_name: str = "cleanrl_pool"
+    """the W&B project name"""
+    wandb_entity: str = ""
+    """the W&B entity (team); empty for your default"""
+    capture_video: bool = False
+    """if toggled, save each evaluation's first episode as a GIF under run_dir/videos/"""
+    runs_dir: str = "runs"
+    """the folder that holds the run folders"""
+
+    env_id: str = "cheetah-run"
+    """the DMC task as `domain-task` (`cheetah-run`, `walker-walk`, `ball_in_cup-catch`, ...)"""
+    total_timesteps: int = 100_000
+    """total agent steps, summed over environments (environment frames = steps x action repeat)"""
+    num_envs: int = 1
+    """parallel EnvPool environments (DrQ: 1); each collected transition earns `update_to_data` updates"""
+    resolution: int = 84
+    """square side of the frames EnvPool renders (DrQ: 84)"""
+    frame_stack: int = 3
+    """frames stacked into one observation (DrQ: 3)"""
+    action_repeat: int = 0
+    """control steps per agent step, rewards summed; 0 takes DrQ's per-task value (cartpole 8, finger/walker 2, others 4)"""
+    cheap_visuals_for_tests: bool = False
+    """TESTS / CPU SMOKE RUNS ONLY: render without shadows and anti-aliasing (5-15x faster on a CPU, different pictures); never report results made with it"""
+
+    pool: str = "flatten"
+    """what joins the encoder to the dense layer: `flatten` (DrQ), `avg` (global average pooling) or `max`"""
+    width: int = 1
+    """multiplies every encoder channel count (32 at x1)"""
+    dense_scale: int = 1
+    """multiplies the width of the dense layer after the bottleneck (`feature_dim` at x1)"""
+    feature_dim: int = 50
+    """width of the dense layer after the bottleneck at --dense-scale 1 (DrQ: 50)"""
+    hidden_dim: int = 1024
+    """width of the two hidden layers of the actor and of each critic (DrQ: 1024)"""
+
+    learning_rate: float = 1e-3
+    """Adam learning rate of actor, critic and temperature (DrQ: 1e-3)"""
+    buffer_size: int = 100_000
+    """replay capacity in transitions (DrQ: 100k)"""
+    batch_size: int = 512
+    """transitions per gradient update (DrQ paper: 512; its config file: 128)"""
+    gamma: float = 0.99
+    """the discount factor per agent step"""
+    tau: float = 0.01
+    """EMA rate of the target critic and its encoder (DrQ: 0.01)"""
+    init_temperature: float = 0.1
+    """initial entropy temperature alpha (DrQ: 0.1); the target entropy is -|A|"""
+    learning_starts: int = 1000
+    """agent steps of uniformly random actions before learning starts (DrQ: 1000 seed steps)"""
+    update_to_data: int = 1
+    """gradient updates per collected transition (DrQ: 1)"""
+    actor_update_frequency: int = 2
+    """gradient updates between actor and temperature updates (DrQ: 2)"""
+    target_update_frequency: int = 2
+    """gradient updates between target critic EMA updates (DrQ: 2)"""
+    log_std_min: float = -10.0
+    """lower bound of the actor's log standard deviation (DrQ: -10)"""
+    log_std_max: float = 2.0
+    """upper bound of the actor's log standard deviation (DrQ: 2)"""
+    augment: bool = True
+    """if toggled, random-shift augmentation with two views (DrQ K=M=2); --no-augment: plain SAC from pixels"""
+    image_pad: int = 4
+    """random shift: pad each side by this many replicated pixels, then crop back (DrQ: 4)"""
+
+    eval_every: int = 10_000
+    """agent steps between evaluations (one more runs at the end); 0 evaluates only at the end"""
+    eval_episodes: int = 10
+    """episodes per evaluation with the mean action, one per evaluation environment (DrQ: 10)"""
+    save_every: int = 50_000
+    """agent steps between checkpoints; 0 saves only `final.pt`"""
+    save_buffer: bool = False
+    """if toggled, checkpoints also hold the replay buffer (large: about buffer_size x 12 x resolution^2 bytes)"""
+    resume: str = ""
+    """a checkpoint to continue from, or `auto` for the newest one of this env id, experiment and seed"""
+    diag_every: int = 10_000
+    """agent steps between diagnostics (dormant neurons, feature norm, saliency); 0 turns them off"""
+    dormant_threshold: float = 0.025
+    """a neuron is dormant when its normalised mean activation is at most this (Sokar et al. 2023)"""
+    log_every: int = 1000
+    """agent steps between logs of losses and SPS (each costs one host sync)"""
+    compile: bool = False
+    """if toggled, wrap the loss computations in torch.compile"""
+
+
+# Environment construction
+DMC_TASKS = {  # --env-id: (EnvPool id, default action repeat, camera)
+    # the PlaNet benchmark with DrQ's action repeats
+    "cartpole-swingup": ("CartpoleSwingup-v1", 8, 0),
+    "reacher-easy": ("ReacherEasy-v1", 4, 0),
+    "cheetah-run": ("CheetahRun-v1", 4, 0),
+    "finger-spin": ("FingerSpin-v1", 2, 0),
+    "walker-walk": ("WalkerWalk-v1", 2, 0),
+    "ball_in_cup-catch": ("BallInCupCatch-v1", 4, 0),
+    # more tasks, action repeat 2 as DrQ-v2 uses everywhere; quadruped seen by camera 2 (Dreamer, DrQ)
+    "cartpole-balance": ("CartpoleBalance-v1", 2, 0),
+    "reacher-hard": ("ReacherHard-v1", 2, 0),
+    "finger-turn_easy": ("FingerTurnEasy-v1", 2, 0),
+    "finger-turn_hard": ("FingerTurnHard-v1", 2, 0),
+    "walker-stand": ("WalkerStand-v1", 2, 0),
+    "walker-run": ("WalkerRun-v1", 2, 0),
+    "hopper-stand": ("HopperStand-v1", 2, 0),
+    "hopper-hop": ("HopperHop-v1", 2, 0),
+    "pendulum-swingup": ("PendulumSwingup-v1", 2, 0),
+    "acrobot-swingup": ("AcrobotSwingup-v1", 2, 0),
+    "quadruped-walk": ("QuadrupedWalk-v1", 2, 2),
+    "quadruped-run": ("QuadrupedRun-v1", 2, 2),
+}
+CONTROL_STEPS_PER_EPISODE = 1000  # every DMC task above ends by its time limit after 1000 control steps
+MIN_RESOLUTION, MAX_RESOLUTION = 15, 2048  # the 4 VALID convs need 15 pixels; 2048 is the largest size tested
+
+
+def make_egl_visible():
+    """Let MuJoCo inside EnvPool find EGL, or stop with one line before any work.
+
+    EnvPool renders DMC pixels through EGL only (`MUJOCO_GL` is ignored). Its wheel ships libEGL
+    under a renamed file that MuJoCo's loader cannot find by name, and a failed load kills the
+    process ("gladLoadGL error", uncatchable). Loading a libEGL with RTLD_GLOBAL first fixes that;
+    nothing is done when EGL is already visible (a GPU driver loaded it, or LD_PRELOAD).
+    """
+    if hasattr(ctypes.CDLL(None), "eglGetProcAddress"):
+        return
+    wheel_libs = os.path.join(os.path.dirname(os.path.dirname(envpool.__file__)), "envpool.libs")
+    candidates = sorted(glob.glob(os.path.join(wheel_libs, "libEGL*.so*"))) + [ctypes.util.find_library("EGL")]
+    vendors = glob.glob("/usr/share/glvnd/egl_vendor.d/*.json") + glob.glob("/etc/glvnd/egl_vendor.d/*.json")
+    for path in filter(None, candidates):
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        if vendors or os.environ.get("__EGL_VENDOR_LIBRARY_FILENAMES"):
+            return
+    utils.fail("DMC pixels need EGL: no libEGL or no EGL driver found (Debian: libegl1 libegl-mesa0 libgl1-mesa-dri, "
+               "installed by install.sh; or a GPU driver)")
+
+
+def cheap_visuals_assets(directory: str) -> str:
+    """A copy of EnvPool's DMC assets with shadows and 4x anti-aliasing off, for tests on a CPU only.
+
+    Physics and rewards are unchanged, the pictures are not the benchmark's. Returns the `base_path`.
+    """
+    from envpool.mujoco.dmc.registration import _DMC_BASE_PATH
+
+    target = os.path.join(directory, "mujoco", "assets_dmc")
+    shutil.copytree(os.path.join(_DMC_BASE_PATH, "mujoco", "assets_dmc"), target, ignore=shutil.ignore_patterns("dog*"))
+    visual = os.path.join(target, "common", "visual.xml")
+    with open(visual) as f:
+        text = f.read()
+    with open(visual, "w") as f:
+        f.write(text.replace('<quality shadowsize="2048"/>', '<quality shadowsize="0" offsamples="0"/>'))
+    return directory
+
+
+def make_env(args, num_envs: int, seed: int, base_path: str = ""):
+    """A pixel env for observations and a state-only twin for DrQ's rewards.
+
+    DrQ's action repeat runs k control steps, SUMS their rewards and ends the episode after 1000/k
+    agent steps. EnvPool's `frame_skip=k` does the k steps in C++ and renders once, but returns the
+    LAST control step's reward. The twin (same task, same seeds, same actions, frame_skip 1, no
+    rendering) steps the same physics one control step at a time; its k rewards are summed.
+    Rendering k times instead (frame_skip 1 on the pixel env) would cost k x the renders.
+    """
+    task_id, _, camera = DMC_TASKS[args.env_id]
+    common = dict(env_type="gymnasium", num_envs=num_envs, seed=seed, **({"base_path": base_path} if base_path else {}))
+    pixel_env = envpool.make(
+        task_id, from_pixels=True, render_width=args.resolution, render_height=args.resolution,
+        render_camera_id=camera,  # the default -1 is a free camera, not dm_control's camera 0
+        frame_skip=args.action_repeat, max_episode_steps=CONTROL_STEPS_PER_EPISODE // args.action_repeat,
+        frame_stack=args.frame_stack, **common,
+    )
+    reward_env = envpool.make(task_id, frame_skip=1, max_episode_steps=CONTROL_STEPS_PER_EPISODE, **common)
+    return pixel_env, reward_env
+
+
+def reset_env(env):
+    pixel_env, reward_env = env
+    reward_env.reset()
+    return pixel_env.reset()[0]
+
+
+def step_env(env, actions, action_repeat: int):
+    """One agent step with DrQ's action repeat: (obs, summed reward, terminated, truncated, auto_reset).
+
+    `auto_reset` marks EnvPool's reset step after an episode end (its action is ignored and the
+    observation is the new episode's first): never a transition. Every task here ends by time
+    limit, so all environments reset together; the twin's last control-step reward must equal the
+    pixel env's reward, which checks on every step that both simulate the same physics.
+    """
+    pixel_env, reward_env = env
+    obs, last_reward, terminated, truncated, info = pixel_env.step(actions)
+    auto_reset = info["elapsed_step"] == 0
+    rewards = np.zeros(len(obs))
+    if auto_reset.all():
+        reward_env.step(actions)
+    elif auto_reset.any():
+        raise RuntimeError("environments reset at different steps: the reward twin cannot follow them")
+    else:
+        for _ in range(action_repeat):
+            control_reward = reward_env.step(actions)[1]
+            rewards += control_reward
+        if not np.allclose(control_reward, last_reward, rtol=1e-4, atol=1e-6):
+            raise RuntimeError("the pixel env and its reward twin diverged")
+    return obs, rewards, terminated, truncated, auto_reset
+
+
+# Network: shared encoder (convs + pool) -> per-head bottleneck (Linear -> LayerNorm -> tanh) -> actor / twin critics
+def encoder_side(resolution: int) -> int:
+    """Side of the feature map: 3x3 convs with strides 2, 1, 1, 1, VALID (84 -> 41 -> 35)."""
+    return (resolution - 3) // 2 + 1 - 6
+
+
+class Encoder(nn.Module):
+    """DrQ's conv trunk (32 x width channels) and the join: flatten (35x35x32 at 84) or global pooling (32)."""
+
+    def __init__(self, in_channels: int, width: int, pool: str):
+        super().__init__()
+        channels = 32 * width
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 3, stride=2), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, stride=1), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, stride=1), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, stride=1), nn.ReLU(),
+        )
+        self.pool = pool
+
+    def forward(self, obs):
+        feature_map = self.convs(obs.float() / 255.0)
+        if self.pool == "flatten":
+            return feature_map.flatten(1)
+        if self.pool == "avg":
+            return feature_map.mean(dim=(2, 3))
+        return feature_map.amax(dim=(2, 3))
+
+
+def bottleneck(in_features: int, feature_dim: int) -> nn.Sequential:
+    """The dense layer after the join: DrQ's Linear -> LayerNorm -> tanh (H*W*C*dim weights with flatten)."""
+    return nn.Sequential(nn.Linear(in_features, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+
+
+def mlp(in_features: int, hidden_dim: int, out_features: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_features, hidden_dim), nn.ReLU(),
+        nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+        nn.Linear(hidden_dim, out_features),
+    )
+
+
+class Critic(nn.Module):
+    """Twin Q(s, a) on the encoder's features, each critic with DrQ's own bottleneck before the two heads."""
+
+    def __init__(self, in_features: int, feature_dim: int, hidden_dim: int, action_dim: int):
+        super().__init__()
+        self.bottleneck = bottleneck(in_features, feature_dim)
+        self.q1 = mlp(feature_dim + action_dim, hidden_dim, 1)
+        self.q2 = mlp(feature_dim + action_dim, hidden_dim, 1)
+
+    def forward(self, features, actions):
+        latent_actions = torch.cat([self.bottleneck(features), actions], dim=1)
+        return self.q1(latent_actions).squeeze(1), self.q2(latent_actions).squeeze(1)
+
+
+class Actor(nn.Module):
+    """Tanh-squashed diagonal Gaussian; log std squashed into [log_std_min, log_std_max] (DrQ)."""
+
+    def __init__(self, in_features: int, feature_dim: int, hidden_dim: int, action_dim: int, log_std_bounds):
+        super().__init__()
+        self.bottleneck = bottleneck(in_features, feature_dim)
+        self.trunk = mlp(feature_dim, hidden_dim, 2 * action_dim)
+        self.log_std_min, self.log_std_max = log_std_bounds
+
+    def forward(self, features):
+        mean, log_std = self.trunk(self.bottleneck(features)).chunk(2, dim=1)
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(log_std) + 1)
+        return mean, log_std
+
+
+def init_weights(module):
+    """DrQ: orthogonal weights (ReLU gain for convs), zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.orthogonal_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.orthogonal_(module.weight, nn.init.calculate_gain("relu"))
+        nn.init.zeros_(module.bias)
+
+
+def parameter_counts(encoder, actor, critic) -> dict:
+    return {
+        "encoder": utils.parameter_count(encoder),
+        "bottleneck": utils.parameter_count(actor.bottleneck, critic.bottleneck),
+        "head": utils.parameter_count(actor.trunk, critic.q1, critic.q2),
+    }
+
+
+@torch.no_grad()
+def network_diagnostics(encoder, actor, critic, obs, threshold: float) -> dict:
+    """Dormant fractions per part and the feature norm (REFERENCE section 5) on a batch of observations.
+
+    Encoder neurons: the conv channels after each ReLU; bottleneck: the tanh outputs of the actor's
+    and the critic's dense layers; head: the hidden ReLU units of the actor and of both critics.
+    """
+    encoder_activations, x = [], obs.float() / 255.0
+    for layer in encoder.convs:
+        x = layer(x)
+        if isinstance(layer, nn.ReLU):
+            encoder_activations.append(x)
+    features = encoder(obs)
+    actor_latent, critic_latent = actor.bottleneck(features), critic.bottleneck(features)
+    mean, _ = actor(features)
+    head_activations = []
+    for network, inputs in ((actor.trunk, actor_latent), (critic.q1, torch.cat([critic_latent, torch.tanh(mean)], 1)),
+                            (critic.q2, torch.cat([critic_latent, torch.tanh(mean)], 1))):
+        for layer in network:
+            inputs = layer(inputs)
+            if isinstance(layer, nn.ReLU):
+                head_activations.append(inputs)
+    return {
+        "diag/dormant_fraction/encoder": utils.dormant_fraction(encoder_activations, threshold),
+        "diag/dormant_fraction/bottleneck": utils.dormant_fraction([actor_latent, critic_latent], threshold),
+        "diag/dormant_fraction/head": utils.dormant_fraction(head_activations, threshold),
+        "diag/feature_norm": features.norm(dim=1).mean().item(),
+    }
+
+
+def value_saliency(encoder, actor, critic, obs) -> torch.Tensor:
+    """|dV(s)/ds| with V(s) = min_i Q_i(s, tanh(mean(s))), shown beside the newest frame, as (B, 3, H, 2W) in [0, 1]."""
+    pixels = obs.float().requires_grad_(True)
+    features = encoder(pixels)
+    mean, _ = actor(features)
+    torch.min(*critic(features, torch.tanh(mean))).sum().backward()
+    saliency = utils.saliency_image(pixels.grad).expand(-1, 3, -1, -1)
+    return torch.cat([obs[:, -3:].float() / 255.0, saliency], dim=3)
+
+
+# SAC math (Haarnoja et al. 2018) as DrQ uses it
+def squashed_gaussian_log_prob(pre_tanh, mean, log_std):
+    """log pi(tanh(u)) for u ~ N(mean, exp(log_std)), summed over action dimensions.
+
+    Change of variables: log N(u) - sum log(1 - tanh(u)^2), with the stable form
+    log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)).
+    """
+    gaussian = -0.5 * ((pre_tanh - mean) / log_std.exp()) ** 2 - log_std - 0.5 * np.log(2 * np.pi)
+    log_det_jacobian = 2.0 * (np.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+    return (gaussian - log_det_jacobian).sum(dim=1)
+
+
+def sample_action(mean, log_std):
+    """Reparameterised sample a = tanh(mean + std * eps) and its log-probability."""
+    pre_tanh = mean + log_std.exp() * torch.randn_like(mean)
+    return torch.tanh(pre_tanh), squashed_gaussian_log_prob(pre_tanh, mean, log_std)
+
+
+def soft_q_target(rewards, terminated, next_q1, next_q2, next_log_prob, alpha, gamma: float):
+    """r + gamma (1 - terminated) (min_i Q'_i(s', a') - alpha log pi(a'|s')); a time limit is not terminal."""
+    next_value = torch.min(next_q1, next_q2) - alpha * next_log_prob
+    return rewards + gamma * (1.0 - terminated) * next_value
+
+
+def temperature_loss(log_alpha, log_prob, target_entropy: float):
+    """DrQ's alpha * (-log pi - target entropy): alpha grows while the entropy is below its target."""
+    return (log_alpha.exp() * (-log_prob - target_entropy).detach()).mean()
+
+
+def random_shift(obs, pad: int):
+    """DrQ's augmentation: replicate-pad by `pad`, crop back at a random integer offset per image.
+
+    Implemented by clamped indexing (identical to pad + crop), so frames stay uint8 on the device.
+    """
+    batch, channels, height, width = obs.shape
+    shifts = torch.randint(-pad, pad + 1, (batch, 2), device=obs.device)
+    rows = (torch.arange(height, device=obs.device) + shifts[:, :1]).clamp(0, height - 1)
+    cols = (torch.arange(width, device=obs.device) + shifts[:, 1:]).clamp(0, width - 1)
+    batch_index = torch.arange(batch, device=obs.device)[:, None, None, None]
+    channel_index = torch.arange(channels, device=obs.device)[None, :, None, None]
+    return obs[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch: dict, views: int, gamma: float):
+    """DrQ's critic loss: the soft Q target averaged over `views` augmented next observations (K),
+    the squared errors of both critics summed over `views` augmented observations (M).
+
+    `batch` holds the views concatenated along the batch dimension. Returns (loss, Q1(s, a), Q2(s, a)).
+    """
+    with torch.no_grad():
+        next_mean, next_log_std = actor(encoder(batch["next_observations"]))
+        next_actions, next_log_prob = sample_action(next_mean, next_log_std)
+        next_q1, next_q2 = target_critic(target_encoder(batch["next_observations"]), next_actions)
+        targets = soft_q_target(batch["rewards"], batch["terminated"], next_q1, next_q2, next_log_prob, log_alpha.exp(), gamma)
+        targets = targets.view(views, -1).mean(dim=0).repeat(views)
+    q1, q2 = critic(encoder(batch["observations"]), batch["actions"])
+    return views * (F.mse_loss(q1, targets) + F.mse_loss(q2, targets)), q1, q2
+
+
+def actor_and_temperature_losses(encoder, actor, critic, log_alpha, observations, target_entropy: float):
+    """Actor loss alpha log pi - min Q on features detached from the encoder (only the critic trains
+    the convs, DrQ), and the temperature loss."""
+    with torch.no_grad():
+        features = encoder(observations)
+    mean, log_std = actor(features)
+    actions, log_prob = sample_action(mean, log_std)
+    q1, q2 = critic(features, actions)
+    actor_loss = (log_alpha.exp().detach() * log_prob - torch.min(q1, q2)).mean()
+    return actor_loss, temperature_loss(log_alpha, log_prob, target_entropy)
+
+
+def soft_update(target, online, tau: float):
+    for target_param, param in zip(target.parameters(), online.parameters()):
+        target_param.data.lerp_(param.data, tau)
+
+
+# Replay: uint8 on the training device; a transition stores o_t and only the newest frame of o_{t+1}
+def make_replay(capacity: int, obs_shape, action_dim: int, device) -> dict:
+    """o_{t+1} is o_t's stack shifted by one frame plus its newest frame, so storing that frame alone
+    is exact and saves a third of DrQ's memory (which stores both stacks)."""
+    channels, height, width = obs_shape
+    frame_channels = 3
+    return {
+        "observations": torch.zeros((capacity, channels, height, width), dtype=torch.uint8, device=device),
+        "next_frames": torch.zeros((capacity, frame_channels, height, width), dtype=torch.uint8, device=device),
+        "actions": torch.zeros((capacity, action_dim), dtype=torch.float32, device=device),
+        "rewards": torch.zeros(capacity, dtype=torch.float32, device=device),
+        "terminated": torch.zeros(capacity, dtype=torch.float32, device=device),
+    }
+
+
+def add_transitions(replay: dict, position: int, observations, actions, rewards, next_observations, terminated) -> int:
+    """Write n transitions at the circular position; returns the next position."""
+    capacity = replay["rewards"].shape[0]
+    index = (position + torch.arange(len(observations), device=observations.device)) % capacity
+    replay["observations"][index] = observations
+    replay["next_frames"][index] = next_observations[:, -3:]
+    replay["actions"][index] = actions
+    replay["rewards"][index] = rewards
+    replay["terminated"][index] = terminated
+    return (position + len(observations)) % capacity
+
+
+def sample_batch(replay: dict, size: int, batch_size: int, views: int, pad: int) -> dict:
+    """Uniform indices drawn on the device; with `views` > 1, each view is an independent random shift."""
+    index = torch.randint(size, (batch_size,), device=replay["rewards"].device)
+    observations = replay["observations"][index]
+    next_observations = torch.cat([observations[:, 3:], replay["next_frames"][index]], dim=1)
+    if views > 1:
+        observations = torch.cat([random_shift(observations, pad) for _ in range(views)])
+        next_observations = torch.cat([random_shift(next_observations, pad) for _ in range(views)])
+    return {
+        "observations": observations,
+        "next_observations": next_observations,
+        "actions": replay["actions"][index].repeat(views, 1),
+        "rewards": replay["rewards"][index].repeat(views),
+        "terminated": replay["terminated"][index].repeat(views),
+    }
+
+
+def recent_observations(replay: dict, position: int, size: int, count: int):
+    index = (position - 1 - torch.arange(min(count, size), device=replay["rewards"].device)) % replay["rewards"].shape[0]
+    return replay["observations"][index]
+
+
+# Evaluation
+@torch.no_grad()
+def evaluate(encoder, actor, eval_env, action_repeat: int, device, capture_video: bool):
+    """One episode per evaluation environment with the mean action tanh(mean) (DrQ); returns (returns, video)."""
+    obs = reset_env(eval_env)
+    returns = np.zeros(len(obs))
+    frames = [obs[0, -3:].transpose(1, 2, 0)] if capture_video else None
+    for _ in range(CONTROL_STEPS_PER_EPISODE // action_repeat):
+        mean, _ = actor(encoder(torch.as_tensor(obs, device=device)))
+        obs, rewards, _, _, _ = step_env(eval_env, torch.tanh(mean).cpu().numpy(), action_repeat)
+        returns += rewards
+        if capture_video:
+            frames.append(obs[0, -3:].transpose(1, 2, 0))
+    return returns, (np.stack(frames) if capture_video else None)
+
+
+def check_args(args):
+    """Refuse bad input with one line (exit 2) before any work."""
+    utils.check_choice("env-id", args.env_id, tuple(DMC_TASKS))
+    utils.check_choice("pool", args.pool, ("flatten", "avg", "max"))
+    for flag in ("total_timesteps", "num_envs", "frame_stack", "width", "dense_scale", "feature_dim", "hidden_dim",
+                 "learning_rate", "buffer_size", "batch_size", "update_to_data", "actor_update_frequency",
+                 "target_update_frequency", "eval_episodes", "log_every", "init_temperature"):
+        utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
+    for flag in ("eval_every", "save_every", "diag_every", "learning_starts", "image_pad", "action_repeat"):
+        if getattr(args, flag) < 0:
+            utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)!r} must be 0 or more")
+    if not MIN_RESOLUTION <= args.resolution <= MAX_RESOLUTION:
+        utils.fail(f"--resolution {args.resolution} cannot be used: the encoder needs {MIN_RESOLUTION} to "
+                   f"{MAX_RESOLUTION} pixels (the largest size rendered in our tests)")
+    if args.action_repeat and CONTROL_STEPS_PER_EPISODE % args.action_repeat:
+        utils.fail(f"--action-repeat {args.action_repeat} must divide the {CONTROL_STEPS_PER_EPISODE} control steps of "
+                   f"an episode (e.g. 1, 2, 4, 5, 8); 0 takes the task's default")
+    for flag in ("gamma", "tau"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            utils.fail(f"--{flag} {getattr(args, flag)!r} must be in [0, 1]")
+    if args.log_std_min >= args.log_std_max:
+        utils.fail(f"--log-std-min {args.log_std_min} must be below --log-std-max {args.log_std_max}")
+    if args.batch_size > args.buffer_size:
+        utils.fail(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
+    if args.buffer_size < args.num_envs:
+        utils.fail(f"--buffer-size {args.buffer_size} is smaller than --num-envs {args.num_envs}")
+    if args.augment and args.image_pad >= args.resolution:
+        utils.fail(f"--image-pad {args.image_pad} must be smaller than --resolution {args.resolution}")
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            utils.fail("--track needs the `wandb` package; install it or drop --track")
+
+
+def main():
+    args = tyro.cli(Args)
+    check_args(args)
+    # derived values
+    args.action_repeat = args.action_repeat or DMC_TASKS[args.env_id][1]
+    episode_steps = CONTROL_STEPS_PER_EPISODE // args.action_repeat  # agent steps per episode (DrQ)
+    views = 2 if args.augment else 1  # DrQ's K = M = 2 augmented views
+    updates_per_iteration = args.num_envs * args.update_to_data
+    obs_shape = (3 * args.frame_stack, args.resolution, args.resolution)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    replay_bytes = args.buffer_size * (obs_shape[0] + 3) * args.resolution**2
+    if device.type == "cuda" and replay_bytes > torch.cuda.mem_get_info()[0]:
+        utils.fail(f"--buffer-size {args.buffer_size} at --resolution {args.resolution} needs "
+                   f"{replay_bytes / 2**30:.1f} GiB of replay, more than the GPU has free")
+    make_egl_visible()
+
+    run_dir, checkpoint_file = utils.resolve_run(args)
+    checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
+    print("config:\n" + "\n".join(f"  {key} = {value}" for key, value in asdict(args).items()), flush=True)
+    print(f"run folder: {run_dir}; device: {device}; {episode_steps} agent steps per episode; "
+          f"{args.total_timesteps * args.action_repeat:,} environment frames; "
+          f"replay: {replay_bytes / 2**30:.2f} GiB of uint8 frames", flush=True)
+    if args.cheap_visuals_for_tests:
+        print("warning: --cheap-visuals-for-tests renders without shadows and anti-aliasing; not the benchmark's pictures", flush=True)
+    writer = utils.start_run(args, run_dir)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity or None, sync_tensorboard=True,
+                   config=asdict(args), name=os.path.basename(run_dir), save_code=True)
+
+    # set-up
+    utils.seed_everything(args.seed, args.torch_deterministic)
+    global_step = checkpoint["global_step"] if checkpoint else 0
+    env_seed = args.seed + global_step  # a resumed run cannot restore the simulators: it starts new episodes
+    with tempfile.TemporaryDirectory() as assets:
+        base_path = cheap_visuals_assets(assets) if args.cheap_visuals_for_tests else ""
+        env = make_env(args, args.num_envs, env_seed, base_path)
+        eval_env = make_env(args, args.eval_episodes, env_seed + 1_000_000, base_path)
+    action_dim = env[0].action_space.shape[0]
+    target_entropy = -float(action_dim)
+    pooled_features = 32 * args.width * (encoder_side(args.resolution) ** 2 if args.pool == "flatten" else 1)
+    feature_dim = args.feature_dim * args.dense_scale
+    encoder = Encoder(obs_shape[0], args.width, args.pool).to(device)
+    actor = Actor(pooled_features, feature_dim, args.hidden_dim, action_dim, (args.log_std_min, args.log_std_max)).to(device)
+    critic = Critic(pooled_features, feature_dim, args.hidden_dim, action_dim).to(device)
+    for network in (encoder, actor, critic):
+        network.apply(init_weights)
+    target_encoder, target_critic = copy.deepcopy(encoder), copy.deepcopy(critic)
+    log_alpha = torch.tensor(np.log(args.init_temperature), dtype=torch.float32, device=device, requires_grad=True)
+    critic_optimizer = torch.optim.Adam(list(encoder.parameters()) + list(critic.parameters()), lr=args.learning_rate)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
+    alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.learning_rate)
+    replay = make_replay(args.buffer_size, obs_shape, action_dim, device)
+    replay_position, replay_size, update_count = 0, 0, 0
+    modules = {"encoder": encoder, "actor": actor, "critic": critic, "target_encoder": target_encoder,
+               "target_critic": target_critic, "critic_optimizer": critic_optimizer,
+               "actor_optimizer": actor_optimizer, "alpha_optimizer": alpha_optimizer}
+    if checkpoint:
+        for name, module in modules.items():
+            module.load_state_dict(checkpoint[name])
+        with torch.no_grad():
+            log_alpha.copy_(checkpoint["log_alpha"])
+        update_count = checkpoint["update_count"]
+        if "replay" in checkpoint:
+            replay = {key: value.to(device) for key, value in checkpoint["replay"].items()}
+            replay_position, replay_size = checkpoint["replay_position"], checkpoint["replay_size"]
+        utils.set_rng_state(checkpoint["rng"])
+        print(f"resumed from {checkpoint_file} at step {global_step}", flush=True)
+    compute_critic_loss = torch.compile(critic_loss) if args.compile else critic_loss
+    compute_actor_losses = torch.compile(actor_and_temperature_losses) if args.compile else actor_and_temperature_losses
+
+    counts = parameter_counts(encoder, actor, critic)
+    print("parameters: " + ", ".join(f"{part} {count:,}" for part, count in counts.items()) + f", total {sum(counts.values()):,}", flush=True)
+    if not checkpoint:
+        for part, count in counts.items():
+            writer.add_scalar(f"diag/params/{part}", count, 0)
+
+    def training_state(step):
+        state = {"script": SCRIPT, "args": asdict(args), "global_step": step, "rng": utils.rng_state(),
+                 "update_count": update_count, "log_alpha": log_alpha.detach()}
+        state.update({name: module.state_dict() for name, module in modules.items()})
+        return state
+
+    def save(path, step):
+        payload = training_state(step)
+        if args.save_buffer:
+            payload.update(replay=replay, replay_position=replay_position, replay_size=replay_size)
+        utils.save_checkpoint(path, payload)
+
+    def run_evaluation(step):
+        returns, video = evaluate(encoder, actor, eval_env, args.action_repeat, device, args.capture_video)
+        writer.add_scalar("eval/return", returns.mean(), step)
+        if video is not None:
+            utils.save_video(os.path.join(run_dir, "videos", f"eval_step_{step:012d}.gif"), video)
+        print(f"global_step={step}, eval/return={returns.mean():.2f} over {len(returns)} episodes", flush=True)
+
+    # training loop
+    obs = torch.as_tensor(reset_env(env), device=device)
+    episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
+    logged = {name: torch.zeros((), device=device) for name in ("qf1_values", "qf2_values", "qf_loss", "actor_loss", "alpha_loss")}
+    critic_updates_since_log, actor_updates_since_log = 0, 0
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    last_good = None
+    start_step, start_time = global_step, time.time()
+    while global_step < args.total_timesteps:
+        # act: uniformly random during DrQ's seed steps, then a sample of the policy
+        if global_step < args.learning_starts:
+            actions = torch.rand((args.num_envs, action_dim), device=device) * 2 - 1
+        else:
+            with torch.no_grad():
+                actions = sample_action(*actor(encoder(obs)))[0]
+        next_obs, rewards, terminated, truncated, auto_reset = step_env(env, actions.cpu().numpy(), args.action_repeat)
+        previous_step = global_step
+        global_step += args.num_envs
+        next_obs = torch.as_tensor(next_obs, device=device)
+
+        # store real transitions; a time limit is stored as not terminal, so the target bootstraps through it
+        if not auto_reset.all():
+            keep = torch.as_tensor(~auto_reset, device=device)
+            replay_position = add_transitions(
+                replay, replay_position, obs[keep], actions[keep], torch.as_tensor(rewards, device=device, dtype=torch.float32)[keep],
+                next_obs[keep], torch.as_tensor(terminated, device=device, dtype=torch.float32)[keep])
+            replay_size = min(replay_size + int((~auto_reset).sum()), args.buffer_size)
+        obs = next_obs
+
+        episode_return += rewards
+        episode_length += ~auto_reset
+        for env_index in np.flatnonzero(terminated | truncated):
+            writer.add_scalar("charts/episodic_return", episode_return[env_index], global_step)
+            writer.add_scalar("charts/episodic_length", episode_length[env_index], global_step)
+            print(f"global_step={global_step}, episodic_return={episode_return[env_index]:.1f}", flush=True)
+        episode_return[terminated | truncated], episode_length[terminated | truncated] = 0.0, 0
+
+        # gradient updates, once the replay holds the seed steps (DrQ: one per agent step)
+        if global_step >= args.learning_starts and replay_size >= max(1, min(args.learning_starts, args.buffer_size)):
+            for _ in range(updates_per_iteration):
+                batch = sample_batch(replay, replay_size, args.batch_size, views, args.image_pad)
+                qf_loss, q1, q2 = compute_critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha,
+                                                      batch, views, args.gamma)
+                critic_optimizer.zero_grad()
+                qf_loss.backward()
+                critic_optimizer.step()
+                update_count += 1
+                logged["qf_loss"] += qf_loss.detach()
+                logged["qf1_values"] += q1.detach().mean()
+                logged["qf2_values"] += q2.detach().mean()
+                nonfinite |= ~torch.isfinite(qf_loss.detach())
+                critic_updates_since_log += 1
+                if update_count % args.actor_update_frequency == 0:
+                    observations = batch["observations"][: args.batch_size]  # the first augmented view, as DrQ
+                    actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, observations, target_entropy)
+                    actor_optimizer.zero_grad()
+                    actor_loss.backward()
+                    actor_optimizer.step()
+                    alpha_optimizer.zero_grad()
+                    alpha_loss.backward()
+                    alpha_optimizer.step()
+                    logged["actor_loss"] += actor_loss.detach()
+                    logged["alpha_loss"] += alpha_loss.detach()
+                    nonfinite |= ~torch.isfinite(actor_loss.detach() + alpha_loss.detach())
+                    actor_updates_since_log += 1
+                if update_count % args.target_update_frequency == 0:
+                    soft_update(target_encoder, encoder, args.tau)
+                    soft_update(target_critic, critic, args.tau)
+
+        # logging, and the non-finite check (one host sync per log interval)
+        if global_step // args.log_every > previous_step // args.log_every:
+            if nonfinite.item():
+                if last_good is not None:
+                    good_step, good_state = last_good
+                    utils.save_checkpoint(utils.checkpoint_path(run_dir, good_step), good_state)
+                    where = f"the last good state (step {good_step}) is in {utils.checkpoint_path(run_dir, good_step)}"
+                else:
+                    where = "no good state was checked yet, so no checkpoint was written"
+                print(f"error: non-finite loss between steps {previous_step - args.log_every} and {global_step}; "
+                      f"stopping ({where}). Try a lower --learning-rate.", flush=True)
+                writer.close()
+                raise SystemExit(1)
+            last_good = (global_step, copy.deepcopy(training_state(global_step)))
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/learning_rate", critic_optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("losses/alpha", log_alpha.exp().item(), global_step)
+            if critic_updates_since_log:
+                for name in ("qf1_values", "qf2_values", "qf_loss"):
+                    writer.add_scalar(f"losses/{name}", (logged[name] / critic_updates_since_log).item(), global_step)
+            if actor_updates_since_log:
+                for name in ("actor_loss", "alpha_loss"):
+                    writer.add_scalar(f"losses/{name}", (logged[name] / actor_updates_since_log).item(), global_step)
+            for value in logged.values():
+                value.zero_()
+            critic_updates_since_log, actor_updates_since_log = 0, 0
+            print(f"global_step={global_step}, SPS={sps}, updates={update_count}, alpha={log_alpha.exp().item():.4f}", flush=True)
+
+        # diagnostics on the newest stored observations
+        if args.diag_every and replay_size and global_step // args.diag_every > previous_step // args.diag_every:
+            recent = recent_observations(replay, replay_position, replay_size, 256)
+            for tag, value in network_diagnostics(encoder, actor, critic, recent, args.dormant_threshold).items():
+                writer.add_scalar(tag, value, global_step)
+            writer.add_images("images/saliency", value_saliency(encoder, actor, critic, recent[:4]), global_step)
+            for network in (encoder, actor, critic):
+                network.zero_grad(set_to_none=True)
+
+        # evaluation and checkpoints
+        if args.eval_every and global_step // args.eval_every > previous_step // args.eval_every and global_step < args.total_timesteps:
+            run_evaluation(global_step)
+        if args.save_every and global_step // args.save_every > previous_step // args.save_every:
+            save(utils.checkpoint_path(run_dir, global_step), global_step)
+
+    # evaluation and saving at the end
+    run_evaluation(global_step)
+    save(os.path.join(run_dir, "final.pt"), global_step)
+    for simulator in (*env, *eval_env):
+        simulator.close()
+    writer.close()
+    print(f"done: {run_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

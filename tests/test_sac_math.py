@@ -1,0 +1,218 @@
+"""SAC / DrQ pieces of sac_dmc_gap.py against slow, independent references on small hand-made data."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import sac_dmc_gap as sac
+
+
+def test_soft_q_target_bootstraps_through_time_limits_but_not_through_terminals():
+    rewards = torch.tensor([1.0, 0.5, -2.0, 0.0])
+    terminated = torch.tensor([0.0, 1.0, 0.0, 1.0])  # a time limit is stored as not terminated
+    next_q1 = torch.tensor([3.0, 4.0, -1.0, 2.0])
+    next_q2 = torch.tensor([2.5, 5.0, -3.0, 1.0])
+    next_log_prob = torch.tensor([-1.0, 0.3, 2.0, -0.5])
+    alpha, gamma = 0.2, 0.9
+    target = sac.soft_q_target(rewards, terminated, next_q1, next_q2, next_log_prob, alpha, gamma)
+    expected = []
+    for r, done, q1, q2, log_prob in zip(rewards.tolist(), terminated.tolist(), next_q1.tolist(), next_q2.tolist(), next_log_prob.tolist()):
+        soft_value = min(q1, q2) - alpha * log_prob
+        expected.append(r if done else r + gamma * soft_value)
+    assert target.tolist() == pytest.approx(expected)
+    assert target[0].item() == pytest.approx(1.0 + 0.9 * (2.5 + 0.2))  # bootstrapped
+    assert target[1].item() == pytest.approx(0.5)  # terminal: the reward alone
+
+
+def test_temperature_loss_value_and_gradient_raise_alpha_when_entropy_is_below_target():
+    log_alpha = torch.tensor(math.log(0.3), requires_grad=True)
+    log_prob = torch.tensor([1.5, 2.0, 0.5], requires_grad=True)  # entropy estimate -4/3 < target -1
+    target_entropy = -1.0
+    loss = sac.temperature_loss(log_alpha, log_prob, target_entropy)
+    loss.backward()
+    terms = [0.3 * (-lp - target_entropy) for lp in (1.5, 2.0, 0.5)]
+    assert loss.item() == pytest.approx(sum(terms) / 3)
+    # d/d log_alpha of exp(log_alpha) * c = alpha * c, with c < 0 here
+    assert log_alpha.grad.item() == pytest.approx(sum(terms) / 3)
+    assert log_alpha.grad.item() < 0  # gradient descent raises alpha
+    assert log_prob.grad is None or torch.all(log_prob.grad == 0)  # the policy is not trained by this loss
+
+
+def normal_cdf(x):
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def test_squashed_gaussian_log_prob_matches_a_numeric_density_of_tanh_of_a_gaussian():
+    mean = torch.tensor([[0.3, -1.2, 0.0]], dtype=torch.float64)
+    log_std = torch.tensor([[-0.5, 0.4, -2.0]], dtype=torch.float64)
+    pre_tanh = torch.tensor([[0.1, -2.5, 0.05]], dtype=torch.float64)
+    log_prob = sac.squashed_gaussian_log_prob(pre_tanh, mean, log_std).item()
+    # slow reference: the density of a = tanh(u) by a finite difference of its CDF, dimensions independent
+    expected, h = 0.0, 1e-6
+    for a_u, mu, ls in zip(pre_tanh[0].tolist(), mean[0].tolist(), log_std[0].tolist()):
+        a, std = math.tanh(a_u), math.exp(ls)
+        probability = normal_cdf((math.atanh(a + h) - mu) / std) - normal_cdf((math.atanh(a - h) - mu) / std)
+        expected += math.log(probability / (2 * h))
+    assert log_prob == pytest.approx(expected, rel=1e-5)
+
+
+def test_squashed_gaussian_log_prob_matches_change_of_variables_by_hand_and_stays_finite_when_saturated():
+    torch.manual_seed(0)
+    mean, log_std = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64) * 0.5
+    pre_tanh = mean + log_std.exp() * torch.randn(5, 2, dtype=torch.float64)
+    gaussian = torch.distributions.Normal(mean, log_std.exp()).log_prob(pre_tanh)
+    by_hand = (gaussian - torch.log(1 - torch.tanh(pre_tanh) ** 2)).sum(1)
+    assert torch.allclose(sac.squashed_gaussian_log_prob(pre_tanh, mean, log_std), by_hand)
+    saturated = sac.squashed_gaussian_log_prob(torch.tensor([[30.0]]), torch.tensor([[30.0]]), torch.tensor([[0.0]]))
+    assert torch.isfinite(saturated).all()  # the naive log(1 - tanh^2) would be log(0) here
+
+
+def test_sample_action_is_in_the_open_box_and_its_log_prob_is_the_squashed_density():
+    torch.manual_seed(1)
+    mean, log_std = torch.zeros(1000, 2), torch.zeros(1000, 2)
+    actions, log_prob = sac.sample_action(mean, log_std)
+    assert actions.abs().max() <= 1.0
+    pre_tanh = torch.atanh(actions.double().clamp(-1 + 1e-12, 1 - 1e-12))
+    ok = actions.abs().max(dim=1).values < 0.999  # atanh is ill-conditioned near the edges
+    by_hand = (torch.distributions.Normal(0.0, 1.0).log_prob(pre_tanh) - torch.log(1 - actions.double() ** 2)).sum(1)
+    assert torch.allclose(log_prob.double()[ok], by_hand[ok], atol=1e-3)
+
+
+def test_actor_log_std_stays_within_drq_bounds():
+    actor = sac.Actor(8, 6, 16, 3, (-10.0, 2.0))
+    mean, log_std = actor(torch.randn(64, 8) * 1e4)
+    assert log_std.min() >= -10.0 and log_std.max() <= 2.0
+    assert mean.shape == log_std.shape == (64, 3)
+
+
+def test_random_shift_is_an_integer_shift_with_replicate_padding():
+    torch.manual_seed(2)
+    pad = 4
+    obs = torch.randint(0, 256, (24, 6, 12, 12), dtype=torch.uint8)
+    shifted = sac.random_shift(obs, pad)
+    assert shifted.shape == obs.shape and shifted.dtype == torch.uint8
+    found = set()
+    for image, result in zip(obs.numpy(), shifted.numpy()):
+        padded = np.pad(image, ((0, 0), (pad, pad), (pad, pad)), mode="edge")  # slow reference: pad, then crop
+        matches = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                   if np.array_equal(padded[:, dy:dy + 12, dx:dx + 12], result)]
+        assert len(matches) == 1  # one shift for all channels of the image, inside [-pad, pad]^2
+        found.add(matches[0])
+    assert len(found) > 5  # shifts differ between images
+
+
+def test_replay_rebuilds_the_next_stack_from_the_stored_newest_frame_and_wraps_around():
+    capacity, frames = 4, torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2)
+    replay = sac.make_replay(capacity, (9, 2, 2), 1, "cpu")
+    stack = lambda t: torch.cat([frames[max(t - 2, 0)], frames[max(t - 1, 0)], frames[t]])  # oldest first
+    position, transitions = 0, []
+    for t in range(6):  # o_t -> o_{t+1}, written one at a time; the first two are overwritten
+        obs, next_obs = stack(t)[None], stack(t + 1)[None]
+        position = sac.add_transitions(replay, position, obs, torch.tensor([[float(t)]]), torch.tensor([float(t)]),
+                                       next_obs, torch.tensor([0.0]))
+        transitions.append((obs[0], next_obs[0], float(t)))
+    assert position == 6 % capacity
+    batch = sac.sample_batch(replay, capacity, 64, views=1, pad=4)
+    by_reward = {reward: (obs, next_obs) for obs, next_obs, reward in transitions[-capacity:]}
+    assert set(batch["rewards"].tolist()) <= set(by_reward)
+    for obs, next_obs, reward, action in zip(batch["observations"], batch["next_observations"], batch["rewards"], batch["actions"]):
+        assert torch.equal(obs, by_reward[reward.item()][0]) and torch.equal(next_obs, by_reward[reward.item()][1])
+        assert action.item() == reward.item()
+
+
+def test_two_augmented_views_repeat_actions_rewards_and_flags():
+    replay = sac.make_replay(8, (9, 20, 20), 2, "cpu")
+    obs = torch.randint(0, 256, (8, 9, 20, 20), dtype=torch.uint8)
+    sac.add_transitions(replay, 0, obs, torch.randn(8, 2), torch.arange(8.0), obs, torch.zeros(8))
+    batch = sac.sample_batch(replay, 8, 5, views=2, pad=4)
+    assert batch["observations"].shape == (10, 9, 20, 20)
+    assert torch.equal(batch["rewards"][:5], batch["rewards"][5:])
+    assert torch.equal(batch["actions"][:5], batch["actions"][5:])
+
+
+def test_critic_loss_is_drq_sum_over_views_of_both_critics_against_the_view_averaged_target(monkeypatch):
+    torch.manual_seed(3)
+    monkeypatch.setattr(sac, "sample_action", lambda mean, log_std: (torch.tanh(mean), mean.sum(1) * 0.1))
+    encoder = sac.Encoder(9, 1, "avg")
+    actor, critic = sac.Actor(32, 4, 8, 1, (-10.0, 2.0)), sac.Critic(32, 4, 8, 1)
+    target_encoder, target_critic = sac.Encoder(9, 1, "avg"), sac.Critic(32, 4, 8, 1)
+    log_alpha, gamma, batch_size = torch.tensor(math.log(0.1)), 0.99, 3
+    views = 2
+    batch = {
+        "observations": torch.randint(0, 256, (views * batch_size, 9, 16, 16), dtype=torch.uint8),
+        "next_observations": torch.randint(0, 256, (views * batch_size, 9, 16, 16), dtype=torch.uint8),
+        "actions": torch.rand(batch_size, 1).repeat(views, 1) * 2 - 1,
+        "rewards": torch.tensor([1.0, -1.0, 0.5]).repeat(views),
+        "terminated": torch.tensor([0.0, 1.0, 0.0]).repeat(views),
+    }
+    loss, _, _ = sac.critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch, views, gamma)
+    # slow reference, one transition and one view at a time as DrQ writes it
+    with torch.no_grad():
+        targets = []
+        for i in range(batch_size):
+            per_view = []
+            for view in range(views):
+                next_obs = batch["next_observations"][view * batch_size + i][None]
+                mean, _ = actor(encoder(next_obs))
+                next_q1, next_q2 = target_critic(target_encoder(next_obs), torch.tanh(mean))
+                soft_value = min(next_q1.item(), next_q2.item()) - 0.1 * (mean.sum().item() * 0.1)
+                done = batch["terminated"][i].item()
+                per_view.append(batch["rewards"][i].item() + (0.0 if done else gamma * soft_value))
+            targets.append(sum(per_view) / views)
+        expected = 0.0
+        for view in range(views):
+            q1, q2 = critic(encoder(batch["observations"][view * batch_size:(view + 1) * batch_size]), batch["actions"][:batch_size])
+            expected += sum((a - t) ** 2 for a, t in zip(q1.tolist(), targets)) / batch_size
+            expected += sum((a - t) ** 2 for a, t in zip(q2.tolist(), targets)) / batch_size
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_actor_loss_does_not_reach_the_encoder():
+    encoder = sac.Encoder(9, 1, "flatten")
+    side = sac.encoder_side(20)
+    actor, critic = sac.Actor(32 * side * side, 4, 8, 2, (-10.0, 2.0)), sac.Critic(32 * side * side, 4, 8, 2)
+    log_alpha = torch.tensor(0.0, requires_grad=True)
+    actor_loss, alpha_loss = sac.actor_and_temperature_losses(
+        encoder, actor, critic, log_alpha, torch.randint(0, 256, (4, 9, 20, 20), dtype=torch.uint8), -2.0)
+    actor_loss.backward()
+    assert all(p.grad is None for p in encoder.parameters())
+    assert all(p.grad is not None for p in actor.parameters())
+    assert log_alpha.grad is None  # the actor loss uses alpha as a constant
+    alpha_loss.backward()
+    assert log_alpha.grad is not None
+
+
+@pytest.mark.parametrize("resolution, side", [(84, 35), (64, 25), (15, 1)])
+def test_encoder_side_matches_the_convolutions(resolution, side):
+    encoder = sac.Encoder(9, 1, "flatten")
+    feature_map = encoder.convs(torch.zeros(1, 9, resolution, resolution))
+    assert sac.encoder_side(resolution) == side == feature_map.shape[-1] == feature_map.shape[-2]
+    assert sac.encoder_side(sac.MIN_RESOLUTION - 1) < 1
+
+
+@pytest.mark.parametrize("pool, join_features", [("flatten", 35 * 35 * 64), ("avg", 64), ("max", 64)])
+def test_bottleneck_weights_are_hwc_times_dim_for_flatten_and_c_times_dim_for_pooling(pool, join_features):
+    encoder = sac.Encoder(9, 2, pool)
+    features = encoder(torch.randint(0, 256, (2, 9, 84, 84), dtype=torch.uint8))
+    assert features.shape == (2, join_features)
+    critic = sac.Critic(join_features, 100, 16, 6)
+    assert critic.bottleneck[0].weight.numel() == join_features * 100
+
+
+def test_global_pools_reduce_each_channel_over_space():
+    encoder = sac.Encoder(9, 1, "avg")
+    obs = torch.randint(0, 256, (2, 9, 20, 20), dtype=torch.uint8)
+    feature_map = encoder.convs(obs.float() / 255.0)
+    assert torch.allclose(encoder(obs), feature_map.mean(dim=(2, 3)))
+    encoder.pool = "max"
+    assert torch.allclose(encoder(obs), feature_map.amax(dim=(2, 3)))
+
+
+def test_soft_update_moves_target_parameters_by_tau():
+    online, target = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = [p.detach().clone() for p in target.parameters()]
+    sac.soft_update(target, online, 0.01)
+    for old, new, source in zip(before, target.parameters(), online.parameters()):
+        assert torch.allclose(new, 0.99 * old + 0.01 * source)
