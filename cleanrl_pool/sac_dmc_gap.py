@@ -561,7 +561,6 @@ def main():
     args.action_repeat = args.action_repeat or DMC_TASKS[args.env_id][1]
     episode_steps = CONTROL_STEPS_PER_EPISODE // args.action_repeat  # agent steps per episode (DrQ)
     views = 2 if args.augment else 1  # DrQ's K = M = 2 augmented views
-    updates_per_iteration = args.num_envs * args.update_to_data
     obs_shape = (3 * args.frame_stack, args.resolution, args.resolution)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     replay_bytes = args.buffer_size * (obs_shape[0] + 3) * args.resolution**2
@@ -667,17 +666,18 @@ def main():
             with torch.no_grad():
                 actions = sample_action(*actor(encoder(obs)))[0]
         next_obs, rewards, terminated, truncated, auto_reset = step_env(env, actions.cpu().numpy(), args.action_repeat)
+        collected = int((~auto_reset).sum())  # EnvPool's reset step is not an agent step (DrQ counts 1000/k per episode)
         previous_step = global_step
-        global_step += args.num_envs
+        global_step += collected
         next_obs = torch.as_tensor(next_obs, device=device)
 
         # store real transitions; a time limit is stored as not terminal, so the target bootstraps through it
-        if not auto_reset.all():
+        if collected:
             keep = torch.as_tensor(~auto_reset, device=device)
             replay_position = add_transitions(
                 replay, replay_position, obs[keep], actions[keep], torch.as_tensor(rewards, device=device, dtype=torch.float32)[keep],
                 next_obs[keep], torch.as_tensor(terminated, device=device, dtype=torch.float32)[keep])
-            replay_size = min(replay_size + int((~auto_reset).sum()), args.buffer_size)
+            replay_size = min(replay_size + collected, args.buffer_size)
         obs = next_obs
 
         episode_return += rewards
@@ -690,7 +690,7 @@ def main():
 
         # gradient updates, once the replay holds the seed steps (DrQ: one per agent step)
         if global_step >= args.learning_starts and replay_size >= max(1, min(args.learning_starts, args.buffer_size)):
-            for _ in range(updates_per_iteration):
+            for _ in range(collected * args.update_to_data):
                 batch = sample_batch(replay, replay_size, args.batch_size, views, args.image_pad)
                 qf_loss, q1, q2 = compute_critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha,
                                                       batch, views, args.gamma)
