@@ -391,6 +391,16 @@ def sample_batch(replay: dict, buffer_time: int, batch_size: int, n_step: int, f
     }
 
 
+def recent_observations(replay: dict, buffer_time: int, count: int, frame_stack: int):
+    """Stacks of the newest stored observations of every environment (at most `count`), for diagnostics."""
+    num_envs, capacity = replay["valid"].shape
+    device = replay["valid"].device
+    per_env = max(1, min(buffer_time + 1, capacity - frame_stack, -(-count // num_envs)))
+    slot_time = (buffer_time - torch.arange(per_env, device=device)).repeat_interleave(num_envs)
+    env_index = torch.arange(num_envs, device=device).repeat(per_env)
+    return stack_frames(replay, env_index, slot_time, frame_stack)[:count]
+
+
 def cut_episodes_at_resume(replay: dict, buffer_time: int):
     """A resumed run restarts the games: the stored episodes end as time limits at o_{buffer_time}."""
     if buffer_time > 0:
@@ -502,6 +512,7 @@ def main():
         utils.fail(f"--buffer-size {args.buffer_size} at --resolution {args.resolution} needs "
                    f"{replay_bytes / 2**30:.1f} GiB of replay, more than the GPU has free")
 
+    last_good = None  # (step, checkpoint) of the last state whose losses were checked finite
     run_dir, checkpoint_file = utils.resolve_run(args)
     checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
     print("config:\n" + "\n".join(f"  {key} = {value}" for key, value in asdict(args).items()), flush=True)
@@ -548,7 +559,7 @@ def main():
         for part, count in counts.items():
             writer.add_scalar(f"diag/params/{part}", count, 0)
 
-    def save(path, step):
+    def checkpoint_payload(step):
         payload = {
             "script": SCRIPT, "args": asdict(args), "global_step": step, "rng": utils.rng_state(),
             "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
@@ -556,7 +567,22 @@ def main():
         }
         if args.save_buffer:
             payload["replay"], payload["buffer_time"] = replay, buffer_time
-        utils.save_checkpoint(path, payload)
+        return payload
+
+    def stop_if_nonfinite(step):
+        """One host sync: stop if any loss since the last check was not finite, leaving the last good state."""
+        nonlocal last_good
+        if nonfinite.item():
+            if last_good is None:
+                where = "no finite state was checked yet, so no checkpoint was written"
+            else:
+                good_step, good_state = last_good
+                utils.save_checkpoint(utils.checkpoint_path(run_dir, good_step), good_state)
+                where = f"the last good state is {utils.checkpoint_path(run_dir, good_step)}"
+            print(f"error: non-finite TD loss before step {step}; stopping ({where}). Try a lower --learning-rate.", flush=True)
+            writer.close()
+            raise SystemExit(1)
+        last_good = (step, copy.deepcopy({key: value for key, value in checkpoint_payload(step).items() if key != "replay"}))
 
     def run_evaluation(step):
         returns, video = evaluate(q_forward, eval_envs, args, num_actions, device, args.capture_video)
@@ -585,7 +611,6 @@ def main():
     q_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     losses_since_log = 0
-    last_good = None
     start_step, start_time = global_step, time.time()
     while global_step < args.total_timesteps:
         epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
@@ -631,22 +656,7 @@ def main():
 
         # logging, and the non-finite check (one host sync per log interval)
         if global_step // args.log_every > previous_step // args.log_every:
-            if nonfinite.item():
-                if last_good is not None:
-                    good_step, good_state = last_good
-                    utils.save_checkpoint(utils.checkpoint_path(run_dir, good_step), good_state)
-                    where = f"the last good state (step {good_step}) is in {utils.checkpoint_path(run_dir, good_step)}"
-                else:
-                    where = "no good state was checked yet, so no checkpoint was written"
-                print(f"error: non-finite TD loss between steps {previous_step - args.log_every} and {global_step}; "
-                      f"stopping ({where}). Try a lower --learning-rate.", flush=True)
-                writer.close()
-                raise SystemExit(1)
-            last_good = (global_step, copy.deepcopy({
-                "script": SCRIPT, "args": asdict(args), "global_step": global_step, "rng": utils.rng_state(),
-                "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
-                "optimizer": optimizer.state_dict(), "update_count": update_count, "update_credit": update_credit,
-            }))
+            stop_if_nonfinite(global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
@@ -658,22 +668,25 @@ def main():
                 losses_since_log = 0
             print(f"global_step={global_step}, SPS={sps}, epsilon={epsilon:.3f}, updates={update_count}", flush=True)
 
-        # diagnostics on the newest observations
+        # diagnostics on a batch of the newest stored observations
         if args.diag_every and global_step // args.diag_every > previous_step // args.diag_every:
-            for tag, value in network_diagnostics(q_network, next_obs_device, args.dormant_threshold).items():
+            recent = recent_observations(replay, buffer_time, 256, args.frame_stack)
+            for tag, value in network_diagnostics(q_network, recent, args.dormant_threshold).items():
                 writer.add_scalar(tag, value, global_step)
-            writer.add_images("images/saliency", q_saliency(q_network, next_obs_device[:4]), global_step)
+            writer.add_images("images/saliency", q_saliency(q_network, recent[:4]), global_step)
             q_network.zero_grad(set_to_none=True)
 
         # evaluation and checkpoints
         if args.eval_every and global_step // args.eval_every > previous_step // args.eval_every and global_step < args.total_timesteps:
             run_evaluation(global_step)
         if args.save_every and global_step // args.save_every > previous_step // args.save_every:
-            save(utils.checkpoint_path(run_dir, global_step), global_step)
+            stop_if_nonfinite(global_step)
+            utils.save_checkpoint(utils.checkpoint_path(run_dir, global_step), checkpoint_payload(global_step))
 
     # evaluation and saving at the end
+    stop_if_nonfinite(global_step)
     run_evaluation(global_step)
-    save(os.path.join(run_dir, "final.pt"), global_step)
+    utils.save_checkpoint(os.path.join(run_dir, "final.pt"), checkpoint_payload(global_step))
     envs.close()
     eval_envs.close()
     writer.close()

@@ -120,3 +120,12 @@ def test_non_finite_loss_stops_with_a_message_and_a_checkpoint_of_the_last_good_
     checkpoint = torch.load(saved, weights_only=True)
     assert all(torch.isfinite(p).all() for p in checkpoint["q_network"].values())
     assert not os.path.exists(os.path.join(run_dir, "final.pt"))
+
+
+def test_compile_runs_on_cpu(tmp_path):
+    result = run_script(SCRIPT, *TINY, "--total-timesteps", "140", "--learning-starts", "120", "--eval-every", "0",
+                        "--diag-every", "0", "--save-every", "0", "--eval-episodes", "1", "--max-episode-steps", "30",
+                        "--compile", "--double", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_folders(tmp_path)
+    assert torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)["update_count"] == (140 - 120) // 4
