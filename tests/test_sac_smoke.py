@@ -3,6 +3,7 @@ cartpole episodes) checked for config, TensorBoard tags, checkpoints, video and 
 loss; bad input. One run is shared by the checks (DMC pixel environments are slow to make)."""
 
 import glob
+import importlib.util
 import json
 import os
 
@@ -105,6 +106,8 @@ def test_a_non_finite_loss_stops_the_run_and_leaves_the_last_good_state(tmp_path
     (["--action-repeat", "3"], "--action-repeat 3 must divide"),
     (["--batch-size", "1000", "--buffer-size", "100"], "--batch-size 1000 is larger than --buffer-size 100"),
     (["--width", "0"], "--width 0 must be positive"),
+    pytest.param(["--track"], "--track needs the `wandb` package", marks=pytest.mark.skipif(
+        importlib.util.find_spec("wandb") is not None, reason="wandb is installed")),
 ])
 def test_bad_input_exits_2_with_one_line_before_any_work(tmp_path, flags, message):
     result = run_script(SCRIPT, *flags, "--runs-dir", "runs", cwd=tmp_path)
