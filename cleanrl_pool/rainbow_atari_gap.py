@@ -109,9 +109,9 @@ class Args:
     start_e: float = 1.0
     """exploration epsilon when learning starts (it is 1 before)"""
     end_e: float = 0.01
-    """exploration epsilon at the end of the schedule"""
+    """exploration epsilon at the end of the schedule; with `--noisy` the only epsilon, from the first step (Dopamine)"""
     epsilon_decay_steps: int = 250_000
-    """agent steps after `learning_starts` over which epsilon goes from `start_e` to `end_e` (DER 2,000)"""
+    """agent steps after `learning_starts` over which epsilon goes from `start_e` to `end_e` (DER.gin 2,000; unused with `--noisy`)"""
     learning_starts: int = 20_000
     """agent steps of random play before learning starts (Dopamine's min_replay_history)"""
     train_frequency: int = 4
@@ -532,11 +532,11 @@ def sample_batch(replay: dict, batch_size: int, n_step: int, frame_stack: int, g
 
 def recent_observations(replay: dict, buffer_time: int, count: int, frame_stack: int):
     """Stacks of the newest stored observations of every environment (at most `count`), for diagnostics."""
-    num_envs, capacity = replay["frames"].shape[:2]
-    per_env = max(1, min(buffer_time + 1, capacity - frame_stack, math.ceil(count / num_envs)))
-    device = replay["frames"].device
-    slot_time = (buffer_time - torch.arange(per_env, device=device)).repeat(num_envs)
-    env_index = torch.arange(num_envs, device=device).repeat_interleave(per_env)
+    num_envs, capacity = replay["valid"].shape
+    device = replay["valid"].device
+    per_env = max(1, min(buffer_time + 1, capacity - frame_stack, -(-count // num_envs)))
+    slot_time = (buffer_time - torch.arange(per_env, device=device)).repeat_interleave(num_envs)
+    env_index = torch.arange(num_envs, device=device).repeat(per_env)
     return stack_frames(replay, env_index, slot_time, frame_stack)[:count]
 
 
@@ -671,8 +671,12 @@ def main():
         utils.fail(f"--buffer-size {args.buffer_size} at --resolution {args.resolution} needs "
                    f"{replay_bytes / 2**30:.1f} GiB of replay, more than the GPU has free")
 
+    last_good = None  # (step, checkpoint) of the last state whose losses were checked finite
     run_dir, checkpoint_file = utils.resolve_run(args)
     checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
+    if checkpoint and "replay" in checkpoint and tuple(checkpoint["replay"]["valid"].shape) != (args.num_envs, replay_capacity):
+        utils.fail(f"--resume {checkpoint_file!r} holds a replay of {tuple(checkpoint['replay']['valid'].shape)} "
+                   f"(envs, slots); this run asks for {(args.num_envs, replay_capacity)}: keep --num-envs and --buffer-size")
     print("config:\n" + "\n".join(f"  {key} = {value}" for key, value in asdict(args).items()), flush=True)
     print(f"run folder: {run_dir}; device: {device}; replay: {replay_bytes / 2**30:.2f} GiB of uint8 frames", flush=True)
     writer = utils.start_run(args, run_dir)
@@ -718,7 +722,7 @@ def main():
         for part, count in counts.items():
             writer.add_scalar(f"diag/params/{part}", count, 0)
 
-    def save(path, step):
+    def checkpoint_payload(step):
         payload = {
             "script": SCRIPT, "args": asdict(args), "global_step": step, "rng": utils.rng_state(),
             "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
@@ -726,7 +730,22 @@ def main():
         }
         if args.save_buffer:
             payload["replay"], payload["buffer_time"] = replay, buffer_time
-        utils.save_checkpoint(path, payload)
+        return payload
+
+    def stop_if_nonfinite(step):
+        """One host sync: stop if any loss since the last check was not finite, leaving the last good state."""
+        nonlocal last_good
+        if nonfinite.item():
+            if last_good is None:
+                where = "no finite state was checked yet, so no checkpoint was written"
+            else:
+                good_step, good_state = last_good
+                utils.save_checkpoint(utils.checkpoint_path(run_dir, good_step), good_state)
+                where = f"the last good state is {utils.checkpoint_path(run_dir, good_step)}"
+            print(f"error: non-finite loss before step {step}; stopping ({where}). Try a lower --learning-rate.", flush=True)
+            writer.close()
+            raise SystemExit(1)
+        last_good = (step, copy.deepcopy({key: value for key, value in checkpoint_payload(step).items() if key != "replay"}))
 
     def run_evaluation(step):
         returns, video = evaluate(q_forward, eval_envs, args, num_actions, device, support, args.capture_video)
@@ -741,9 +760,9 @@ def main():
     # training loop
     obs, info = envs.reset()
     obs_device = torch.as_tensor(obs, device=device)
-    zeros = torch.zeros(args.num_envs, device=device)
     if buffer_time > 0:  # the stored slot o_{buffer_time} becomes an auto-reset slot before the new games
         was_reset_step = torch.ones(args.num_envs, dtype=torch.bool, device=device)
+        zeros = torch.zeros(args.num_envs, device=device)
         store_step(replay, buffer_time, zeros.long(), zeros, zeros.bool(), zeros.bool(), was_reset_step,
                    obs_device, torch.as_tensor(info["elapsed_step"], device=device), args.n_step, args.frame_stack)
         buffer_time += 1
@@ -755,12 +774,12 @@ def main():
     q_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     losses_since_log = 0
-    last_good = None
     start_step, start_time = global_step, time.time()
     while global_step < args.total_timesteps:
-        # Dopamine: epsilon 1 until learning starts, then linear to end_e over epsilon_decay_steps
+        # Dopamine: epsilon 1 until learning starts, then linear to end_e over epsilon_decay_steps;
+        # with NoisyNet layers a constant end_e from the first step (its `identity_epsilon`)
         epsilon = linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, max(0, global_step - args.learning_starts))
-        epsilon = 1.0 if global_step < args.learning_starts else epsilon
+        epsilon = args.end_e if args.noisy else 1.0 if global_step < args.learning_starts else epsilon
         actions = select_actions(q_forward, obs, epsilon, num_actions, device, support)
         next_obs, rewards, terminated, truncated, info = envs.step(actions)
         previous_step = global_step
@@ -783,7 +802,7 @@ def main():
 
         # gradient updates: one per `train_frequency` agent steps, once the replay is warm
         stored = min(buffer_time, replay_capacity) * args.num_envs
-        if global_step > args.learning_starts and stored >= min(args.learning_starts, args.buffer_size) and buffer_time > args.n_step:
+        if global_step > args.learning_starts and stored >= min(args.learning_starts, args.buffer_size) and buffer_time >= args.n_step:
             update_credit += args.num_envs
             while update_credit >= args.train_frequency:
                 update_credit -= args.train_frequency
@@ -807,22 +826,7 @@ def main():
 
         # logging, and the non-finite check (one host sync per log interval)
         if global_step // args.log_every > previous_step // args.log_every:
-            if nonfinite.item():
-                if last_good is not None:
-                    good_step, good_state = last_good
-                    utils.save_checkpoint(utils.checkpoint_path(run_dir, good_step), good_state)
-                    where = f"the last good state (step {good_step}) is in {utils.checkpoint_path(run_dir, good_step)}"
-                else:
-                    where = "no good state was checked yet, so no checkpoint was written"
-                print(f"error: non-finite loss between steps {previous_step - args.log_every} and {global_step}; "
-                      f"stopping ({where}). Try a lower --learning-rate.", flush=True)
-                writer.close()
-                raise SystemExit(1)
-            last_good = (global_step, copy.deepcopy({
-                "script": SCRIPT, "args": asdict(args), "global_step": global_step, "rng": utils.rng_state(),
-                "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
-                "optimizer": optimizer.state_dict(), "update_count": update_count, "update_credit": update_credit,
-            }))
+            stop_if_nonfinite(global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
@@ -834,7 +838,7 @@ def main():
                 losses_since_log = 0
             print(f"global_step={global_step}, SPS={sps}, epsilon={epsilon:.3f}, updates={update_count}", flush=True)
 
-        # diagnostics on the newest stored observations, without the NoisyNet noise
+        # diagnostics on a batch of the newest stored observations, without the NoisyNet noise
         if args.diag_every and global_step // args.diag_every > previous_step // args.diag_every:
             q_network.eval()
             recent = recent_observations(replay, buffer_time, 256, args.frame_stack)
@@ -848,11 +852,13 @@ def main():
         if args.eval_every and global_step // args.eval_every > previous_step // args.eval_every and global_step < args.total_timesteps:
             run_evaluation(global_step)
         if args.save_every and global_step // args.save_every > previous_step // args.save_every:
-            save(utils.checkpoint_path(run_dir, global_step), global_step)
+            stop_if_nonfinite(global_step)
+            utils.save_checkpoint(utils.checkpoint_path(run_dir, global_step), checkpoint_payload(global_step))
 
     # evaluation and saving at the end
+    stop_if_nonfinite(global_step)
     run_evaluation(global_step)
-    save(os.path.join(run_dir, "final.pt"), global_step)
+    utils.save_checkpoint(os.path.join(run_dir, "final.pt"), checkpoint_payload(global_step))
     envs.close()
     eval_envs.close()
     writer.close()

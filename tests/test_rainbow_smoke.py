@@ -134,6 +134,7 @@ def test_der_preset_runs_with_its_values_and_the_explicit_overrides(der):
     assert "weight_sigma" in "".join(final["q_network"])  # noisy layers
     scalars = read_scalars(run_dir)
     assert "losses/loss" in scalars and "eval/return" in scalars and "diag/feature_norm" in scalars
+    assert [value for _, value in scalars["charts/epsilon"]] == pytest.approx([0.01] * 3)  # NoisyNet: Dopamine's constant epsilon
 
 
 @pytest.mark.parametrize("flags,named", [
