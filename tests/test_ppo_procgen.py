@@ -1,0 +1,272 @@
+"""Unit tests of ppo_procgen_impoola.py's algorithm pieces against slow references on hand-made data."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ppo_procgen_impoola as ppo
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The test machine's 2 cores are shared: one intra-op thread avoids OpenMP spin contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# GAE
+def slow_gae(rewards, values, dones, next_value, next_done, gamma, lam):
+    """Plain loops, episode by episode: A_t = sum_k (gamma lam)^k delta_{t+k}, stopping at an episode end."""
+    T, N = len(rewards), len(rewards[0])
+    values_ext = [list(values[t]) for t in range(T)] + [list(next_value)]
+    dones_ext = [list(dones[t]) for t in range(T)] + [list(next_done)]
+    advantages = [[0.0] * N for _ in range(T)]
+    for n in range(N):
+        for t in range(T):
+            total, discount = 0.0, 1.0
+            for k in range(t, T):
+                ends_after_k = dones_ext[k + 1][n]
+                delta = rewards[k][n] + gamma * values_ext[k + 1][n] * (1 - ends_after_k) - values_ext[k][n]
+                total += discount * delta
+                if ends_after_k:
+                    break
+                discount *= gamma * lam
+            advantages[t][n] = total
+    return advantages
+
+
+def test_compute_gae_matches_slow_reference_with_episode_ends():
+    generator = torch.Generator().manual_seed(0)
+    T, N = 7, 3
+    rewards = torch.randn(T, N, generator=generator)
+    values = torch.randn(T, N, generator=generator)
+    dones = torch.zeros(T, N)
+    dones[3, 0] = 1.0  # env 0: an episode ends after step 2
+    dones[1, 2] = dones[5, 2] = 1.0  # env 2: two episode ends
+    next_value = torch.randn(N, generator=generator)
+    next_done = torch.tensor([0.0, 1.0, 0.0])  # env 1's episode ends at the last step
+    advantages, returns = ppo.compute_gae(rewards, values, dones, next_value, next_done, 0.9, 0.8)
+    expected = slow_gae(rewards.tolist(), values.tolist(), dones.tolist(), next_value.tolist(), next_done.tolist(), 0.9, 0.8)
+    assert torch.allclose(advantages, torch.tensor(expected), atol=1e-5)
+    assert torch.allclose(returns, advantages + values)
+
+
+def test_compute_gae_without_episode_ends_is_discounted_td_errors():
+    rewards, values = torch.ones(3, 1), torch.zeros(3, 1)
+    advantages, _ = ppo.compute_gae(rewards, values, torch.zeros(3, 1), torch.zeros(1), torch.zeros(1), 0.5, 1.0)
+    assert advantages[:, 0].tolist() == [1 + 0.5 + 0.25, 1 + 0.5, 1.0]
+
+
+# Reward normalisation
+def slow_normalize_rewards(reward_rows, done_rows, valid_rows, gamma, clip):
+    """gym 0.23 NormalizeReward + clip, RunningMeanStd over the valid envs of each step, in numpy."""
+    mean, var, count = 0.0, 1.0, 1e-4
+    returns = np.zeros(len(reward_rows[0]))
+    out = []
+    for reward, done, valid in zip(reward_rows, done_rows, valid_rows):
+        returns = returns * gamma + np.array(reward)
+        batch = returns[np.array(valid) > 0]
+        if len(batch):
+            batch_mean, batch_var, batch_count = batch.mean(), batch.var(), len(batch)
+            delta, total = batch_mean - mean, count + batch_count
+            new_mean = mean + delta * batch_count / total
+            var = (var * count + batch_var * batch_count + delta**2 * count * batch_count / total) / total
+            mean, count = new_mean, total
+        out.append(np.clip(np.array(reward) / np.sqrt(var + 1e-8), -clip, clip))
+        returns[np.array(done) > 0] = 0.0
+    return np.array(out), (mean, var, count)
+
+
+def test_normalize_reward_matches_gym_running_return_variance():
+    rng = np.random.default_rng(1)
+    steps, num_envs = 12, 4
+    rewards = rng.normal(0, 3, (steps, num_envs)).round(1)
+    dones = (rng.random((steps, num_envs)) < 0.2).astype(float)
+    valid = 1.0 - np.vstack([np.zeros((1, num_envs)), dones[:-1]])  # the step after an end only resets
+    rewards[valid == 0] = 0.0
+    expected, (mean, var, count) = slow_normalize_rewards(rewards, dones, valid, 0.9, 2.0)
+    normalizer = ppo.new_reward_normalizer(num_envs, "cpu")
+    got = [
+        ppo.normalize_reward(normalizer, torch.tensor(r), torch.tensor(d), torch.tensor(v), 0.9, 2.0)
+        for r, d, v in zip(rewards, dones, valid)
+    ]
+    assert np.allclose(torch.stack(got).numpy(), expected, atol=1e-5)
+    assert np.allclose([normalizer["mean"].item(), normalizer["var"].item(), normalizer["count"].item()], [mean, var, count])
+
+
+def test_normalize_reward_clips():
+    reward = torch.zeros(1000)
+    reward[:2] = torch.tensor([1e6, -1e6])  # about 22 standard deviations of the 1000 returns
+    normalizer = ppo.new_reward_normalizer(1000, "cpu")
+    scaled = ppo.normalize_reward(normalizer, reward, torch.zeros(1000), torch.ones(1000), 0.99, 10.0)
+    assert scaled[:3].tolist() == [10.0, -10.0, 0.0]
+
+
+# Network
+@pytest.mark.parametrize("resolution", [48, 64, 96, 128, 192])
+def test_encoder_output_shape_is_ceil_r_over_8(resolution):
+    agent = ppo.Agent(15, resolution, "avg", width=1, dense_scale=1)
+    obs = torch.randint(0, 256, (2, 3, resolution, resolution), dtype=torch.uint8)
+    side = math.ceil(resolution / 8)
+    assert agent.encoder(obs.float() / 255).shape == (2, 32, side, side)
+    logits, value = agent(obs)
+    assert logits.shape == (2, 15) and value.shape == (2,)
+
+
+def slow_impala_encoder_params(width):
+    """Per stage: one 3x3 conv in -> c, then 4 convs c -> c of the two residual blocks."""
+    total, in_channels = 0, 3
+    for channels in (16 * width, 32 * width, 32 * width):
+        total += in_channels * channels * 9 + channels
+        total += 4 * (channels * channels * 9 + channels)
+        in_channels = channels
+    return total
+
+
+@pytest.mark.parametrize("width,dense_scale", [(1, 1), (2, 2)])
+def test_parameter_counts_avg_independent_of_resolution_flatten_grows_with_r_squared(width, dense_scale):
+    hidden = 256 * dense_scale
+    for resolution in (48, 64, 96, 128, 192):
+        avg = ppo.parameter_counts(ppo.Agent(15, resolution, "avg", width, dense_scale))
+        flat = ppo.parameter_counts(ppo.Agent(15, resolution, "flatten", width, dense_scale))
+        side = math.ceil(resolution / 8)
+        assert avg["encoder"] == flat["encoder"] == slow_impala_encoder_params(width)
+        assert avg["bottleneck"] == 32 * width * hidden + hidden
+        assert flat["bottleneck"] == 32 * width * side * side * hidden + hidden
+        assert avg["head"] == flat["head"] == (hidden * 15 + 15) + (hidden + 1)
+    assert ppo.parameter_counts(ppo.Agent(15, 64, "max", 1, 1)) == ppo.parameter_counts(ppo.Agent(15, 64, "avg", 1, 1))
+
+
+def test_pool_features_against_numpy():
+    feature_map = torch.randn(2, 3, 4, 5)
+    array = feature_map.numpy()
+    assert np.allclose(ppo.pool_features(feature_map, "flatten").numpy(), array.reshape(2, -1))
+    assert np.allclose(ppo.pool_features(feature_map, "avg").numpy(), array.mean(axis=(2, 3)), atol=1e-6)
+    assert np.allclose(ppo.pool_features(feature_map, "max").numpy(), array.max(axis=(2, 3)))
+
+
+def test_heads_initialised_orthogonal_with_paper_scales():
+    agent = ppo.Agent(15, 64, "avg", 1, 1)
+    actor, critic = agent.actor.weight.detach(), agent.critic.weight.detach()
+    assert torch.allclose(actor @ actor.T, 0.01**2 * torch.eye(15), atol=1e-7)  # orthogonal rows, gain 0.01
+    assert torch.allclose(critic.norm(), torch.tensor(1.0)) and agent.actor.bias.abs().max() == 0
+
+
+# Diagnostics
+def slow_dormant_fractions(agent, obs, threshold):
+    """Each part's layers collected by hand, scores by plain loops over neurons (Sokar et al. 2023)."""
+    relu = torch.relu
+    with torch.no_grad():
+        x, encoder = obs.float() / 255, []
+        for stage in agent.encoder[:3]:
+            x = stage[1](stage[0](x))
+            for block in stage[2:]:
+                before = relu(x)
+                inner = relu(block.conv0(before))
+                encoder += [before, inner]
+                x = x + block.conv1(inner)
+        x = relu(x)
+        encoder.append(x)
+        hidden = relu(agent.dense[0](x.mean(dim=(2, 3))))
+        parts = {"encoder": encoder, "bottleneck": [hidden], "head": [agent.actor(hidden), agent.critic(hidden)]}
+    fractions = {}
+    for part, layers in parts.items():
+        dormant = total = 0
+        for layer in layers:
+            array = layer.numpy()
+            scores = [np.abs(array[:, i]).mean() for i in range(array.shape[1])]
+            layer_mean = sum(scores) / len(scores)
+            dormant += sum(score / (layer_mean + 1e-9) <= threshold for score in scores)
+            total += len(scores)
+        fractions[f"dormant_fraction/{part}"] = dormant / total
+    return fractions
+
+
+def test_dormant_fraction_is_wired_per_part():
+    torch.manual_seed(0)
+    agent = ppo.Agent(15, 64, "avg", width=1, dense_scale=1)
+    obs = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        agent.encoder[2][3].conv0.weight[:3] = 0.0  # 3 channels of the last block's inner ReLU go dead
+        agent.encoder[2][3].conv0.bias[:3] = 0.0
+        agent.dense[0].weight[:5] = 0.0  # 5 dense units: pre-activation -1, ReLU output 0
+        agent.dense[0].bias[:5] = -1.0
+        agent.actor.weight[2] = 0.0  # one logit constant 0
+    diagnostics = ppo.network_diagnostics(agent, obs, 0.025)
+    expected = slow_dormant_fractions(agent, obs, 0.025)
+    for part in ("encoder", "bottleneck", "head"):
+        assert diagnostics[f"dormant_fraction/{part}"] == pytest.approx(expected[f"dormant_fraction/{part}"])
+    # encoder neurons: per stage 2 blocks x 2 ReLUs x c channels, plus the trunk's final ReLU (32 channels)
+    assert diagnostics["dormant_fraction/encoder"] * (sum(4 * c for c in (16, 32, 32)) + 32) >= 3
+    assert diagnostics["dormant_fraction/bottleneck"] * 256 >= 5
+    assert diagnostics["dormant_fraction/head"] * 16 >= 1  # 15 logits + 1 value, one logit dead
+
+
+def test_feature_norm_is_mean_l2_norm_of_pooled_vector():
+    torch.manual_seed(0)
+    agent = ppo.Agent(15, 64, "max", width=1, dense_scale=1)
+    obs = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        pooled = agent.encoder(obs.float() / 255).amax(dim=(2, 3)).numpy()
+    expected = np.mean([math.sqrt(sum(float(x) ** 2 for x in row)) for row in pooled])
+    assert ppo.network_diagnostics(agent, obs, 0.025)["feature_norm"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_saliency_grid_shape_and_range():
+    agent = ppo.Agent(15, 48, "avg", width=1, dense_scale=1)
+    obs = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8)
+    grid = ppo.saliency_grid(agent, obs)
+    assert grid.shape == (3, 3 * 48, 3 * 48)
+    assert grid.min() >= 0 and grid.max() <= 1
+    assert torch.allclose(grid[:, :48, :48], obs[0].float() / 255)
+
+
+def test_compiled_network_matches_eager_on_cpu():
+    agent = ppo.Agent(15, 16, "avg", width=1, dense_scale=1)
+    obs = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        logits, value = torch.compile(agent)(obs)
+        expected_logits, expected_value = agent(obs)
+    assert torch.allclose(logits, expected_logits, atol=1e-5) and torch.allclose(value, expected_value, atol=1e-5)
+
+
+# Evaluation counts whole episodes, a fixed number per env
+class FakeEnvs:
+    """Env i's episodes last lengths[i] steps and return their length; the step after an end only
+    resets (reward 0), as EnvPool."""
+
+    def __init__(self, lengths):
+        self.lengths = np.array(lengths)
+        self.all_env_ids = np.arange(len(lengths))
+        self.elapsed = np.zeros(len(lengths), dtype=int)
+        self.resetting = np.zeros(len(lengths), dtype=bool)
+
+    def observation(self):
+        return np.zeros((len(self.lengths), 3, 64, 64), dtype=np.uint8), {"env_id": self.all_env_ids}
+
+    def reset(self):
+        self.elapsed[:] = 0
+        return self.observation()
+
+    def step(self, action):
+        reward = np.zeros(len(self.lengths), dtype=np.float32)
+        self.elapsed[self.resetting] = 0
+        moving = ~self.resetting
+        self.elapsed[moving] += 1
+        done = moving & (self.elapsed == self.lengths)
+        reward[done] = self.lengths[done]
+        self.resetting = done
+        obs, info = self.observation()
+        return obs, reward, done, np.zeros_like(done), info
+
+
+def test_evaluate_takes_a_fixed_quota_of_whole_episodes_per_env():
+    agent = ppo.Agent(15, 64, "avg", width=1, dense_scale=1)
+    returns, frames = ppo.evaluate(agent, FakeEnvs([2, 9, 3]), 7, rendered=False, device="cpu", record_video=True)
+    # quotas 3, 2, 2: a race to 7 episodes would take mostly env 0's short ones
+    assert sorted(returns.tolist()) == [2, 2, 2, 3, 3, 9, 9]
+    assert len(frames) == 2 and frames[0].shape == (64, 64, 3)  # env 0's first episode
