@@ -102,24 +102,24 @@ def test_capture_video_writes_evaluation_gifs(smoke):
 def test_resume_continues_the_step_count_and_the_replay_in_the_same_folder(smoke):
     cwd, run_dir, _ = smoke
     checkpoint = os.path.join(run_dir, "checkpoints", "step_000000000200.pt")
-    result = run_script(SCRIPT, *TINY, "--total-timesteps", "500", "--eval-every", "0", "--diag-every", "0",
-                        "--save-every", "500", "--save-buffer", "--resume", checkpoint, cwd=cwd)
+    result = run_script(SCRIPT, *TINY, "--total-timesteps", "300", "--eval-every", "0", "--diag-every", "0",
+                        "--save-every", "300", "--save-buffer", "--resume", checkpoint, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout and "at step 200" in result.stdout
     assert run_folders(cwd) == [run_dir]
     final = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)
     # the restored replay is warm: learning goes on at once, one update per 4 agent steps
-    assert final["global_step"] == 500 and final["update_count"] == (500 - 100) // 4
-    assert final["buffer_time"] == 100 + 1 + 150
+    assert final["global_step"] == 300 and final["update_count"] == (300 - 100) // 4
+    assert final["buffer_time"] == 100 + 1 + 50
+    assert [step for step, _ in read_scalars(run_dir)["charts/SPS"]][-1] == 300
 
 
 def test_resume_refuses_a_checkpoint_of_another_architecture(smoke):
     cwd, run_dir, _ = smoke
     checkpoint = os.path.join(run_dir, "checkpoints", "step_000000000200.pt")
-    for flag in (["--pool", "flatten"], ["--noisy"]):
-        result = run_script(SCRIPT, *TINY, *flag, "--resume", checkpoint, cwd=cwd)
-        assert result.returncode == 2
-        assert result.stderr.strip().count("\n") == 0 and flag[0] in result.stderr
+    result = run_script(SCRIPT, *TINY, "--noisy", "--resume", checkpoint, cwd=cwd)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--noisy" in result.stderr
 
 
 def test_der_preset_runs_with_its_values_and_the_explicit_overrides(der):
@@ -143,7 +143,6 @@ def test_der_preset_runs_with_its_values_and_the_explicit_overrides(der):
     (["--preset", "rainbow2"], "--preset"),
     (["--encoder", "nature", "--resolution", "32"], "--resolution"),
     (["--batch-size", "500"], "--batch-size"),
-    (["--repeat-action-probability", "1.5"], "--repeat-action-probability"),
 ])
 def test_bad_input_stops_before_any_work_with_one_line(tmp_path, flags, named):
     result = run_script(SCRIPT, *TINY, *flags, cwd=tmp_path)
