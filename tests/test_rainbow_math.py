@@ -263,3 +263,75 @@ def test_explicit_flags_override_the_preset(monkeypatch):
     args = parse(monkeypatch, "--preset", "der", "--n-step", "5", "--no-noisy", "--learning-rate", "3e-4")
     assert (args.n_step, args.noisy, args.learning_rate) == (5, False, 3e-4)
     assert (args.dueling, args.learning_starts) == (True, 1600)
+
+
+# The loss and the dueling head
+class TableNetwork(torch.nn.Module):
+    """A stand-in network: observation i (its first pixel) -> a fixed logits table row."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.nn.Parameter(table.clone())
+
+    def forward(self, obs):
+        return self.table[obs[:, 0, 0, 0].long()]
+
+
+def slow_rainbow_loss(online_table, target_table, batch, support, double):
+    support = support.tolist()
+    losses = []
+    for i in range(len(batch["actions"])):
+        next_index = int(batch["next_observations"][i, 0, 0, 0])
+        target_probs = target_table[next_index].softmax(-1)
+        chooser = online_table[next_index].softmax(-1) if double else target_probs
+        expected = [sum(p * z for p, z in zip(row.tolist(), support)) for row in chooser]
+        next_action = max(range(len(expected)), key=lambda a: expected[a])
+        target = slow_projection([target_probs[next_action].tolist()], [batch["returns"][i].item()],
+                                 [batch["bootstrap_discount"][i].item()], support[0], support[-1])[0]
+        log_probs = online_table[int(batch["observations"][i, 0, 0, 0]), batch["actions"][i]].log_softmax(-1).tolist()
+        losses.append(-sum(t * lp for t, lp in zip(target, log_probs)))
+    return losses
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_rainbow_loss_is_the_cross_entropy_to_the_projected_target(double):
+    generator = torch.Generator().manual_seed(5)
+    online, target = torch.randn(4, 3, 11, generator=generator) * 2, torch.randn(4, 3, 11, generator=generator) * 2
+    support = torch.linspace(-10, 10, 11)
+    batch = {
+        "observations": torch.tensor([0, 1, 2, 3, 1]).view(5, 1, 1, 1).expand(5, 4, 2, 2),
+        "next_observations": torch.tensor([1, 2, 3, 0, 0]).view(5, 1, 1, 1).expand(5, 4, 2, 2),
+        "actions": torch.tensor([0, 2, 1, 1, 0]),
+        "returns": torch.tensor([0.0, 1.0, -2.5, 0.7, 30.0]),
+        "bootstrap_discount": torch.tensor([0.99, 0.0, 0.97, 0.5, 0.99]),
+    }
+    losses, logits = rainbow.rainbow_loss(TableNetwork(online), TableNetwork(target), batch, support, double)
+    assert losses.tolist() == pytest.approx(slow_rainbow_loss(online, target, batch, support, double), rel=1e-4)
+    assert logits.shape == (5, 3, 11)
+
+
+def test_double_and_plain_targets_differ_when_the_networks_disagree():
+    support = torch.linspace(-10, 10, 11)
+    online, target = torch.zeros(1, 2, 11), torch.zeros(1, 2, 11)
+    online[0, 1, -1] = 10.0  # the online network prefers action 1
+    online[0, 0] = torch.linspace(-1.0, 1.0, 11)  # the distribution whose cross-entropy is measured
+    target[0, 0, -1] = 10.0  # the target network prefers action 0
+    target[0, 1, 0] = 10.0
+    batch = {"observations": torch.zeros(1, 4, 1, 1), "next_observations": torch.zeros(1, 4, 1, 1),
+             "actions": torch.tensor([0]), "returns": torch.zeros(1), "bootstrap_discount": torch.ones(1)}
+    plain, _ = rainbow.rainbow_loss(TableNetwork(online), TableNetwork(target), batch, support, double=False)
+    double, _ = rainbow.rainbow_loss(TableNetwork(online), TableNetwork(target), batch, support, double=True)
+    assert plain.item() == pytest.approx(slow_rainbow_loss(online, target, batch, support, False)[0], rel=1e-5)
+    assert double.item() == pytest.approx(slow_rainbow_loss(online, target, batch, support, True)[0], rel=1e-5)
+    assert double.item() != pytest.approx(plain.item())
+
+
+def test_dueling_head_adds_value_to_mean_centred_advantages_per_atom():
+    args = network_args(dueling=True, num_atoms=5)
+    head = rainbow.C51Head(8, 3, args)
+    hidden = torch.randn(2, 8)
+    advantage = head.advantage(hidden).view(2, 3, 5).tolist()
+    value = head.value(hidden).view(2, 5).tolist()
+    expected = [[[value[b][z] + advantage[b][a][z] - sum(advantage[b][k][z] for k in range(3)) / 3 for z in range(5)]
+                 for a in range(3)] for b in range(2)]
+    assert head(hidden).tolist() == [[pytest.approx(row, abs=1e-6) for row in actions] for actions in expected]
