@@ -153,8 +153,9 @@ PRESETS = {
     "rainbow": {},  # the defaults above: Dopamine's rainbow.gin
     "der": dict(  # Dopamine's labs/atari_100k/configs/DER.gin (van Hasselt et al. 2019)
         noisy=True, dueling=True, double=True, n_step=10, learning_starts=1_600, train_frequency=1,
-        target_network_frequency=2_000, learning_rate=1e-4, adam_eps=1.5e-4, epsilon_decay_steps=2_000,
-        repeat_action_probability=0.0, episodic_life=True, total_timesteps=100_000, eval_episodes=100,
+        target_network_frequency=2_000, learning_rate=1e-4, adam_eps=1.5e-4, repeat_action_probability=0.0,
+        episodic_life=True, total_timesteps=100_000, eval_episodes=100,
+        epsilon_decay_steps=2_000,  # used only with --no-noisy: with NoisyNet, Dopamine keeps epsilon at end_e
     ),
 }
 
