@@ -10,7 +10,6 @@ it samples them, on the training device.
 
 import copy
 import os
-import random
 import time
 from dataclasses import asdict, dataclass
 
@@ -18,7 +17,6 @@ import envpool
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 
 import utils
@@ -338,7 +336,7 @@ def stack_frames(replay: dict, env_index, slot_time, frame_stack: int):
     return replay["frames"][env_index[:, None], times % capacity]
 
 
-def n_step_return(rewards, terminated, truncated, gamma: float):
+def n_step_returns(rewards, terminated, truncated, gamma: float):
     """n-step returns from (B, n) rewards and end flags of steps t .. t+n-1.
 
     Sums gamma^k r_{t+k} up to and including the first step that ends the episode. Returns
@@ -375,7 +373,7 @@ def sample_batch(replay: dict, buffer_time: int, batch_size: int, n_step: int, f
         slot_time = torch.where(valid, slot_time, torch.randint(low, high + 1, (batch_size,), device=device))
     valid = replay["valid"][env_index, slot_time % capacity]
     window = (slot_time[:, None] + torch.arange(n_step, device=device)) % capacity
-    returns, steps, bootstrap_discount = n_step_return(
+    returns, steps, bootstrap_discount = n_step_returns(
         replay["rewards"][env_index[:, None], window],
         replay["terminated"][env_index[:, None], window],
         replay["truncated"][env_index[:, None], window],
@@ -515,6 +513,9 @@ def main():
     last_good = None  # (step, checkpoint) of the last state whose losses were checked finite
     run_dir, checkpoint_file = utils.resolve_run(args)
     checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
+    if checkpoint and "replay" in checkpoint and tuple(checkpoint["replay"]["valid"].shape) != (args.num_envs, replay_capacity):
+        utils.fail(f"--resume {checkpoint_file!r} holds a replay of {tuple(checkpoint['replay']['valid'].shape)} "
+                   f"(envs, slots); this run asks for {(args.num_envs, replay_capacity)}: keep --num-envs and --buffer-size")
     print("config:\n" + "\n".join(f"  {key} = {value}" for key, value in asdict(args).items()), flush=True)
     print(f"run folder: {run_dir}; device: {device}; replay: {replay_bytes / 2**30:.2f} GiB of uint8 frames", flush=True)
     writer = utils.start_run(args, run_dir)
@@ -615,28 +616,13 @@ def main():
     while global_step < args.total_timesteps:
         epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
         actions = select_actions(q_forward, obs, epsilon, num_actions, device)
-        next_obs, rewards, terminated, truncated, info = envs.step(actions)
+        envs.send(actions)  # the emulators step in EnvPool's threads while the learner updates below
         previous_step = global_step
         global_step += args.num_envs
 
-        # store the step taken from o_t; an auto-reset step (after an episode end) is never a transition
-        next_obs_device = torch.as_tensor(next_obs, device=device)
-        store_step(replay, buffer_time, torch.as_tensor(actions, device=device), torch.as_tensor(rewards, device=device),
-                   torch.as_tensor(terminated, device=device), torch.as_tensor(truncated, device=device),
-                   torch.as_tensor(episode_done, device=device), next_obs_device,
-                   torch.as_tensor(info["elapsed_step"], device=device))
-        buffer_time += 1
-        episode_done = terminated | truncated
-        obs = next_obs
-
-        for game_return, game_length in finished_games(episode_return, info, truncated):
-            writer.add_scalar("charts/episodic_return", game_return, global_step)
-            writer.add_scalar("charts/episodic_length", game_length, global_step)
-            print(f"global_step={global_step}, episodic_return={game_return:.0f}", flush=True)
-
         # gradient updates: one per `train_frequency` agent steps, once the replay is warm
         stored = min(buffer_time, replay_capacity) * args.num_envs
-        if global_step > args.learning_starts and stored >= min(args.learning_starts, args.buffer_size):
+        if global_step > args.learning_starts and stored >= min(args.learning_starts, args.buffer_size) and buffer_time >= args.n_step:
             update_credit += args.num_envs
             while update_credit >= args.train_frequency:
                 update_credit -= args.train_frequency
@@ -653,6 +639,21 @@ def main():
             if global_step // args.target_network_frequency > previous_step // args.target_network_frequency:
                 for target_param, param in zip(target_network.parameters(), q_network.parameters()):
                     target_param.data.copy_(args.tau * param.data + (1.0 - args.tau) * target_param.data)
+
+        # store the step taken from o_t; an auto-reset step (after an episode end) is never a transition
+        next_obs, rewards, terminated, truncated, info = envs.recv()
+        next_obs_device = torch.as_tensor(next_obs, device=device)
+        store_step(replay, buffer_time, torch.as_tensor(actions, device=device), torch.as_tensor(rewards, device=device),
+                   torch.as_tensor(terminated, device=device), torch.as_tensor(truncated, device=device),
+                   torch.as_tensor(episode_done, device=device), next_obs_device,
+                   torch.as_tensor(info["elapsed_step"], device=device))
+        buffer_time += 1
+        episode_done = terminated | truncated
+        obs = next_obs
+        for game_return, game_length in finished_games(episode_return, info, truncated):
+            writer.add_scalar("charts/episodic_return", game_return, global_step)
+            writer.add_scalar("charts/episodic_length", game_length, global_step)
+            print(f"global_step={global_step}, episodic_return={game_return:.0f}", flush=True)
 
         # logging, and the non-finite check (one host sync per log interval)
         if global_step // args.log_every > previous_step // args.log_every:

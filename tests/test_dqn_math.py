@@ -37,7 +37,7 @@ def test_n_step_return_stops_at_episode_ends_and_bootstraps_only_when_not_termin
     rewards = rng.normal(size=(64, 5)).astype(np.float32)
     terminated = rng.random((64, 5)) < 0.15
     truncated = (rng.random((64, 5)) < 0.15) & ~terminated
-    returns, steps, bootstrap = dqn.n_step_return(
+    returns, steps, bootstrap = dqn.n_step_returns(
         torch.tensor(rewards), torch.tensor(terminated), torch.tensor(truncated), gamma)
     for i in range(64):
         reference_return, reference_steps, reference_bootstrap = slow_n_step(rewards[i], terminated[i], truncated[i], gamma)
@@ -47,7 +47,7 @@ def test_n_step_return_stops_at_episode_ends_and_bootstraps_only_when_not_termin
 
 
 def test_one_step_return_is_the_reward_and_gamma_bootstrap():
-    returns, steps, bootstrap = dqn.n_step_return(
+    returns, steps, bootstrap = dqn.n_step_returns(
         torch.tensor([[2.0], [3.0]]), torch.tensor([[False], [True]]), torch.tensor([[False], [False]]), 0.99)
     assert returns.tolist() == [2.0, 3.0]
     assert steps.tolist() == [1, 1]
