@@ -1,0 +1,254 @@
+"""Throughput on this machine: for each script and each resolution / width / pool, the raw EnvPool
+rate (the script's own environment construction, random actions, HD re-rendering included), the
+training rate of the script itself, their ratio, and the GPU memory the run took.
+
+    python benchmark/throughput.py                                   # every script, preset by device
+    python benchmark/throughput.py --scripts ppo_procgen_impoola --resolutions 64,128 --pools flatten,avg
+
+Training rate = environment steps per second of a short real run of the script (its own
+`charts/SPS` points: steps between the first and the last point divided by the wall time between
+them, so start-up, warm-up before learning starts and the final evaluation are left out).
+GPU memory = the largest `used_memory` nvidia-smi reports for the run's process (CUDA context
+included). Writes a Markdown table with the device, the date and every command.
+"""
+
+import argparse
+import datetime
+import glob
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "cleanrl_pool"))
+import utils  # noqa: E402
+
+NEVER = "1000000000"  # an interval longer than any measurement run
+# Per script: the game/task, default resolutions, and the flags of the short training run on a CPU
+# (small, so a 2-core machine finishes) and on a GPU (the papers' batch shapes).
+RECIPES = {
+    "ppo_procgen_impoola": {
+        "env_id": "bigfish", "resolutions": [64, 128],
+        "cpu": {"num-envs": 8, "num-steps": 32, "num-minibatches": 2, "total-timesteps": 1024},
+        "gpu": {"num-envs": 64, "num-steps": 256, "num-minibatches": 8, "total-timesteps": 65536},
+        "quiet": {"eval-every": NEVER, "eval-episodes": 1, "final-eval-episodes": 1, "eval-num-envs": 1,
+                  "save-every": NEVER, "diag-every": NEVER},
+    },
+    "dqn_atari_gap": {
+        "env_id": "Breakout", "resolutions": [84],
+        "cpu": {"learning-starts": 200, "total-timesteps": 1000, "buffer-size": 10000, "log-every": 200},
+        "gpu": {"learning-starts": 5000, "total-timesteps": 30000, "buffer-size": 100000, "log-every": 2500},
+        "quiet": {"eval-every": NEVER, "eval-episodes": 1, "max-episode-steps": 2000, "save-every": NEVER, "diag-every": NEVER},
+    },
+    "rainbow_atari_gap": {
+        "env_id": "Breakout", "resolutions": [84],
+        "cpu": {"learning-starts": 200, "total-timesteps": 1000, "buffer-size": 10000, "log-every": 200},
+        "gpu": {"learning-starts": 5000, "total-timesteps": 30000, "buffer-size": 100000, "log-every": 2500},
+        "quiet": {"eval-every": NEVER, "eval-episodes": 1, "max-episode-steps": 2000, "save-every": NEVER, "diag-every": NEVER},
+    },
+    "sac_dmc_gap": {
+        "env_id": "cheetah-run", "resolutions": [84],
+        # a CPU renders DMC at ~30 frames/s with the real visuals: the CPU preset uses the test visuals
+        "cpu": {"learning-starts": 100, "total-timesteps": 250, "log-every": 50, "cheap-visuals-for-tests": True},
+        "gpu": {"learning-starts": 1000, "total-timesteps": 6000, "log-every": 1000},
+        "quiet": {"eval-every": NEVER, "eval-episodes": 1, "save-every": NEVER, "diag-every": NEVER},
+    },
+}
+
+
+# Raw environment rate, with each script's own construction
+def import_script(name: str):
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def env_rate(script: str, flags: dict, seconds: float) -> float:
+    """Agent steps per second (all envs together) of the script's environment under random actions."""
+    module = import_script(script)
+    known = {field for field in module.Args.__dataclass_fields__}
+    args = module.Args(**{k.replace("-", "_"): v for k, v in flags.items() if k.replace("-", "_") in known})
+    if script == "ppo_procgen_impoola":
+        envs = module.make_envs(args, args.num_envs, 200, args.seed)
+        rendered = args.resolution != module.PROCGEN_FRAME_SIDE
+        num_actions = envs.action_space.n
+
+        def step():
+            obs, _, _, _, info = envs.step(np.random.randint(0, num_actions, args.num_envs))
+            module.observe(envs, obs, info, rendered, "cpu")
+    elif script == "sac_dmc_gap":
+        args.action_repeat = args.action_repeat or module.DMC_TASKS[args.env_id][1]
+        module.make_egl_visible()
+        with tempfile.TemporaryDirectory() as assets:
+            base_path = module.cheap_visuals_assets(assets) if args.cheap_visuals_for_tests else ""
+            envs = module.make_env(args, args.num_envs, args.seed, base_path)
+        action_dim = envs[0].action_space.shape[0]
+
+        def step():
+            module.step_env(envs, np.random.uniform(-1, 1, (args.num_envs, action_dim)).astype(np.float32), args.action_repeat)
+    else:
+        envs = module.make_env(args, args.num_envs, args.seed)
+        num_actions = envs.action_space.n
+
+        def step():
+            envs.step(np.random.randint(0, num_actions, args.num_envs))
+    if script == "sac_dmc_gap":
+        module.reset_env(envs)
+    else:
+        envs.reset()
+    for _ in range(5):  # warm-up
+        step()
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        steps += args.num_envs
+    return steps / (time.perf_counter() - start)
+
+
+# Training rate of the script, and its GPU memory
+def gpu_memory_poller(pid_holder: list, peak: list, stop: threading.Event):
+    """Poll nvidia-smi twice a second; keep the largest memory (MiB) of the process in pid_holder."""
+    while not stop.is_set():
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            for line in out.splitlines():
+                pid, memory = [part.strip() for part in line.split(",")[:2]]
+                if pid_holder and int(pid) == pid_holder[0]:
+                    peak[0] = max(peak[0], int(memory))
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+        stop.wait(0.5)
+
+
+def training_rate(command, runs_dir: str, on_gpu: bool, timeout: float):
+    """Run the command; return (steady steps/s, the script's last charts/SPS, peak GPU MiB or None, wall s)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pid_holder, peak, stop = [], [0], threading.Event()
+    poller = threading.Thread(target=gpu_memory_poller, args=(pid_holder, peak, stop), daemon=True) if on_gpu else None
+    if poller:
+        poller.start()
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=runs_dir)
+    pid_holder.append(process.pid)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    wall = time.perf_counter() - start
+    stop.set()
+    if process.returncode != 0:
+        raise RuntimeError(f"exit {process.returncode}: {output[-2000:]}")
+    events = sorted(glob.glob(os.path.join(runs_dir, "runs", "*", "events.out.tfevents.*")))
+    accumulator = EventAccumulator(events[-1], size_guidance={"scalars": 0})
+    accumulator.Reload()
+    points = accumulator.Scalars("charts/SPS")
+    if len(points) < 2:
+        raise RuntimeError(f"only {len(points)} charts/SPS points: raise the budget")
+    steady = (points[-1].step - points[0].step) / (points[-1].wall_time - points[0].wall_time)
+    return steady, points[-1].value, (peak[0] if on_gpu else None), wall
+
+
+def device_description(on_gpu: bool) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{os.cpu_count()} CPU cores ({cpu})"
+    if on_gpu:
+        import torch
+
+        text = f"{torch.cuda.get_device_name(0)}, " + text
+    return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scripts", default=",".join(RECIPES), help="comma-separated scripts to measure")
+    parser.add_argument("--resolutions", default="", help="comma-separated sides (default: each script's, Procgen 64,128)")
+    parser.add_argument("--widths", default="1", help="comma-separated --width values")
+    parser.add_argument("--pools", default="flatten,avg", help="comma-separated --pool values")
+    parser.add_argument("--preset", default="", help="cpu or gpu run sizes (default: gpu when CUDA is available)")
+    parser.add_argument("--env-seconds", type=float, default=5.0, help="seconds of random-action stepping per raw env rate")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds a training run may take at most")
+    parser.add_argument("--out", default="", help="the Markdown file (default: benchmark/results/throughput_{preset}.md)")
+    parser.add_argument("--note", default="", help="a line about the conditions (other load, ...) put under the table")
+    args = parser.parse_args(argv)
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    preset = args.preset or ("gpu" if on_gpu else "cpu")
+    utils.check_choice("preset", preset, ["cpu", "gpu"])
+    scripts = [s.strip().removesuffix(".py") for s in args.scripts.split(",") if s.strip()]
+    for script in scripts:
+        utils.check_choice("scripts", script, list(RECIPES))
+        if not os.path.isfile(os.path.join(REPO, "cleanrl_pool", script + ".py")):
+            utils.fail(f"--scripts {script!r}: cleanrl_pool/{script}.py does not exist yet")
+    utils.check_positive("env-seconds", args.env_seconds)
+    widths = [int(w) for w in args.widths.split(",")]
+    pools = [p.strip() for p in args.pools.split(",")]
+    out = args.out or os.path.join(REPO, "benchmark", "results", f"throughput_{preset}.md")
+
+    rows, commands, load_before = [], [], os.getloadavg()[0]
+    for script in scripts:
+        recipe = RECIPES[script]
+        resolutions = [int(r) for r in args.resolutions.split(",")] if args.resolutions else recipe["resolutions"]
+        for resolution in resolutions:
+            base = {"env-id": recipe["env_id"], "resolution": resolution, **recipe[preset], **recipe["quiet"]}
+            raw = env_rate(script, base, args.env_seconds)
+            print(f"{script} {recipe['env_id']} {resolution}: raw env {raw:,.0f} steps/s", flush=True)
+            for width in widths:
+                for pool in pools:
+                    flags = {**base, "width": width, "pool": pool}
+                    command = [sys.executable, os.path.join(REPO, "cleanrl_pool", script + ".py")]
+                    for flag, value in flags.items():
+                        command += [f"--{flag}"] if value is True else [f"--{flag}", str(value)]
+                    with tempfile.TemporaryDirectory() as runs_dir:
+                        try:
+                            steady, logged, memory, wall = training_rate(command + ["--runs-dir", "runs"], runs_dir, on_gpu, args.timeout)
+                        except RuntimeError as error:
+                            print(f"{script} {pool} w{width} r{resolution} failed: {error}", file=sys.stderr, flush=True)
+                            rows.append([script, recipe["env_id"], resolution, width, pool, f"{raw:,.0f}", "failed", "–", "–", "–"])
+                            continue
+                    print(f"  width {width} pool {pool}: training {steady:,.0f} steps/s ({steady / raw:.1%} of raw), wall {wall:.0f} s", flush=True)
+                    rows.append([script, recipe["env_id"], resolution, width, pool, f"{raw:,.0f}", f"{steady:,.0f}",
+                                 f"{steady / raw:.3f}", f"{logged:,.0f}", f"{memory:,} MiB" if memory is not None else "–"])
+                    commands.append(shlex.join(["python"] + command[1:] + ["--runs-dir", "runs"]).replace(REPO + "/", ""))
+
+    lines = [f"# Throughput ({preset} preset)", "",
+             f"- device: {device_description(on_gpu)}; torch {torch.__version__}",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; 1-minute load average "
+             f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other jobs share the machine when it exceeds the core count)",
+             f"- command: `python benchmark/throughput.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
+             "- raw env: the script's own EnvPool construction stepped with random actions (HD re-rendering included), "
+             f"{args.env_seconds:g} s, same number of envs as the training run",
+             "- training: steps/s between the first and last `charts/SPS` point of a short real run (start-up, "
+             "learning-starts warm-up and final evaluation left out); `charts/SPS` = the script's own cumulative number",
+             ""]
+    if args.note:
+        lines += [f"Conditions: {args.note}", ""]
+    lines += ["| script | env | resolution | width | pool | raw env steps/s | training steps/s | training / raw | charts/SPS | GPU memory |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    lines += ["", "Training commands (run in an empty folder):", "", "```"] + commands + ["```", ""]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
