@@ -782,24 +782,9 @@ def main():
         epsilon = linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, max(0, global_step - args.learning_starts))
         epsilon = args.end_e if args.noisy else 1.0 if global_step < args.learning_starts else epsilon
         actions = select_actions(q_forward, obs, epsilon, num_actions, device, support)
-        next_obs, rewards, terminated, truncated, info = envs.step(actions)
+        envs.send(actions)  # the emulators step in EnvPool's threads while the learner updates below
         previous_step = global_step
         global_step += args.num_envs
-
-        # store the step taken from o_t; an auto-reset step (after an episode end) is never a transition
-        next_obs_device = torch.as_tensor(next_obs, device=device)
-        store_step(replay, buffer_time, torch.as_tensor(actions, device=device), torch.as_tensor(rewards, device=device),
-                   torch.as_tensor(terminated, device=device), torch.as_tensor(truncated, device=device),
-                   torch.as_tensor(episode_done, device=device), next_obs_device,
-                   torch.as_tensor(info["elapsed_step"], device=device), args.n_step, args.frame_stack)
-        buffer_time += 1
-        episode_done = terminated | truncated
-        obs = next_obs
-
-        for game_return, game_length in finished_games(episode_return, info, truncated):
-            writer.add_scalar("charts/episodic_return", game_return, global_step)
-            writer.add_scalar("charts/episodic_length", game_length, global_step)
-            print(f"global_step={global_step}, episodic_return={game_return:.0f}", flush=True)
 
         # gradient updates: one per `train_frequency` agent steps, once the replay is warm
         stored = min(buffer_time, replay_capacity) * args.num_envs
@@ -824,6 +809,21 @@ def main():
                 losses_since_log += 1
             if global_step // args.target_network_frequency > previous_step // args.target_network_frequency:
                 target_network.load_state_dict(q_network.state_dict())
+
+        # store the step taken from o_t; an auto-reset step (after an episode end) is never a transition
+        next_obs, rewards, terminated, truncated, info = envs.recv()
+        next_obs_device = torch.as_tensor(next_obs, device=device)
+        store_step(replay, buffer_time, torch.as_tensor(actions, device=device), torch.as_tensor(rewards, device=device),
+                   torch.as_tensor(terminated, device=device), torch.as_tensor(truncated, device=device),
+                   torch.as_tensor(episode_done, device=device), next_obs_device,
+                   torch.as_tensor(info["elapsed_step"], device=device), args.n_step, args.frame_stack)
+        buffer_time += 1
+        episode_done = terminated | truncated
+        obs = next_obs
+        for game_return, game_length in finished_games(episode_return, info, truncated):
+            writer.add_scalar("charts/episodic_return", game_return, global_step)
+            writer.add_scalar("charts/episodic_length", game_length, global_step)
+            print(f"global_step={global_step}, episodic_return={game_return:.0f}", flush=True)
 
         # logging, and the non-finite check (one host sync per log interval)
         if global_step // args.log_every > previous_step // args.log_every:
