@@ -292,7 +292,8 @@ class NoisyLinear(nn.Module):
 
 
 def make_linear(in_features: int, out_features: int, args) -> nn.Module:
-    """PyTorch's default init equals Dopamine's variance_scaling(1/3, fan_in, uniform)."""
+    """PyTorch's default init, U(+-1/sqrt(fan_in)); Dopamine's Rainbow draws a little wider,
+    U(+-1.32/sqrt(fan_in)) (variance_scaling(1/sqrt(3), fan_in, uniform)), NoisyNet as here."""
     return NoisyLinear(in_features, out_features, args.noisy_std) if args.noisy else nn.Linear(in_features, out_features)
 
 
