@@ -262,11 +262,17 @@ class Agent(nn.Module):
         return self.actor(hidden), self.critic(hidden).squeeze(-1)
 
 
+def sample_action(logits):
+    """A sample of softmax(logits) by the Gumbel-max trick: unlike Categorical.sample, non-finite
+    logits do not crash mid-rollout, so the once-per-iteration non-finite check can report them."""
+    return torch.argmax(logits - torch.log(-torch.log(torch.rand_like(logits))), dim=1)
+
+
 def get_action_and_value(model, obs, action=None):
     logits, value = model(obs)
-    distribution = Categorical(logits=logits)
+    distribution = Categorical(logits=logits, validate_args=False)
     if action is None:
-        action = distribution.sample()
+        action = sample_action(logits)
     return action, distribution.log_prob(action), distribution.entropy(), value
 
 
@@ -372,7 +378,7 @@ def evaluate(model, envs, num_episodes: int, rendered: bool, device, record_vide
         if record_video and finished[0] == 0:
             frames.append(frame[0].permute(1, 2, 0).cpu().numpy())
         with torch.no_grad():
-            action = Categorical(logits=model(frame)[0]).sample()
+            action = sample_action(model(frame)[0])
         obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
         episode_return += reward
         for i in np.flatnonzero(terminated | truncated):

@@ -1,0 +1,190 @@
+"""ppo_procgen_impoola.py run for real on CPU with a tiny budget; checks what it wrote."""
+
+import glob
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import SCRIPTS, read_image_tags, read_scalars
+
+SCRIPT = "ppo_procgen_impoola.py"
+# Bossfight: random play ends an episode in ~45 steps, so evaluations stay short. Width 1, 4 envs x
+# 16 steps, 2 iterations: a periodic evaluation, diagnostics and a checkpoint at step 64.
+TINY = ["--env-id", "bossfight", "--width", "1", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",
+        "--update-epochs", "1", "--total-timesteps", "128", "--eval-every", "64", "--eval-episodes", "2",
+        "--final-eval-episodes", "2", "--eval-num-envs", "2", "--save-every", "64", "--diag-every", "64",
+        "--diag-batch-size", "8", "--runs-dir", "runs"]
+REQUIRED_TAGS = [
+    "charts/SPS", "charts/learning_rate", "losses/value_loss", "losses/policy_loss", "losses/entropy",
+    "losses/old_approx_kl", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance",
+    "eval/train_levels/return", "eval/train_levels/normalized_score", "eval/test_levels/return",
+    "eval/test_levels/normalized_score", "diag/dormant_fraction/encoder", "diag/dormant_fraction/bottleneck",
+    "diag/dormant_fraction/head", "diag/feature_norm", "diag/params/encoder", "diag/params/bottleneck",
+    "diag/params/head",
+]
+
+
+def run_ppo(*flags, cwd, timeout=600):
+    """conftest.run_script with one OpenMP thread: on 2 shared, busy cores two threads spin against
+    each other and a tiny run takes 4x longer."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(SCRIPTS, SCRIPT), *flags], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def finished_run(tmp_path_factory, *flags):
+    cwd = tmp_path_factory.mktemp("ppo")
+    result = run_ppo(*TINY, *flags, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = glob.glob(str(cwd / "runs" / "bossfight__ppo_procgen_impoola__1__*"))
+    return {"cwd": cwd, "run_dir": run_dir, "result": result, "scalars": read_scalars(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def run64(tmp_path_factory):
+    return finished_run(tmp_path_factory, "--capture-video")
+
+
+@pytest.fixture(scope="module")
+def run128(tmp_path_factory):
+    return finished_run(tmp_path_factory, "--resolution", "128")
+
+
+def check_run(run, resolution):
+    scalars, run_dir = run["scalars"], run["run_dir"]
+    missing = [tag for tag in REQUIRED_TAGS if tag not in scalars]
+    assert not missing
+    assert "images/saliency" in read_image_tags(run_dir)
+    assert [step for step, _ in scalars["charts/SPS"]] == [64, 128]
+    assert [step for step, _ in scalars["eval/test_levels/return"]] == [64, 128]  # periodic, then final
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    assert config["resolution"] == resolution and config["pool"] == "avg" and config["num_levels"] == 200
+    for name in ("step_000000000064.pt", "step_000000000128.pt"):
+        checkpoint = torch.load(os.path.join(run_dir, "checkpoints", name), weights_only=True)
+        assert checkpoint["script"] == SCRIPT and checkpoint["global_step"] == int(name[5:17])
+        assert {"rng", "model", "optimizer", "reward_normalizer", "args"} <= set(checkpoint)
+    final = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)
+    assert final["global_step"] == 128 and final["args"]["resolution"] == resolution
+    # the first dense layer's input is the pooled channel vector: 32 * width, at any resolution
+    assert final["model"]["dense.0.weight"].shape == (256, 32)
+    assert final["model"]["encoder.0.0.weight"].shape == (16, 3, 3, 3)
+
+
+def test_smoke_64_writes_tags_config_and_checkpoints(run64):
+    check_run(run64, 64)
+
+
+def test_smoke_128_writes_tags_config_and_checkpoints(run128):
+    check_run(run128, 128)
+    assert "bilinear" in run128["result"].stderr  # the user is told what EnvPool's render is
+
+
+def test_parameters_logged_once_at_step_0_and_printed(run64):
+    side_independent = {"encoder": 97_600, "bottleneck": 32 * 256 + 256, "head": 256 * 15 + 15 + 256 + 1}
+    for part, count in side_independent.items():
+        assert run64["scalars"][f"diag/params/{part}"] == [(0, count)]
+    assert "parameters: encoder 97,600, bottleneck 8,448, head 4,112" in run64["result"].stdout
+
+
+def test_learning_rate_rescaled_by_two_over_width(run64):
+    assert all(math.isclose(value, 3.5e-4 * 2 / 1, rel_tol=1e-6) for _, value in run64["scalars"]["charts/learning_rate"])
+
+
+def test_evaluation_video_written(run64):
+    videos = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run64["run_dir"], "videos", "*.gif")))
+    assert videos == ["test_levels_step128.gif", "test_levels_step64.gif", "train_levels_step128.gif", "train_levels_step64.gif"]
+
+
+def test_resume_continues_step_count_and_reward_normalizer(run64, tmp_path):
+    shutil.copytree(run64["cwd"] / "runs", tmp_path / "runs")
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    checkpoint_128 = torch.load(os.path.join(run_dir, "checkpoints", "step_000000000128.pt"), weights_only=True)
+    flags = [flag if flag != "128" else "192" for flag in TINY]  # --total-timesteps 192: one more iteration
+    result = run_ppo(*flags, "--resume", "auto", "--final-eval-episodes", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "at step 128" in result.stdout
+    assert glob.glob(str(tmp_path / "runs" / "*")) == [run_dir]  # the same run folder
+    scalars = read_scalars(run_dir)
+    assert [step for step, _ in scalars["charts/SPS"]] == [64, 128, 192]
+    assert scalars["diag/params/encoder"] == [(0, 97_600)]  # not logged again by the resumed run
+    final = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)
+    assert final["global_step"] == 192
+    # the running return statistics continue: one more iteration of at most 4 x 16 valid steps
+    count_128, count_192 = checkpoint_128["reward_normalizer"]["count"], final["reward_normalizer"]["count"]
+    assert count_128 < count_192 <= count_128 + 64
+
+
+def test_resume_refuses_another_architecture(run64, tmp_path):
+    checkpoint = os.path.join(run64["run_dir"], "checkpoints", "step_000000000064.pt")
+    result = run_ppo(*TINY, "--pool", "flatten", "--resume", checkpoint, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--pool" in result.stderr
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
+    result = run_ppo(*TINY, "--learning-rate", "1e30", "--eval-every", "0", "--final-eval-episodes", "0", cwd=tmp_path)
+    assert result.returncode == 1 and "non-finite" in result.stderr
+    (path,) = glob.glob(str(tmp_path / "runs" / "*" / "checkpoints" / "*.pt"))
+    checkpoint = torch.load(path, weights_only=True)
+    assert all(torch.isfinite(tensor).all() for tensor in checkpoint["model"].values())
+    assert not glob.glob(str(tmp_path / "runs" / "*" / "final.pt"))
+
+
+BAD_INPUTS = {
+    "unknown game": (["--env-id", "BigfishEasy-v0"], "--env-id"),
+    "unknown pool": (["--pool", "mean"], "--pool"),
+    "unknown mode": (["--distribution-mode", "extreme"], "--distribution-mode"),
+    "zero resolution": (["--resolution", "0"], "--resolution"),  # EnvPool would silently render 64
+    "negative resolution": (["--resolution", "-5"], "--resolution"),
+    "resolution beyond the renderer": (["--resolution", "100000"], "--resolution"),
+    "rollout larger than memory": (["--resolution", "16384", "--num-envs", "64", "--num-steps", "256",
+                                    "--total-timesteps", "10000000"], "--resolution"),
+    "minibatches not dividing the batch": (["--num-minibatches", "7"], "--num-minibatches"),
+    "budget below one rollout": (["--total-timesteps", "10"], "--total-timesteps"),
+    "zero width": (["--width", "0"], "--width"),
+    "negative start level": (["--start-level", "-1"], "--start-level"),
+    "missing checkpoint": (["--resume", "nowhere.pt"], "--resume"),
+    "checkpoint of another script": (["--resume", "other.pt"], "dqn_atari_gap.py"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_before_any_work(case, tmp_path, monkeypatch, capsys):
+    """main() in this process (a subprocess per case costs a torch import each); the real exit path
+    is checked once below."""
+    import ppo_procgen_impoola as ppo
+
+    torch.save({"script": "dqn_atari_gap.py", "args": {}}, tmp_path / "other.pt")
+    flags, named = BAD_INPUTS[case]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *TINY, *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.main()
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1 and named in stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_track_without_wandb_exits_2(tmp_path):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    result = run_ppo(*TINY, "--track", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--track" in result.stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.slow
+def test_compile_run_on_cpu(tmp_path):
+    result = run_ppo(*TINY, "--compile", "--eval-every", "0", "--diag-every", "0", cwd=tmp_path, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (final,) = glob.glob(str(tmp_path / "runs" / "*" / "final.pt"))
+    assert torch.load(final, weights_only=True)["global_step"] == 128
