@@ -281,3 +281,16 @@ def test_empty_root_is_refused_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "benchmark", "analyze.py"), str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "holds no run folder" in result.stderr
+
+
+def test_group_by_overrides_the_automatic_grouping(tmp_path):
+    for pool in ("flatten", "avg"):
+        for width in (1, 2):
+            write_run(str(tmp_path), "Pong-v5", 1, {"pool": pool, "width": width, "exp_name": f"x-{pool}{width}"},
+                      {"eval/return": [(1, -20.7 + (14.6 + 20.7) * width / 4)]})
+    results = analyze.analyze(str(tmp_path), str(tmp_path / "out"), reps=100, curve_reps=10, group_by=["width"])
+    partition = results["partitions"]["x"]
+    assert partition["group_keys"] == ["width"]
+    per_game = partition["splits"]["eval"]["per_game"]
+    assert {group: [list(s) for _, s in tasks] for group, tasks in per_game.items()} == {
+        (("width", 1),): [pytest.approx([0.25, 0.25])], (("width", 2),): [pytest.approx([0.5, 0.5])]}
