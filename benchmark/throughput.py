@@ -203,6 +203,28 @@ def main(argv=None):
     out = args.out or os.path.join(REPO, "benchmark", "results", f"throughput_{preset}.md")
 
     rows, commands, load_before = [], [], os.getloadavg()[0]
+
+    def write_table():  # after every row, so a long measurement that is stopped keeps what it measured
+        lines = [f"# Throughput ({preset} preset)", "",
+                 f"- device: {device_description(on_gpu)}; torch {torch.__version__}",
+                 f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; 1-minute load average "
+                 f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the last row (other jobs share the machine when it exceeds the core count)",
+                 f"- command: `python benchmark/throughput.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
+                 "- raw env: the script's own EnvPool construction stepped with random actions (HD re-rendering included), "
+                 f"{args.env_seconds:g} s, same number of envs as the training run",
+                 "- training: steps/s between the first and last `charts/SPS` point of a short real run (start-up, "
+                 "learning-starts warm-up and final evaluation left out); `charts/SPS` = the script's own cumulative number",
+                 ""]
+        if args.note:
+            lines += [f"Conditions: {args.note}", ""]
+        lines += ["| script | env | resolution | width | pool | raw env steps/s | training steps/s | training / raw | charts/SPS | GPU memory |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+        lines += ["", "Training commands (run in an empty folder):", "", "```"] + commands + ["```", ""]
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write("\n".join(lines))
+
     for script in scripts:
         recipe = RECIPES[script]
         resolutions = [int(r) for r in args.resolutions.split(",")] if args.resolutions else recipe["resolutions"]
@@ -222,31 +244,14 @@ def main(argv=None):
                         except RuntimeError as error:
                             print(f"{script} {pool} w{width} r{resolution} failed: {error}", file=sys.stderr, flush=True)
                             rows.append([script, recipe["env_id"], resolution, width, pool, f"{raw:,.0f}", "failed", "–", "–", "–"])
+                            write_table()
                             continue
                     print(f"  width {width} pool {pool}: training {steady:,.0f} steps/s ({steady / raw:.1%} of raw), wall {wall:.0f} s", flush=True)
                     rows.append([script, recipe["env_id"], resolution, width, pool, f"{raw:,.0f}", f"{steady:,.0f}",
                                  f"{steady / raw:.3f}", f"{logged:,.0f}", f"{memory:,} MiB" if memory is not None else "–"])
                     commands.append(shlex.join(["python"] + command[1:] + ["--runs-dir", "runs"]).replace(REPO + "/", ""))
+                    write_table()
 
-    lines = [f"# Throughput ({preset} preset)", "",
-             f"- device: {device_description(on_gpu)}; torch {torch.__version__}",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; 1-minute load average "
-             f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other jobs share the machine when it exceeds the core count)",
-             f"- command: `python benchmark/throughput.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
-             "- raw env: the script's own EnvPool construction stepped with random actions (HD re-rendering included), "
-             f"{args.env_seconds:g} s, same number of envs as the training run",
-             "- training: steps/s between the first and last `charts/SPS` point of a short real run (start-up, "
-             "learning-starts warm-up and final evaluation left out); `charts/SPS` = the script's own cumulative number",
-             ""]
-    if args.note:
-        lines += [f"Conditions: {args.note}", ""]
-    lines += ["| script | env | resolution | width | pool | raw env steps/s | training steps/s | training / raw | charts/SPS | GPU memory |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    lines += ["", "Training commands (run in an empty folder):", "", "```"] + commands + ["```", ""]
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        f.write("\n".join(lines))
     print(f"wrote {out}")
 
 
