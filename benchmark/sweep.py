@@ -83,6 +83,12 @@ def expand_grid(grid, only=None, overrides=None, exp_suffix=""):
     stem = os.path.splitext(os.path.basename(grid["script"]))[0]
     subgrids = grid["vary"] if isinstance(grid["vary"], list) else [grid["vary"]]
     varied_flags = sorted({flag for subgrid in subgrids for flag in subgrid})
+    for subgrid in subgrids:
+        if "env-id" not in subgrid and "env-id" not in grid.get("fixed", {}):
+            utils.fail("--grid: every run needs an env-id (in 'fixed' or 'vary'): the run folder is named after it")
+        for flag, values in subgrid.items():
+            if not isinstance(values, list) or not values:
+                utils.fail(f"--grid: 'vary' {flag!r} must be a non-empty list of values, not {values!r}")
     for flag in only:
         if flag not in varied_flags:
             utils.fail(f"--only {flag!r}: the grid does not vary it; it varies {', '.join(varied_flags)}")

@@ -217,3 +217,10 @@ def test_only_on_a_flag_the_grid_does_not_vary_is_refused(tmp_path, capsys):
     grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1]})
     status, out, err = run_sweep(capsys, "--grid", grid, "--only", "width=2", "--dry-run")
     assert status == 2 and err.count("\n") == 1 and "does not vary it" in err
+
+
+def test_grid_without_env_id_or_with_a_scalar_axis_is_refused(tmp_path, capsys):
+    for vary, message in [({"seed": [1]}, "needs an env-id"), ({"env-id": "Pong"}, "must be a non-empty list")]:
+        grid = write_fake_grid(tmp_path, vary)
+        status, out, err = run_sweep(capsys, "--grid", grid, "--dry-run")
+        assert status == 2 and err.count("\n") == 1 and message in err
