@@ -128,6 +128,13 @@ def atari_game(env_id: str) -> str:
     return env_id[: -len("-v5")] if env_id.endswith("-v5") else env_id
 
 
+def atari_games() -> list:
+    """The Atari games EnvPool registers, as plain names (its other `-v5` ids are MuJoCo tasks)."""
+    from envpool.registration import registry
+
+    return sorted(name[: -len("-v5")] for name, spec in registry.specs.items() if spec[0] == "envpool.atari" and name.endswith("-v5"))
+
+
 def make_env(args, num_envs: int, seed: int, for_evaluation: bool = False):
     """EnvPool Atari set to CleanRL's `dqn_atari` wrappers, every option explicit.
 
@@ -462,10 +469,8 @@ def evaluate(q_network, eval_envs, args, num_actions: int, device, capture_video
 
 def check_args(args):
     """Refuse bad input with one line (exit 2) before any work."""
-    game = atari_game(args.env_id)
-    if f"{game}-v5" not in envpool.list_all_envs():
-        games = sorted(name[: -len("-v5")] for name in envpool.list_all_envs() if name.endswith("-v5"))
-        utils.fail(f"--env-id {args.env_id!r} is not an EnvPool Atari game; choose one of: {', '.join(games)}")
+    if atari_game(args.env_id) not in atari_games():
+        utils.fail(f"--env-id {args.env_id!r} is not an EnvPool Atari game; choose one of: {', '.join(atari_games())}")
     utils.check_choice("encoder", args.encoder, ("nature", "impala"))
     utils.check_choice("pool", args.pool, ("flatten", "avg", "max"))
     for flag in ("total_timesteps", "num_envs", "resolution", "frame_stack", "frame_skip", "max_episode_steps", "width",

@@ -96,6 +96,7 @@ def test_resume_refuses_a_checkpoint_of_another_architecture(smoke):
 
 @pytest.mark.parametrize("flags,named", [
     (["--env-id", "NoSuchGame"], "--env-id"),
+    (["--env-id", "Ant"], "--env-id"),
     (["--pool", "mean"], "--pool"),
     (["--encoder", "resnet"], "--encoder"),
     (["--resolution", "0"], "--resolution"),
