@@ -109,8 +109,8 @@ class Args:
     image_pad: int = 4
     """random shift: pad each side by this many replicated pixels, then crop back (DrQ: 4)"""
 
-    eval_every: int = 10_000
-    """agent steps between evaluations (one more runs at the end); 0 evaluates only at the end"""
+    eval_every: int = 5_000
+    """agent steps between evaluations (DrQ: 5000; one more runs at the end); 0 evaluates only at the end"""
     eval_episodes: int = 10
     """episodes per evaluation with the mean action, one per evaluation environment (DrQ: 10)"""
     save_every: int = 50_000
