@@ -76,3 +76,16 @@ def test_a_reward_twin_out_of_step_with_the_pixel_env_is_detected(base_path):
     with pytest.raises(RuntimeError, match="diverged"):
         for _ in range(5):
             sac.step_env(env, np.full((1, 6), 0.5), 4)
+
+
+def test_cheap_visuals_change_only_the_pictures_not_the_physics(base_path):
+    args = SimpleNamespace(env_id="cheetah-run", resolution=32, action_repeat=4, frame_stack=3)
+    standard, cheap = sac.make_env(args, 1, 7), sac.make_env(args, 1, 7, base_path)
+    standard_obs, cheap_obs = sac.reset_env(standard), sac.reset_env(cheap)
+    actions = np.full((1, 6), 0.3)
+    for _ in range(3):
+        standard_obs, standard_reward = sac.step_env(standard, actions, 4)[:2]
+        cheap_obs, cheap_reward = sac.step_env(cheap, actions, 4)[:2]
+        assert standard_reward == pytest.approx(cheap_reward)
+    assert not np.array_equal(standard_obs, cheap_obs)  # shadows and anti-aliasing are gone
+    assert np.abs(standard_obs.astype(float) - cheap_obs.astype(float)).mean() < 40  # the same scene
