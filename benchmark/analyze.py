@@ -242,14 +242,18 @@ def scores_by_task(runs, split):
 
 
 def learning_curve(runs, split, points: int, reps: int, seed: int):
-    """IQM over all runs vs environment steps, each run's curve linearly interpolated onto a common
-    grid up to the shortest run's last evaluation; 95 % stratified-bootstrap intervals."""
+    """IQM over all runs vs environment steps at the runs' evaluation steps when all runs share them,
+    else with each run's curve linearly interpolated onto a common grid of `points` steps up to the
+    shortest run's last evaluation; 95 % stratified-bootstrap intervals."""
     curves = [(run["env_id"], run["curves"][split]) for run in runs if split in run["curves"]]
     if not curves:
         return None
-    last_step = min(steps[-1] for _, (steps, _) in curves)
-    first_step = max(steps[0] for _, (steps, _) in curves)
-    grid = np.unique(np.linspace(first_step, last_step, points).round())
+    if all(np.array_equal(steps, curves[0][1][0]) for _, (steps, _) in curves):
+        grid = curves[0][1][0]  # every run evaluated at the same steps: no interpolation needed
+    else:
+        last_step = min(steps[-1] for _, (steps, _) in curves)
+        first_step = max(steps[0] for _, (steps, _) in curves)
+        grid = np.unique(np.linspace(first_step, last_step, points).round())
     by_task = defaultdict(list)
     for env_id, (steps, scores) in curves:
         by_task[env_id].append(np.interp(grid, steps, scores))
@@ -363,9 +367,9 @@ def analyze(root, out, reps=50_000, curve_reps=2_000, seed=0, last_episodes=10, 
     no_score = [run for run in runs if not run["final"]]
     runs = [run for run in runs if run["final"]]
     lines = [f"# Analysis of `{root}`", "",
-             f"{len(run_dirs)} run folders found; {len(runs)} used. "
-             + (f"{len(unfinished)} unfinished (no final.pt) " + ("included" if include_unfinished else "left out") + ". " if unfinished else "")
-             + (f"{len(no_score)} without any return logged left out. " if no_score else ""),
+             " ".join([f"{len(run_dirs)} run folders found; {len(runs)} used."]
+                      + ([f"{len(unfinished)} unfinished (no final.pt) " + ("included." if include_unfinished else "left out.")] if unfinished else [])
+                      + ([f"{len(no_score)} without any return logged left out."] if no_score else [])),
              "",
              "Final score of a run = its last evaluation (`eval/.../return`), normalised here from the config "
              "(Procgen min-max by distribution mode, Atari human-normalised, otherwise the raw return); "

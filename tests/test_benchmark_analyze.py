@@ -294,3 +294,11 @@ def test_group_by_overrides_the_automatic_grouping(tmp_path):
     per_game = partition["splits"]["eval"]["per_game"]
     assert {group: [list(s) for _, s in tasks] for group, tasks in per_game.items()} == {
         (("width", 1),): [pytest.approx([0.25, 0.25])], (("width", 2),): [pytest.approx([0.5, 0.5])]}
+
+
+def test_learning_curve_interpolates_runs_evaluated_at_different_steps():
+    runs = [{"env_id": "a", "curves": {"eval": (np.array([0, 100]), np.array([0.0, 1.0]))}},
+            {"env_id": "a", "curves": {"eval": (np.array([0, 50, 80]), np.array([0.0, 1.0, 1.0]))}}]
+    steps, value, _, _ = analyze.learning_curve(runs, "eval", 5, 50, 0)
+    assert steps.tolist() == [0, 20, 40, 60, 80]  # up to the shortest run's end
+    np.testing.assert_allclose(value, [np.mean([x / 100, min(x / 50, 1.0)]) for x in (0, 20, 40, 60, 80)])  # IQM of 2 = mean
