@@ -11,12 +11,13 @@ import throughput  # noqa: E402
 
 # Writes a run folder whose charts/SPS points sit at known steps and wall times.
 FAKE_TRAINING = """
-import os
-from torch.utils.tensorboard import SummaryWriter
-os.makedirs("runs/x__y__1__1")
-writer = SummaryWriter("runs/x__y__1__1")
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+writer = EventFileWriter("runs/x__y__1__1")
 for step, wall in [(100, 1000.0), (300, 1001.0), (700, 1003.0)]:
-    writer.add_scalar("charts/SPS", 5.0, step, walltime=wall)
+    value = Summary.Value(tag="charts/SPS", simple_value=5.0)
+    writer.add_event(Event(wall_time=wall, step=step, summary=Summary(value=[value])))
 writer.close()
 """
 
