@@ -389,7 +389,7 @@ def analyze(root, out, reps=50_000, curve_reps=2_000, seed=0, last_episodes=10, 
                   f"{', '.join(sorted({run['env_id'] for run in members}))}.", ""]
         partition = results["partitions"][name] = {"normalization": normalization, "group_keys": keys, "splits": {}}
         for split in splits:
-            per_group = {group: scores_by_task(group_runs_, split) for group, group_runs_ in groups.items()}
+            per_group = {group: scores_by_task(members_of_group, split) for group, members_of_group in groups.items()}
             per_group = {group: tasks for group, tasks in per_group.items() if tasks}
             aggregates = {group: aggregate_with_intervals([s for _, s in tasks], reps, seed) for group, tasks in per_group.items()}
             all_scores = np.concatenate([s for tasks in per_group.values() for _, s in tasks])
@@ -432,9 +432,8 @@ def analyze(root, out, reps=50_000, curve_reps=2_000, seed=0, last_episodes=10, 
             parameters = {g: [r["parameters"] for r in groups[g] if r["parameters"] is not None] for g in per_group}
             if len(per_group) > 1 and all(parameters.values()):
                 series = defaultdict(list)
-                line_key = "pool" if "pool" in keys else None
-                for group, aggregate in aggregates.items():
-                    series[f"pool={dict(group)['pool']}" if line_key else "runs"].append((float(np.median(parameters[group])), aggregate["IQM"]))
+                for group, aggregate in aggregates.items():  # one line per pool, as in the papers' figures
+                    series[f"pool={dict(group)['pool']}" if "pool" in keys else "runs"].append((float(np.median(parameters[group])), aggregate["IQM"]))
                 plot_score_vs(f"{prefix}_score_vs_parameters.png", f"{name}, {split}", normalization,
                               "parameters (encoder + bottleneck + head, median over runs)", series, log_x=True)
         for run in members:

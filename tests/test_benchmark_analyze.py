@@ -302,3 +302,13 @@ def test_learning_curve_interpolates_runs_evaluated_at_different_steps():
     steps, value, _, _ = analyze.learning_curve(runs, "eval", 5, 50, 0)
     assert steps.tolist() == [0, 20, 40, 60, 80]  # up to the shortest run's end
     np.testing.assert_allclose(value, [np.mean([x / 100, min(x / 50, 1.0)]) for x in (0, 20, 40, 60, 80)])  # IQM of 2 = mean
+
+
+def test_score_vs_plot_for_each_numeric_flag_that_varies(tmp_path):
+    for pool in ("flatten", "avg"):
+        for resolution in (48, 96):
+            write_run(str(tmp_path / "runs"), "bigfish", 1, {"pool": pool, "resolution": resolution, "distribution_mode": "easy",
+                                                           "exp_name": f"p-{pool}{resolution}"}, {"eval/test_levels/return": [(1, 20.5)]})
+    analyze.analyze(str(tmp_path / "runs"), str(tmp_path / "out"), reps=50, curve_reps=10)
+    written = sorted(name for name in os.listdir(tmp_path / "out") if "score_vs" in name)
+    assert written == ["p_test_levels_score_vs_resolution.png"]  # pool is not numeric; no params logged here
