@@ -443,8 +443,8 @@ def main():
     global_step = checkpoint["global_step"] if checkpoint else 0
     # Env states cannot be saved: a resumed run restarts its episodes, on a fresh level seed stream.
     envs = make_envs(args, args.num_envs, args.num_levels, args.seed + global_step)
-    train_level_envs = make_envs(args, args.eval_num_envs, args.num_levels, args.seed + 10**9)
-    test_level_envs = make_envs(args, args.eval_num_envs, 0, args.seed + 2 * 10**9)  # the full distribution
+    train_level_envs = make_envs(args, args.eval_num_envs, args.num_levels, args.seed + 100_000)
+    test_level_envs = make_envs(args, args.eval_num_envs, 0, args.seed + 200_000)  # the full distribution
     rendered = args.resolution != PROCGEN_FRAME_SIDE
     if rendered:
         print(f"warning: --resolution {args.resolution} uses EnvPool's render, which in EnvPool 1.2.5 resizes the "
@@ -597,14 +597,14 @@ def main():
         valid_values, valid_returns = b_values[b_valid > 0], b_returns[b_valid > 0]
         var_returns = valid_returns.var()
         explained_var = (1 - (valid_returns - valid_values).var() / var_returns).item() if var_returns > 0 else float("nan")
-        sps = int((global_step - start_step) / (time.time() - start_time))
+        sps = (global_step - start_step) / (time.time() - start_time)
 
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         for name, value in zip(("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"), means):
             writer.add_scalar(f"losses/{name}", value, global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
-        print(f"step {global_step}: SPS {sps}, value_loss {means[1]:.4f}, policy_loss {means[0]:.4f}, entropy {means[2]:.3f}"
+        print(f"step {global_step}: SPS {sps:.1f}, value_loss {means[1]:.4f}, policy_loss {means[0]:.4f}, entropy {means[2]:.3f}"
               + (f", episodic_return {np.mean(finished_returns):.2f}" if finished_returns else ""))
 
         # Diagnostics on recent observations (REFERENCE §5)
