@@ -139,7 +139,7 @@ class Args:
     """a neuron is dormant when its normalised mean activation is at most this (Sokar et al. 2023)"""
 
 
-# Environment construction: EnvPool Procgen, re-rendered at R x R for Procgen-HD
+# Environment construction: EnvPool Procgen, frames at R x R through its batched render
 def make_envs(args, num_envs: int, num_levels: int, seed: int):
     """EnvPool Procgen with `num_levels` levels from `start_level` (0 = the full distribution)."""
     kwargs = {}

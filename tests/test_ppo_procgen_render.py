@@ -66,3 +66,22 @@ def test_render_at_128_is_a_native_picture_not_a_resize_of_the_64_frame():
     for mode in ("nearest", "bilinear", "bicubic"):
         upscale = F.interpolate(low, size=128, mode=mode)
         assert (upscale - high).abs().mean() > 2, f"the 128 frame is a {mode} upscale of the 64 frame"
+
+
+def test_all_16_games_exist_in_both_modes():
+    assert len(ppo.PROCGEN_GAMES) == 16
+    registered = set(envpool.list_all_envs())
+    for game in ppo.PROCGEN_GAMES:
+        assert {f"{game.capitalize()}Easy-v0", f"{game.capitalize()}Hard-v0"} <= registered
+
+
+def test_make_envs_train_levels_and_full_distribution():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(env_id="starpilot", distribution_mode="hard", start_level=7, resolution=96)
+    train = ppo.make_envs(args, 2, 500, seed=1)
+    test = ppo.make_envs(args, 2, 0, seed=2)
+    assert (train.config["num_levels"], train.config["start_level"], train.config["distribution_mode"]) == (500, 7, 1)
+    assert (test.config["num_levels"], test.config["start_level"]) == (0, 0)
+    obs, info = train.reset()
+    assert ppo.observe(train, obs, info, rendered=True, device="cpu").shape == (2, 3, 96, 96)
