@@ -11,7 +11,7 @@ sys.path.insert(0, SCRIPTS)  # the scripts import `utils` as a sibling file, as 
 
 def run_script(name, *flags, cwd, timeout=600):
     """Run a script for real in a subprocess, as a user would; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, os.path.join(SCRIPTS, name), *flags],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
