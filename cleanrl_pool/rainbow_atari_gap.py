@@ -175,6 +175,13 @@ def atari_game(env_id: str) -> str:
     return env_id[: -len("-v5")] if env_id.endswith("-v5") else env_id
 
 
+def atari_games() -> list:
+    """The Atari games EnvPool registers, as plain names (its other `-v5` ids are MuJoCo tasks)."""
+    from envpool.registration import registry
+
+    return sorted(name[: -len("-v5")] for name, spec in registry.specs.items() if spec[0] == "envpool.atari" and name.endswith("-v5"))
+
+
 def make_env(args, num_envs: int, seed: int, for_evaluation: bool = False):
     """EnvPool Atari set to Dopamine's `atari_lib` protocol (Machado et al. 2018), every option explicit.
 
@@ -590,13 +597,14 @@ def rainbow_loss(q_network, target_network, batch: dict, support, double: bool):
     return -(target * log_probs).sum(dim=-1), logits
 
 
-def select_actions(q_network, obs, epsilon: float, num_actions: int, device, support):
-    """Epsilon-greedy per environment; the coins are host-side so that a fully random step skips the network."""
+def select_actions(q_network, obs, epsilon: float, num_actions: int, support):
+    """Epsilon-greedy per environment on observations already on the device; the coins are
+    host-side so that a fully random step skips the network."""
     explore = np.random.random(len(obs)) < epsilon
     actions = np.random.randint(num_actions, size=len(obs))
     if not explore.all():
         with torch.no_grad():
-            greedy = q_values(q_network(torch.as_tensor(obs, device=device)), support).argmax(dim=1).cpu().numpy()
+            greedy = q_values(q_network(obs), support).argmax(dim=1).cpu().numpy()
         actions = np.where(explore, actions, greedy)
     return actions
 
@@ -611,7 +619,7 @@ def evaluate(q_network, eval_envs, args, num_actions: int, device, support, capt
     was_training = q_network.training
     q_network.eval()
     while not finished.all():
-        actions = select_actions(q_network, obs, args.eval_epsilon, num_actions, device, support)
+        actions = select_actions(q_network, torch.as_tensor(obs, device=device), args.eval_epsilon, num_actions, support)
         obs, rewards, terminated, truncated, _ = eval_envs.step(actions)
         returns += rewards * ~finished
         if capture_video and not finished[0]:
@@ -624,10 +632,8 @@ def evaluate(q_network, eval_envs, args, num_actions: int, device, support, capt
 
 def check_args(args):
     """Refuse bad input with one line (exit 2) before any work."""
-    game = atari_game(args.env_id)
-    if f"{game}-v5" not in envpool.list_all_envs():
-        games = sorted(name[: -len("-v5")] for name in envpool.list_all_envs() if name.endswith("-v5"))
-        utils.fail(f"--env-id {args.env_id!r} is not an EnvPool Atari game; choose one of: {', '.join(games)}")
+    if atari_game(args.env_id) not in atari_games():
+        utils.fail(f"--env-id {args.env_id!r} is not an EnvPool Atari game; choose one of: {', '.join(atari_games())}")
     utils.check_choice("encoder", args.encoder, ("nature", "impala"))
     utils.check_choice("pool", args.pool, ("flatten", "avg", "max"))
     for flag in ("total_timesteps", "num_envs", "resolution", "frame_stack", "frame_skip", "max_episode_steps", "width",
@@ -782,7 +788,7 @@ def main():
         # with NoisyNet layers a constant end_e from the first step (its `identity_epsilon`)
         epsilon = linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, max(0, global_step - args.learning_starts))
         epsilon = args.end_e if args.noisy else 1.0 if global_step < args.learning_starts else epsilon
-        actions = select_actions(q_forward, obs, epsilon, num_actions, device, support)
+        actions = select_actions(q_forward, obs_device, epsilon, num_actions, support)
         envs.send(actions)  # the emulators step in EnvPool's threads while the learner updates below
         previous_step = global_step
         global_step += args.num_envs
@@ -820,7 +826,7 @@ def main():
                    torch.as_tensor(info["elapsed_step"], device=device), args.n_step, args.frame_stack)
         buffer_time += 1
         episode_done = terminated | truncated
-        obs = next_obs
+        obs_device = next_obs_device
         for game_return, game_length in finished_games(episode_return, info, truncated):
             writer.add_scalar("charts/episodic_return", game_return, global_step)
             writer.add_scalar("charts/episodic_length", game_length, global_step)

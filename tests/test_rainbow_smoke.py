@@ -138,7 +138,7 @@ def test_der_preset_runs_with_its_values_and_the_explicit_overrides(der):
 
 
 @pytest.mark.parametrize("flags,named", [
-    (["--env-id", "NoSuchGame"], "--env-id"),
+    (["--env-id", "Ant"], "--env-id"),  # an EnvPool -v5 id, but MuJoCo
     (["--pool", "mean"], "--pool"),
     (["--preset", "rainbow2"], "--preset"),
     (["--encoder", "nature", "--resolution", "32"], "--resolution"),
