@@ -43,20 +43,20 @@ RECIPES = {
     },
     "dqn_atari_gap": {
         "env_id": "Breakout", "resolutions": [84],
-        "cpu": {"learning-starts": 200, "total-timesteps": 1000, "buffer-size": 10000, "log-every": 200},
+        "cpu": {"learning-starts": 100, "total-timesteps": 500, "buffer-size": 10000, "log-every": 100},
         "gpu": {"learning-starts": 5000, "total-timesteps": 30000, "buffer-size": 100000, "log-every": 2500},
         "quiet": {"eval-every": NEVER, "eval-episodes": 1, "max-episode-steps": 2000, "save-every": NEVER, "diag-every": NEVER},
     },
     "rainbow_atari_gap": {
         "env_id": "Breakout", "resolutions": [84],
-        "cpu": {"learning-starts": 200, "total-timesteps": 1000, "buffer-size": 10000, "log-every": 200},
+        "cpu": {"learning-starts": 100, "total-timesteps": 500, "buffer-size": 10000, "log-every": 100},
         "gpu": {"learning-starts": 5000, "total-timesteps": 30000, "buffer-size": 100000, "log-every": 2500},
         "quiet": {"eval-every": NEVER, "eval-episodes": 1, "max-episode-steps": 2000, "save-every": NEVER, "diag-every": NEVER},
     },
     "sac_dmc_gap": {
         "env_id": "cheetah-run", "resolutions": [84],
         # a CPU renders DMC at ~30 frames/s with the real visuals: the CPU preset uses the test visuals
-        "cpu": {"learning-starts": 100, "total-timesteps": 250, "log-every": 50, "cheap-visuals-for-tests": True},
+        "cpu": {"learning-starts": 100, "total-timesteps": 180, "log-every": 20, "cheap-visuals-for-tests": True},
         "gpu": {"learning-starts": 1000, "total-timesteps": 6000, "log-every": 1000},
         "quiet": {"eval-every": NEVER, "eval-episodes": 1, "save-every": NEVER, "diag-every": NEVER},
     },
