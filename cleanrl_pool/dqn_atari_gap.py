@@ -439,13 +439,14 @@ def dqn_loss(q_network, target_network, batch: dict, double: bool):
     return loss, q_taken
 
 
-def select_actions(q_network, obs, epsilon: float, num_actions: int, device):
-    """Epsilon-greedy per environment; the coins are host-side so that a fully random step skips the network."""
+def select_actions(q_network, obs, epsilon: float, num_actions: int):
+    """Epsilon-greedy per environment on observations already on the device; the coins are
+    host-side so that a fully random step skips the network."""
     explore = np.random.random(len(obs)) < epsilon
     actions = np.random.randint(num_actions, size=len(obs))
     if not explore.all():
         with torch.no_grad():
-            greedy = q_network(torch.as_tensor(obs, device=device)).argmax(dim=1).cpu().numpy()
+            greedy = q_network(obs).argmax(dim=1).cpu().numpy()
         actions = np.where(explore, actions, greedy)
     return actions
 
@@ -457,7 +458,7 @@ def evaluate(q_network, eval_envs, args, num_actions: int, device, capture_video
     returns, finished = np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
     frames = [obs[0, -1]] if capture_video else None
     while not finished.all():
-        actions = select_actions(q_network, obs, args.eval_epsilon, num_actions, device)
+        actions = select_actions(q_network, torch.as_tensor(obs, device=device), args.eval_epsilon, num_actions)
         obs, rewards, terminated, truncated, _ = eval_envs.step(actions)
         returns += rewards * ~finished
         if capture_video and not finished[0]:
@@ -620,7 +621,7 @@ def main():
     start_step, start_time = global_step, time.time()
     while global_step < args.total_timesteps:
         epsilon = linear_schedule(args.start_e, args.end_e, exploration_steps, global_step)
-        actions = select_actions(q_forward, obs, epsilon, num_actions, device)
+        actions = select_actions(q_forward, obs_device, epsilon, num_actions)
         envs.send(actions)  # the emulators step in EnvPool's threads while the learner updates below
         previous_step = global_step
         global_step += args.num_envs
@@ -654,7 +655,7 @@ def main():
                    torch.as_tensor(info["elapsed_step"], device=device))
         buffer_time += 1
         episode_done = terminated | truncated
-        obs = next_obs
+        obs_device = next_obs_device
         for game_return, game_length in finished_games(episode_return, info, truncated):
             writer.add_scalar("charts/episodic_return", game_return, global_step)
             writer.add_scalar("charts/episodic_length", game_length, global_step)
