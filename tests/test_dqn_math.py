@@ -242,3 +242,78 @@ def test_nature_encoder_at_84_gives_7x7x64_and_flatten_bottleneck_has_hwc_times_
     assert flatten["bottleneck"] == 7 * 7 * 64 * 1024 + 1024
     assert pooled["bottleneck"] == 64 * 1024 + 1024
     assert flatten["encoder"] == pooled["encoder"] and flatten["head"] == pooled["head"] == 1024 * 4 + 4
+
+
+@pytest.mark.parametrize("encoder,pool", [("nature", "avg"), ("nature", "flatten"), ("impala", "max")])
+def test_feature_norm_is_the_mean_norm_of_the_bottleneck_input(encoder, pool):
+    torch.manual_seed(0)
+    q_network = dqn.QNetwork(dqn.Args(encoder=encoder, pool=pool, resolution=64), 4)
+    obs = torch.randint(0, 256, (6, 4, 64, 64), dtype=torch.uint8)
+    diagnostics = dqn.network_diagnostics(q_network, obs, 0.025)
+    with torch.no_grad():
+        feature_map = q_network.encoder(obs.float() / 255.0)
+    norms = []
+    for i in range(6):
+        if pool == "flatten":
+            vector = feature_map[i].reshape(-1)
+        elif pool == "avg":
+            vector = feature_map[i].mean(dim=(1, 2))
+        else:
+            vector = feature_map[i].amax(dim=(1, 2))
+        norms.append(float(vector.pow(2).sum().sqrt()))
+    assert diagnostics["diag/feature_norm"] == pytest.approx(sum(norms) / 6, rel=1e-5)
+    for part in ("encoder", "bottleneck", "head"):
+        assert 0.0 <= diagnostics[f"diag/dormant_fraction/{part}"] <= 1.0
+
+
+def test_select_actions_is_greedy_at_epsilon_zero_and_skips_the_network_at_one():
+    q_values = torch.tensor([[0.0, 2.0, 1.0], [5.0, 0.0, 1.0]])
+    assert dqn.select_actions(lambda obs: q_values, torch.zeros(2, 4, 8, 8), 0.0, 3).tolist() == [1, 0]
+
+    def no_network(obs):
+        raise AssertionError("a fully random step must not run the network")
+
+    actions = dqn.select_actions(no_network, torch.zeros(2, 4, 8, 8), 1.0, 3)
+    assert actions.shape == (2,) and set(actions.tolist()) <= {0, 1, 2}
+
+
+def test_dqn_updates_fit_the_td_targets_of_a_fixed_batch():
+    torch.manual_seed(0)
+    args = dqn.Args(resolution=36)
+    q_network, target_network = dqn.QNetwork(args, 3), dqn.QNetwork(args, 3)
+    batch = {
+        "observations": torch.randint(0, 256, (16, 4, 36, 36), dtype=torch.uint8),
+        "next_observations": torch.randint(0, 256, (16, 4, 36, 36), dtype=torch.uint8),
+        "actions": torch.randint(0, 3, (16,)),
+        "returns": torch.randn(16),
+        "bootstrap_discount": torch.full((16,), 0.99),
+        "weights": torch.ones(16),
+    }
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=1e-3)
+    first, _ = dqn.dqn_loss(q_network, target_network, batch, double=True)
+    for _ in range(50):
+        loss, _ = dqn.dqn_loss(q_network, target_network, batch, double=True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2 * first.item()
+
+
+def test_dqn_loss_ignores_transitions_with_weight_zero():
+    torch.manual_seed(0)
+    args = dqn.Args(resolution=36)
+    q_network, target_network = dqn.QNetwork(args, 3), dqn.QNetwork(args, 3)
+    batch = {
+        "observations": torch.randint(0, 256, (4, 4, 36, 36), dtype=torch.uint8),
+        "next_observations": torch.randint(0, 256, (4, 4, 36, 36), dtype=torch.uint8),
+        "actions": torch.tensor([0, 1, 2, 0]),
+        "returns": torch.tensor([1.0, 2.0, 1e6, 3.0]),
+        "bootstrap_discount": torch.tensor([0.99, 0.0, 0.99, 0.99]),
+        "weights": torch.tensor([1.0, 1.0, 0.0, 1.0]),
+    }
+    loss, q_taken = dqn.dqn_loss(q_network, target_network, batch, double=False)
+    with torch.no_grad():
+        next_max = target_network(batch["next_observations"]).max(dim=1).values
+    errors = [(q_taken[i].item() - (batch["returns"][i].item() + batch["bootstrap_discount"][i].item() * next_max[i].item())) ** 2
+              for i in (0, 1, 3)]
+    assert loss.item() == pytest.approx(sum(errors) / 3, rel=1e-5)
