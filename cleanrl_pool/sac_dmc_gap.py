@@ -736,7 +736,8 @@ def main():
                       f"stopping ({where}). Try a lower --learning-rate.", flush=True)
                 writer.close()
                 raise SystemExit(1)
-            last_good = (global_step, copy.deepcopy(training_state(global_step)))
+            if critic_updates_since_log or last_good is None:  # a copy of every weight: only when they changed
+                last_good = (global_step, copy.deepcopy(training_state(global_step)))
             sps = int((global_step - start_step) / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.add_scalar("charts/learning_rate", critic_optimizer.param_groups[0]["lr"], global_step)
