@@ -148,6 +148,7 @@ BAD_INPUTS = {
     "budget below one rollout": (["--total-timesteps", "10"], "--total-timesteps"),
     "zero width": (["--width", "0"], "--width"),
     "negative start level": (["--start-level", "-1"], "--start-level"),
+    "negative torch threads": (["--torch-threads", "-1"], "--torch-threads"),
     "missing checkpoint": (["--resume", "nowhere.pt"], "--resume"),
     "checkpoint of another script": (["--resume", "other.pt"], "dqn_atari_gap.py"),
 }
