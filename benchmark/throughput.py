@@ -248,7 +248,7 @@ def main(argv=None):
                             continue
                     print(f"  width {width} pool {pool}: training {steady:,.0f} steps/s ({steady / raw:.1%} of raw), wall {wall:.0f} s", flush=True)
                     rows.append([script, recipe["env_id"], resolution, width, pool, f"{raw:,.0f}", f"{steady:,.0f}",
-                                 f"{steady / raw:.3f}", f"{logged:,.0f}", f"{memory:,} MiB" if memory is not None else "–"])
+                                 f"{steady / raw:.3g}", f"{logged:,.0f}", f"{memory:,} MiB" if memory is not None else "–"])
                     commands.append(shlex.join(["python"] + command[1:] + ["--runs-dir", "runs"]).replace(REPO + "/", ""))
                     write_table()
 

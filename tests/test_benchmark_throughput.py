@@ -54,7 +54,7 @@ def test_table_has_one_row_per_configuration_with_ratio_and_commands(tmp_path, m
     rows = [line for line in text.splitlines() if line.startswith("| ppo_procgen_impoola |")]
     assert len(rows) == 2 * 2 * 2
     assert "| ppo_procgen_impoola | bigfish | 128 | 2 | avg | 2,000 | 250 | 0.125 | 200 | – |" in rows
-    assert "| ppo_procgen_impoola | bigfish | 64 | 1 | flatten | 1,000 | 250 | 0.250 | 200 | – |" in rows
+    assert "| ppo_procgen_impoola | bigfish | 64 | 1 | flatten | 1,000 | 250 | 0.25 | 200 | – |" in rows
     assert "- date: " in text and "- device: " in text and "Conditions: test" in text
     assert "python cleanrl_pool/ppo_procgen_impoola.py --env-id bigfish --resolution 128" in text
 
