@@ -27,7 +27,8 @@ import tyro
 import utils
 
 SCRIPT = os.path.basename(__file__)
-ARCHITECTURE_FLAGS = ("encoder", "pool", "width", "dense_scale", "resolution", "frame_stack", "env_id", "noisy", "dueling", "num_atoms")
+ARCHITECTURE_FLAGS = ("encoder", "pool", "width", "dense_scale", "resolution", "frame_stack", "env_id", "noisy", "dueling", "num_atoms",
+                      "v_min", "v_max")
 
 
 # Args
@@ -89,8 +90,8 @@ class Args:
     """the highest atom"""
     noisy: bool = False
     """if toggled, the dense layers are NoisyNet layers (factorised Gaussian, Fortunato et al. 2018)"""
-    noisy_std: float = 0.5
-    """sigma_0 of the noisy layers (Fortunato et al.; Dopamine)"""
+    noisy_std: float = 0.1
+    """sigma_0 of the noisy layers: initial sigma = noisy_std / sqrt(fan_in) (Dopamine and DER: 0.1; Fortunato et al.: 0.5)"""
     dueling: bool = False
     """if toggled, a dueling head (value + advantage - mean advantage, per atom)"""
 
@@ -155,6 +156,7 @@ PRESETS = {
         noisy=True, dueling=True, double=True, n_step=10, learning_starts=1_600, train_frequency=1,
         target_network_frequency=2_000, learning_rate=1e-4, adam_eps=1.5e-4, repeat_action_probability=0.0,
         episodic_life=True, total_timesteps=100_000, eval_episodes=100,
+        buffer_size=100_000,  # Dopamine's 1M only stands for "keep everything"; 100k is all a 100k-step run fills
         epsilon_decay_steps=2_000,  # used only with --no-noisy: with NoisyNet, Dopamine keeps epsilon at end_e
     ),
 }
@@ -567,7 +569,7 @@ def project_distribution(next_probs, returns, discounts, support):
     v_min, v_max, num_atoms = support[0], support[-1], support.numel()
     delta = (v_max - v_min) / (num_atoms - 1)
     target_atoms = (returns[:, None] + discounts[:, None] * support[None, :]).clamp(v_min, v_max)
-    position = (target_atoms - v_min) / delta
+    position = ((target_atoms - v_min) / delta).clamp(0, num_atoms - 1)  # float rounding may step past the last atom
     lower, upper = position.floor().long(), position.ceil().long()
     lower_weight = upper.to(position.dtype) - position + (lower == upper).to(position.dtype)  # a hit on an atom keeps it all
     upper_weight = position - lower.to(position.dtype)

@@ -64,6 +64,26 @@ def test_projection_clamps_targets_beyond_the_support():
     assert projected[0, -1].item() == pytest.approx(1.0) and projected[1, 0].item() == pytest.approx(1.0)
 
 
+def kernel_projection(next_probs, returns, discounts, support):
+    """Dopamine's form, independent of floor/ceil: p_i = sum_j clip(1 - |clip(Tz_j) - z_i| / delta, 0, 1) q_j."""
+    delta = (support[-1] - support[0]) / (len(support) - 1)
+    target_atoms = (returns[:, None] + discounts[:, None] * support[None, :]).clamp(support[0].item(), support[-1].item())
+    kernel = (1 - (target_atoms[:, None, :] - support[None, :, None]).abs() / delta).clamp(0, 1)
+    return (kernel * next_probs[:, None, :]).sum(2)
+
+
+@pytest.mark.parametrize("v_min, v_max, num_atoms", [(-5.0, 100.0, 51), (-10.0, 25.0, 31), (0.0, 1.0, 7)])
+def test_projection_in_float32_stays_inside_supports_whose_spacing_rounds(v_min, v_max, num_atoms):
+    """In float32 (v - v_min) / delta can land just past the last atom; the mass must stay on the support."""
+    support = torch.linspace(v_min, v_max, num_atoms)
+    next_probs = torch.rand(4, num_atoms, generator=torch.Generator().manual_seed(1)).softmax(1)
+    returns = torch.tensor([200.0, v_max, v_min - 1, (v_min + v_max) / 3])
+    discounts = torch.tensor([0.99, 1.0, 0.0, 0.97])
+    projected = rainbow.project_distribution(next_probs, returns, discounts, support)
+    assert torch.allclose(projected, kernel_projection(next_probs, returns, discounts, support), atol=1e-5)
+    assert torch.allclose(projected.sum(1), torch.ones(4), atol=1e-5)
+
+
 def test_projection_of_a_terminal_transition_is_the_reward_alone():
     next_probs = torch.rand(1, 51, dtype=torch.float64).softmax(1)
     projected = project(next_probs, torch.tensor([1.3], dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
@@ -255,6 +275,7 @@ def test_der_preset_sets_every_der_value(monkeypatch):
     assert (args.noisy, args.dueling, args.double, args.n_step, args.learning_starts, args.train_frequency) == (True, True, True, 10, 1600, 1)
     assert (args.target_network_frequency, args.learning_rate, args.adam_eps) == (2000, 1e-4, 1.5e-4)
     assert (args.repeat_action_probability, args.episodic_life, args.total_timesteps, args.eval_episodes) == (0.0, True, 100_000, 100)
+    assert (args.noisy_std, args.buffer_size) == (0.1, 100_000)  # Dopamine's NoisyNetwork sigma 0.1 / sqrt(fan_in)
     default = parse(monkeypatch)
     assert (default.noisy, default.n_step, default.learning_rate, default.repeat_action_probability) == (False, 3, 6.25e-5, 0.25)
 
