@@ -18,7 +18,7 @@ import math
 import os
 import re
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import numpy as np
 
@@ -40,6 +40,7 @@ PARAMETER_TAGS = ("diag/params/encoder", "diag/params/bottleneck", "diag/params/
 BOOKKEEPING_KEYS = {
     "env_id", "seed", "exp_name", "runs_dir", "resume", "track", "wandb_project_name", "wandb_entity",
     "cuda", "capture_video", "compile", "save_every", "eval_every", "diag_every", "torch_deterministic",
+    "torch_threads", "log_every",
 }
 
 
@@ -195,13 +196,14 @@ def load_run(run_dir: str, last_episodes: int) -> dict:
 
 # Grouping runs by the flags that vary
 def partition_runs(runs):
-    """Runs of one script and one normalisation share a partition (same config keys)."""
+    """Runs share a partition when their experiment names share the stem before the first `-` (the
+    script, for sweep runs) and their scores the normalisation; a config key that only some of them
+    have (a flag added later) reads as None in the others."""
     partitions = defaultdict(list)
     for run in runs:
-        partitions[(run["normalization"], tuple(sorted(run["config"])))].append(run)
+        partitions[(run["normalization"], str(run["config"].get("exp_name", "runs")).split("-")[0])].append(run)
     named = {}
-    for (normalization, _), members in sorted(partitions.items(), key=lambda item: item[0][0]):
-        stem = Counter(str(r["config"].get("exp_name", "runs")).split("-")[0] for r in members).most_common(1)[0][0]
+    for (normalization, stem), members in sorted(partitions.items()):
         name, suffix = stem, 2
         while name in named:
             name, suffix = f"{stem}_{suffix}", suffix + 1
@@ -346,7 +348,7 @@ def plot_score_vs(path, title, normalization, xlabel, series, log_x=False):
 # Summary
 def format_interval(value):
     point, low, high = value
-    return f"{point:.3f} [{low:.3f}, {high:.3f}]"
+    return "–" if math.isnan(point) else f"{point:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def markdown_table(header, rows):
@@ -392,6 +394,9 @@ def analyze(root, out, reps=50_000, curve_reps=2_000, seed=0, last_episodes=10, 
             per_group = {group: scores_by_task(members_of_group, split) for group, members_of_group in groups.items()}
             per_group = {group: tasks for group, tasks in per_group.items() if tasks}
             aggregates = {group: aggregate_with_intervals([s for _, s in tasks], reps, seed) for group, tasks in per_group.items()}
+            if normalization == "raw return":  # the gap to a score of 1 means nothing for raw returns (DMC)
+                for metrics in aggregates.values():
+                    metrics["optimality gap"] = (math.nan, math.nan, math.nan)
             all_scores = np.concatenate([s for tasks in per_group.values() for _, s in tasks])
             high = max(1.0, float(all_scores.max())) if normalization != "raw return" else float(all_scores.max())
             low = min(0.0, float(all_scores.min()))
@@ -479,6 +484,13 @@ def main(argv=None):
     if not find_run_dirs(args.root):
         utils.fail(f"RUNS_ROOT {args.root!r} holds no run folder (config.json + TensorBoard events)")
     group_by = [key.strip().replace("-", "_") for key in args.group_by.split(",") if key.strip()]
+    known_keys = set()
+    for run_dir in find_run_dirs(args.root):
+        with open(os.path.join(run_dir, "config.json")) as f:
+            known_keys |= set(json.load(f))
+    for key in group_by:
+        if key not in known_keys:
+            utils.fail(f"--group-by {key!r} is no config key of these runs; they have: {', '.join(sorted(known_keys))}")
     results = analyze(args.root, args.out, args.reps, args.curve_reps, args.seed, args.last_episodes,
                       args.include_unfinished, group_by, args.curve_points)
     for warning in results["warnings"]:

@@ -312,3 +312,41 @@ def test_score_vs_plot_for_each_numeric_flag_that_varies(tmp_path):
     analyze.analyze(str(tmp_path / "runs"), str(tmp_path / "out"), reps=50, curve_reps=10)
     written = sorted(name for name in os.listdir(tmp_path / "out") if "score_vs" in name)
     assert written == ["p_test_levels_score_vs_resolution.png"]  # pool is not numeric; no params logged here
+
+
+def test_env_ids_as_the_scripts_write_them_are_normalised(tmp_path):
+    """The scripts' config.json holds plain names: `Pong` (Atari, human-normalised), `cheetah-run` (DMC, raw)."""
+    write_run(str(tmp_path), "Pong", 1, {"exp_name": "dqn_atari_gap"}, {"eval/return": [(1, -20.7 + 0.5 * (14.6 + 20.7))]})
+    write_run(str(tmp_path), "cheetah-run", 1, {"exp_name": "sac_dmc_gap"}, {"eval/return": [(1, 321.0)]})
+    results = analyze.analyze(str(tmp_path), str(tmp_path / "out"), reps=50, curve_reps=10)
+    assert results["partitions"]["dqn_atari_gap"]["normalization"] == "Atari human-normalised"
+    assert results["partitions"]["sac_dmc_gap"]["normalization"] == "raw return"
+    pong = results["partitions"]["dqn_atari_gap"]["splits"]["eval"]["per_game"]
+    assert [list(s) for _, s in next(iter(pong.values()))] == [pytest.approx([0.5])]
+
+
+def test_optimality_gap_is_left_out_for_raw_returns(tmp_path):
+    """The gap to a normalised score of 1 means nothing for raw DMC returns: '–', not 0.000."""
+    for seed, ret in ((1, 300.0), (2, 500.0)):
+        write_run(str(tmp_path), "cheetah-run", seed, {"exp_name": "sac_dmc_gap"}, {"eval/return": [(1, ret)]})
+    results = analyze.analyze(str(tmp_path), str(tmp_path / "out"), reps=50, curve_reps=10)
+    aggregates = next(iter(results["partitions"]["sac_dmc_gap"]["splits"]["eval"]["aggregates"].values()))
+    assert math.isnan(aggregates["optimality gap"][0]) and aggregates["mean"][0] == pytest.approx(400.0)
+    row = next(line for line in open(tmp_path / "out" / "summary.md").read().splitlines() if line.startswith("| all runs |"))
+    assert row.rstrip(" |").endswith("–")
+
+
+def test_runs_with_and_without_a_later_flag_share_one_partition(tmp_path):
+    """A run written before a flag existed (its config lacks the key) joins the same script's other runs."""
+    write_run(str(tmp_path), "Pong", 1, {"exp_name": "dqn_atari_gap"}, {"eval/return": [(1, 0.0)]})
+    write_run(str(tmp_path), "Pong", 2, {"exp_name": "dqn_atari_gap", "torch_threads": 1}, {"eval/return": [(1, 1.0)]})
+    results = analyze.analyze(str(tmp_path), str(tmp_path / "out"), reps=50, curve_reps=10)
+    assert list(results["partitions"]) == ["dqn_atari_gap"]
+    assert results["partitions"]["dqn_atari_gap"]["group_keys"] == []
+
+
+def test_unknown_group_by_key_is_refused_with_one_line(tmp_path):
+    write_run(str(tmp_path), "Pong", 1, {}, {"eval/return": [(1, 0.0)]})
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmark", "analyze.py"), str(tmp_path), "--group-by", "poool"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--group-by 'poool'" in result.stderr
