@@ -1,5 +1,5 @@
 """Throughput on this machine: for each script and each resolution / width / pool, the raw EnvPool
-rate (the script's own environment construction, random actions, HD re-rendering included), the
+rate (the script's own environment construction, random actions, the render at R included), the
 training rate of the script itself, their ratio, and the GPU memory the run took.
 
     python benchmark/throughput.py                                   # every script, preset by device
@@ -210,7 +210,7 @@ def main(argv=None):
                  f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; 1-minute load average "
                  f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the last row (other jobs share the machine when it exceeds the core count)",
                  f"- command: `python benchmark/throughput.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
-                 "- raw env: the script's own EnvPool construction stepped with random actions (HD re-rendering included), "
+                 "- raw env: the script's own EnvPool construction stepped with random actions (the render at R included), "
                  f"{args.env_seconds:g} s, same number of envs as the training run",
                  "- training: steps/s between the first and last `charts/SPS` point of a short real run (start-up, "
                  "learning-starts warm-up and final evaluation left out); `charts/SPS` = the script's own cumulative number",
