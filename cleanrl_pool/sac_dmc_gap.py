@@ -566,13 +566,17 @@ def main():
     obs_shape = (3 * args.frame_stack, args.resolution, args.resolution)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     replay_bytes = args.buffer_size * (obs_shape[0] + 3) * args.resolution**2
-    if device.type == "cuda" and replay_bytes > torch.cuda.mem_get_info()[0]:
+    free_bytes = torch.cuda.mem_get_info()[0] if device.type == "cuda" else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if replay_bytes > free_bytes:
         utils.fail(f"--buffer-size {args.buffer_size} at --resolution {args.resolution} needs "
-                   f"{replay_bytes / 2**30:.1f} GiB of replay, more than the GPU has free")
+                   f"{replay_bytes / 2**30:.1f} GiB of replay, more than the {device.type} has free ({free_bytes / 2**30:.1f} GiB)")
     make_egl_visible()
 
     run_dir, checkpoint_file = utils.resolve_run(args)
     checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
+    if checkpoint and "replay" in checkpoint and len(checkpoint["replay"]["rewards"]) != args.buffer_size:
+        utils.fail(f"--buffer-size {args.buffer_size} differs from the {len(checkpoint['replay']['rewards'])} transitions "
+                   f"of the replay saved in {checkpoint_file}; resume with that --buffer-size")
     print("config:\n" + "\n".join(f"  {key} = {value}" for key, value in asdict(args).items()), flush=True)
     print(f"run folder: {run_dir}; device: {device}; {episode_steps} agent steps per episode; "
           f"{args.total_timesteps * args.action_repeat:,} environment frames; "
@@ -650,6 +654,7 @@ def main():
     def run_evaluation(step):
         returns, video = evaluate(encoder, actor, eval_env, args.action_repeat, device, args.capture_video)
         writer.add_scalar("eval/return", returns.mean(), step)
+        writer.add_scalar("eval/normalized_score", returns.mean() / CONTROL_STEPS_PER_EPISODE, step)  # DMC: at most 1 per control step
         if video is not None:
             utils.save_video(os.path.join(run_dir, "videos", f"eval_step_{step:012d}.gif"), video)
         print(f"global_step={step}, eval/return={returns.mean():.2f} over {len(returns)} episodes", flush=True)

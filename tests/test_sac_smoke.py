@@ -43,7 +43,7 @@ def test_tensorboard_has_the_contract_tags_on_the_agent_step_axis(smoke_run):
     scalars = read_scalars(run_dir)
     for tag in ("charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
                 "losses/qf1_values", "losses/qf2_values", "losses/qf_loss", "losses/actor_loss", "losses/alpha",
-                "losses/alpha_loss", "eval/return", "diag/dormant_fraction/encoder", "diag/dormant_fraction/bottleneck",
+                "losses/alpha_loss", "eval/return", "eval/normalized_score", "diag/dormant_fraction/encoder", "diag/dormant_fraction/bottleneck",
                 "diag/dormant_fraction/head", "diag/feature_norm", "diag/params/encoder", "diag/params/bottleneck",
                 "diag/params/head"):
         assert tag in scalars, tag
@@ -65,6 +65,8 @@ def test_checkpoints_final_and_video_are_written_and_load_as_data(smoke_run):
     assert checkpoint["replay_size"] == 250 and checkpoint["replay"]["observations"].dtype == torch.uint8
     final = torch.load(os.path.join(run_dir, "final.pt"), map_location="cpu", weights_only=True)
     assert final["global_step"] == 250 and "replay" in final
+    # every DMC episode here ended by its time limit: none is stored as terminal, so targets bootstrap through them
+    assert final["replay_size"] == 250 and final["replay"]["terminated"][:250].sum().item() == 0
     assert {"encoder", "actor", "critic", "target_encoder", "target_critic", "log_alpha", "critic_optimizer",
             "actor_optimizer", "alpha_optimizer", "rng"} <= set(final)
     assert len(glob.glob(os.path.join(run_dir, "videos", "eval_step_*.gif"))) == 2
@@ -126,6 +128,14 @@ def test_resuming_another_network_or_another_script_is_refused(smoke_run, tmp_pa
     result = run_script(SCRIPT, *TINY, "--resume", foreign, cwd=tmp_path)
     assert result.returncode == 2 and "dqn_atari_gap.py" in result.stderr
     assert not os.path.exists(os.path.join(tmp_path, "runs"))
+
+
+def test_resuming_a_saved_replay_with_another_buffer_size_is_refused(smoke_run, tmp_path):
+    _, run_dir, _ = smoke_run
+    checkpoint = os.path.join(run_dir, "checkpoints", "step_000000000125.pt")
+    result = run_script(SCRIPT, *TINY, "--pool", "avg", "--buffer-size", "500", "--resume", checkpoint, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "--buffer-size 500 differs from the 400 transitions" in result.stderr
 
 
 @pytest.mark.slow
