@@ -215,7 +215,12 @@ def varied_keys(runs, group_by=None):
     if group_by:
         return list(group_by)
     keys = sorted({key for run in runs for key in run["config"]} - BOOKKEEPING_KEYS)
-    return [key for key in keys if len({json.dumps(run["config"].get(key), sort_keys=True) for run in runs}) > 1]
+    values_by_game = defaultdict(lambda: defaultdict(set))
+    for run in runs:
+        for key in keys:
+            values_by_game[key][run["env_id"]].add(json.dumps(run["config"].get(key), sort_keys=True))
+    # a key that varies only between games (SAC's per-task action repeat) is part of the game, not a group
+    return [key for key in keys if any(len(values) > 1 for values in values_by_game[key].values())]
 
 
 def group_label(group: tuple) -> str:

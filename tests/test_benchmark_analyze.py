@@ -350,3 +350,17 @@ def test_unknown_group_by_key_is_refused_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "benchmark", "analyze.py"), str(tmp_path), "--group-by", "poool"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--group-by 'poool'" in result.stderr
+
+
+def test_a_flag_resolved_per_game_is_not_a_group(tmp_path):
+    """SAC resolves --action-repeat 0 to DrQ's per-task value: it differs between games, never within one."""
+    for env_id, action_repeat in (("cartpole-swingup", 8), ("reacher-easy", 4)):
+        for pool in ("flatten", "avg"):
+            write_run(str(tmp_path), env_id, 1, {"exp_name": f"sac_dmc_gap-pool_{pool}", "pool": pool, "action_repeat": action_repeat},
+                      {"eval/return": [(1, 100.0 if pool == "avg" else 50.0)]})
+    results = analyze.analyze(str(tmp_path), str(tmp_path / "out"), reps=50, curve_reps=10)
+    partition = results["partitions"]["sac_dmc_gap"]
+    assert partition["group_keys"] == ["pool"]
+    per_game = partition["splits"]["eval"]["per_game"]
+    assert {group: [list(s) for _, s in tasks] for group, tasks in per_game.items()} == {
+        (("pool", "avg"),): [[100.0], [100.0]], (("pool", "flatten"),): [[50.0], [50.0]]}
