@@ -224,13 +224,24 @@ def finished_games(episode_return, info, truncated):
 
 
 # Network: encoder (nature | impala) -> bottleneck (pool + dense) -> C51 head
-def nature_encoder(in_channels: int, width: int) -> nn.Sequential:
-    """Mnih et al. 2015, VALID padding as in CleanRL: 84x84 -> 7x7x64 (Dopamine pads SAME: 11x11)."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 32 * width, 8, stride=4), nn.ReLU(),
-        nn.Conv2d(32 * width, 64 * width, 4, stride=2), nn.ReLU(),
-        nn.Conv2d(64 * width, 64 * width, 3, stride=1), nn.ReLU(),
-    )
+NATURE_LAYERS = ((32, 8, 4), (64, 4, 2), (64, 3, 1))  # (channels, kernel, stride), Mnih et al. 2015
+
+
+def same_padding(side: int, kernel: int, stride: int):
+    """TensorFlow / Flax SAME padding of one axis: output ceil(side / stride), the odd pixel after."""
+    total = max((math.ceil(side / stride) - 1) * stride + kernel - side, 0)
+    return total // 2, total - total // 2
+
+
+def nature_encoder(in_channels: int, width: int, resolution: int) -> nn.Sequential:
+    """Mnih et al. 2015 with SAME padding as Dopamine's Flax network (the GAP paper's): 84x84 ->
+    11x11x64 = 7,744 features when flattened (CleanRL's VALID padding gives 7x7x64)."""
+    layers, channels, side = [], in_channels, resolution
+    for out_channels, kernel, stride in NATURE_LAYERS:
+        before, after = same_padding(side, kernel, stride)
+        layers += [nn.ZeroPad2d((before, after, before, after)), nn.Conv2d(channels, out_channels * width, kernel, stride=stride), nn.ReLU()]
+        channels, side = out_channels * width, math.ceil(side / stride)
+    return nn.Sequential(*layers)
 
 
 class ResidualBlock(nn.Module):
@@ -258,10 +269,9 @@ def impala_encoder(in_channels: int, width: int) -> nn.Sequential:
 
 
 def encoder_output_shape(encoder: str, width: int, resolution: int):
-    """(channels, side) of the encoder's feature map; side < 1 means the frame is too small."""
+    """(channels, side) of the encoder's feature map."""
     if encoder == "nature":
-        side = (((resolution - 8) // 4 + 1) - 4) // 2 + 1 - 2
-        return 64 * width, side
+        return 64 * width, math.ceil(resolution / 8)  # SAME padding: strides 4, 2, 1
     side = resolution
     for _ in range(3):
         side = (side - 1) // 2 + 1  # MaxPool2d(3, stride 2, padding 1)
@@ -329,8 +339,10 @@ class QNetwork(nn.Module):
 
     def __init__(self, args, num_actions: int):
         super().__init__()
-        make_encoder = nature_encoder if args.encoder == "nature" else impala_encoder
-        self.encoder = make_encoder(args.frame_stack, args.width)
+        if args.encoder == "nature":
+            self.encoder = nature_encoder(args.frame_stack, args.width, args.resolution)
+        else:
+            self.encoder = impala_encoder(args.frame_stack, args.width)
         channels, side = encoder_output_shape(args.encoder, args.width, args.resolution)
         features = channels * side * side if args.pool == "flatten" else channels
         dense = 512 * args.dense_scale
@@ -599,6 +611,21 @@ def rainbow_loss(q_network, target_network, batch: dict, support, double: bool):
     return -(target * log_probs).sum(dim=-1), logits
 
 
+def prioritized_update(q_network, target_network, optimizer, replay: dict, batch: dict, support, args):
+    """One gradient step on the importance-weighted mean cross-entropy, then the sampled leaves get
+    priority loss ** priority_exponent (Dopamine: sqrt(loss + 1e-10)) and the running maximum, which
+    new transitions receive, grows with them. Returns the (detached) loss and online logits."""
+    loss_per_transition, logits = rainbow_loss(q_network, target_network, batch, support, args.double)
+    loss = (importance_weights(batch["probabilities"], args.importance_exponent) * loss_per_transition).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    priorities = (loss_per_transition.detach().double() + 1e-10) ** args.priority_exponent
+    sum_tree_update(replay["sum_tree"], batch["leaves"], priorities)
+    replay["max_priority"] = torch.maximum(replay["max_priority"], priorities.max())
+    return loss.detach(), logits.detach()
+
+
 def select_actions(q_network, obs, epsilon: float, num_actions: int, support):
     """Epsilon-greedy per environment on observations already on the device; the coins are
     host-side so that a fully random step skips the network."""
@@ -652,9 +679,6 @@ def check_args(args):
         utils.fail(f"--repeat-action-probability {args.repeat_action_probability!r} must be in [0, 1)")
     if args.num_atoms < 2 or not args.v_min < args.v_max:
         utils.fail(f"--num-atoms {args.num_atoms} must be at least 2 and --v-min {args.v_min} below --v-max {args.v_max}")
-    if encoder_output_shape(args.encoder, args.width, args.resolution)[1] < 1:
-        low = next(r for r in range(1, 1000) if encoder_output_shape(args.encoder, 1, r)[1] >= 1)
-        utils.fail(f"--resolution {args.resolution} is too small for --encoder {args.encoder}; use at least {low}")
     if args.batch_size > args.buffer_size:
         utils.fail(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
     if args.learning_starts < args.batch_size:
@@ -802,19 +826,11 @@ def main():
             while update_credit >= args.train_frequency:
                 update_credit -= args.train_frequency
                 batch = sample_batch(replay, args.batch_size, args.n_step, args.frame_stack, args.gamma)
-                loss_per_transition, logits = rainbow_loss(q_forward, target_forward, batch, support, args.double)
-                loss = (importance_weights(batch["probabilities"], args.importance_exponent) * loss_per_transition).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                # Dopamine: priority sqrt(loss + 1e-10); the running maximum goes to new transitions
-                priorities = (loss_per_transition.detach().double() + 1e-10) ** args.priority_exponent
-                sum_tree_update(replay["sum_tree"], batch["leaves"], priorities)
-                replay["max_priority"] = torch.maximum(replay["max_priority"], priorities.max())
+                loss, logits = prioritized_update(q_forward, target_forward, optimizer, replay, batch, support, args)
                 update_count += 1
-                loss_sum += loss.detach()
-                q_sum += q_values(logits.detach(), support).mean()
-                nonfinite |= ~torch.isfinite(loss.detach())
+                loss_sum += loss
+                q_sum += q_values(logits, support).mean()
+                nonfinite |= ~torch.isfinite(loss)
                 losses_since_log += 1
             if global_step // args.target_network_frequency > previous_step // args.target_network_frequency:
                 target_network.load_state_dict(q_network.state_dict())

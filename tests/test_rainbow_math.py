@@ -265,6 +265,14 @@ def test_network_outputs_logits_per_action_and_atom_and_sizes_the_bottleneck(enc
     assert network.bottleneck[1].weight_mu.shape == (512, joined)
 
 
+def test_nature_encoder_pads_same_as_dopamine_84_to_11x11x64():
+    """Dopamine's Flax Nature CNN pads SAME: 84 -> 21 -> 11 -> 11, so flatten joins 7,744 features."""
+    assert [rainbow.same_padding(side, kernel, stride) for side, kernel, stride in ((84, 8, 4), (21, 4, 2), (11, 3, 1))] == [(2, 2), (1, 2), (1, 1)]
+    network = rainbow.QNetwork(network_args(encoder="nature", pool="flatten", resolution=84, dense_scale=1), num_actions=4)
+    assert network.encoder(torch.zeros(1, 4, 84, 84)).shape == (1, 64, 11, 11)
+    assert network.bottleneck[1].weight.shape == (512, 7744)
+
+
 def parse(monkeypatch, *flags):
     monkeypatch.setattr(sys, "argv", ["rainbow_atari_gap.py", *flags])
     return rainbow.parse_args()
@@ -329,6 +337,37 @@ def test_rainbow_loss_is_the_cross_entropy_to_the_projected_target(double):
     losses, logits = rainbow.rainbow_loss(TableNetwork(online), TableNetwork(target), batch, support, double)
     assert losses.tolist() == pytest.approx(slow_rainbow_loss(online, target, batch, support, double), rel=1e-4)
     assert logits.shape == (5, 3, 11)
+
+
+def test_prioritized_update_weights_the_loss_and_writes_sqrt_loss_priorities():
+    """Dopamine's step: loss = mean(w_i CE_i), w_i = p_i^-0.5 / max; leaf i gets sqrt(CE_i + 1e-10); the
+    running max priority grows to the largest of them (and never shrinks)."""
+    generator = torch.Generator().manual_seed(2)
+    online, target = torch.randn(4, 3, 11, generator=generator) * 3, torch.randn(4, 3, 11, generator=generator)
+    support = torch.linspace(-10, 10, 11)
+    batch = {
+        "observations": torch.tensor([0, 1, 2]).view(3, 1, 1, 1).expand(3, 4, 2, 2),
+        "next_observations": torch.tensor([1, 2, 3]).view(3, 1, 1, 1).expand(3, 4, 2, 2),
+        "actions": torch.tensor([0, 2, 1]), "returns": torch.tensor([0.0, 1.0, -2.5]),
+        "bootstrap_discount": torch.tensor([0.99, 0.0, 0.97]),
+        "leaves": torch.tensor([1, 4, 6]), "probabilities": torch.tensor([0.1, 0.4, 0.2]),
+    }
+    expected_losses = slow_rainbow_loss(online, target, batch, support, double=False)
+    weights = [(1 / p) ** 0.5 for p in (0.1, 0.4, 0.2)]
+    expected_loss = sum(w / max(weights) * l for w, l in zip(weights, expected_losses)) / 3
+    q_network = TableNetwork(online)
+    replay = {"sum_tree": make_tree([1.0] * 8), "max_priority": torch.tensor(1.0, dtype=torch.float64)}
+    optimizer = torch.optim.SGD(q_network.parameters(), lr=0.1)
+    args = network_args(double=False, priority_exponent=0.5, importance_exponent=0.5)
+    loss, _ = rainbow.prioritized_update(q_network, TableNetwork(target), optimizer, replay, batch, support, args)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-4)
+    leaves = replay["sum_tree"][8:].tolist()
+    new_priorities = [math.sqrt(l + 1e-10) for l in expected_losses]
+    assert [leaves[i] for i in (1, 4, 6)] == pytest.approx(new_priorities, rel=1e-4)
+    assert [leaves[i] for i in (0, 2, 3, 5, 7)] == [1.0] * 5
+    assert replay["sum_tree"][1].item() == pytest.approx(5 + sum(new_priorities), rel=1e-4)
+    assert replay["max_priority"].item() == pytest.approx(max(1.0, *new_priorities), rel=1e-4)
+    assert not torch.equal(q_network.table.detach(), online)  # the step moved the weights
 
 
 def test_double_and_plain_targets_differ_when_the_networks_disagree():

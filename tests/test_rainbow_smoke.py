@@ -141,7 +141,7 @@ def test_der_preset_runs_with_its_values_and_the_explicit_overrides(der):
     (["--env-id", "Ant"], "--env-id"),  # an EnvPool -v5 id, but MuJoCo
     (["--pool", "mean"], "--pool"),
     (["--preset", "rainbow2"], "--preset"),
-    (["--encoder", "nature", "--resolution", "32"], "--resolution"),
+    (["--encoder", "nature", "--resolution", "0"], "--resolution"),
     (["--batch-size", "500"], "--batch-size"),
 ])
 def test_bad_input_stops_before_any_work_with_one_line(tmp_path, flags, named):
