@@ -730,6 +730,9 @@ def main():
 
         # logging, and the non-finite check (one host sync per log interval)
         if global_step // args.log_every > previous_step // args.log_every:
+            # the weights too: the interval's last optimiser step may have broken them after its loss was checked
+            weights = [p for network in (encoder, actor, critic) for p in network.parameters()] + [log_alpha]
+            nonfinite |= ~torch.stack([torch.isfinite(w).all() for w in weights]).all()
             if nonfinite.item():
                 if last_good is not None:
                     good_step, good_state = last_good
@@ -737,7 +740,7 @@ def main():
                     where = f"the last good state (step {good_step}) is in {utils.checkpoint_path(run_dir, good_step)}"
                 else:
                     where = "no good state was checked yet, so no checkpoint was written"
-                print(f"error: non-finite loss between steps {previous_step - args.log_every} and {global_step}; "
+                print(f"error: non-finite loss or weights between steps {previous_step - args.log_every} and {global_step}; "
                       f"stopping ({where}). Try a lower --learning-rate.", flush=True)
                 writer.close()
                 raise SystemExit(1)

@@ -169,6 +169,21 @@ def test_critic_loss_is_drq_sum_over_views_of_both_critics_against_the_view_aver
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_critic_loss_trains_the_encoder_and_critic_but_not_the_targets_actor_or_temperature():
+    encoder, target_encoder = sac.Encoder(9, 1, "avg"), sac.Encoder(9, 1, "avg")
+    actor, critic, target_critic = sac.Actor(32, 4, 8, 1, (-10.0, 2.0)), sac.Critic(32, 4, 8, 1), sac.Critic(32, 4, 8, 1)
+    log_alpha = torch.tensor(-1.0, requires_grad=True)
+    batch = {"observations": torch.randint(0, 256, (3, 9, 16, 16), dtype=torch.uint8),
+             "next_observations": torch.randint(0, 256, (3, 9, 16, 16), dtype=torch.uint8),
+             "actions": torch.rand(3, 1) * 2 - 1, "rewards": torch.ones(3), "terminated": torch.zeros(3)}
+    loss, _, _ = sac.critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch, 1, 0.99)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())  # DrQ: the critic trains the convs
+    assert all(p.grad is not None for p in critic.parameters())
+    assert all(p.grad is None for network in (target_encoder, target_critic, actor) for p in network.parameters())
+    assert log_alpha.grad is None
+
+
 def test_actor_loss_does_not_reach_the_encoder():
     encoder = sac.Encoder(9, 1, "flatten")
     side = sac.encoder_side(20)
