@@ -131,6 +131,9 @@ def run_status(run, runs_dir: str):
             return "finished", folder, ""
     for folder in folders:
         if glob.glob(os.path.join(folder, "checkpoints", "step_*.pt")):
+            differences = config_differences(run, folder)
+            if differences:  # resuming would continue it under other settings
+                return "conflict", folder, f"{folder} has the same experiment name but {differences}"
             return "unfinished", folder, ""
     return "new", None, ""
 
@@ -210,7 +213,9 @@ def slurm_script(todo, args, grid_name: str, log_dir: str) -> str:
     if args.slurm_partition:
         lines.append(f"#SBATCH --partition={args.slurm_partition}")
     lines += [f"#SBATCH --{line.lstrip('-')}" for line in args.sbatch_line]
-    lines += ["set -euo pipefail", f"cd {shlex.quote(REPO)}", 'case "$SLURM_ARRAY_TASK_ID" in']
+    lines += ["set -euo pipefail", f"cd {shlex.quote(REPO)}",
+              'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"  # torch takes every core of the node otherwise',
+              'case "$SLURM_ARRAY_TASK_ID" in']
     for task, (index, run, command) in enumerate(todo):
         lines.append(f"  {task}) exec {shlex.join(command)} ;;  # run {index}")
     lines += ['  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;', "esac", ""]

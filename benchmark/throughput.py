@@ -122,7 +122,7 @@ def gpu_memory_poller(pid_holder: list, peak: list, stop: threading.Event):
             for line in out.splitlines():
                 pid, memory = [part.strip() for part in line.split(",")[:2]]
                 if pid_holder and int(pid) == pid_holder[0]:
-                    peak[0] = max(peak[0], int(memory))
+                    peak[0] = max(peak[0] or 0, int(memory))
         except (OSError, ValueError, subprocess.SubprocessError):
             pass
         stop.wait(0.5)
@@ -132,7 +132,7 @@ def training_rate(command, runs_dir: str, on_gpu: bool, timeout: float):
     """Run the command; return (steady steps/s, the script's last charts/SPS, peak GPU MiB or None, wall s)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    pid_holder, peak, stop = [], [0], threading.Event()
+    pid_holder, peak, stop = [], [None], threading.Event()  # None: nvidia-smi never reported the process
     poller = threading.Thread(target=gpu_memory_poller, args=(pid_holder, peak, stop), daemon=True) if on_gpu else None
     if poller:
         poller.start()
@@ -155,7 +155,7 @@ def training_rate(command, runs_dir: str, on_gpu: bool, timeout: float):
     if len(points) < 2:
         raise RuntimeError(f"only {len(points)} charts/SPS points: raise the budget")
     steady = (points[-1].step - points[0].step) / (points[-1].wall_time - points[0].wall_time)
-    return steady, points[-1].value, (peak[0] if on_gpu else None), wall
+    return steady, points[-1].value, peak[0], wall
 
 
 def device_description(on_gpu: bool) -> str:

@@ -172,6 +172,18 @@ def test_finished_folder_with_other_flags_is_a_conflict_not_a_skip(tmp_path):
     assert sweep.run_status(dict(run, flags=dict(run["flags"], seed=11)), str(tmp_path))[0] == "new"  # seed 1 is not seed 11
 
 
+def test_unfinished_folder_with_other_flags_is_a_conflict_not_a_resume(tmp_path):
+    run = {"flags": {"env-id": "Pong", "seed": 1, "learning-rate": 1e-4}, "exp_name": "fake"}
+    folder = tmp_path / "Pong__fake__1__123"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "step_000000000010.pt").write_bytes(b"")
+    (folder / "config.json").write_text(json.dumps({"env_id": "Pong", "seed": 1, "learning_rate": 3e-4}))
+    status, found, message = sweep.run_status(run, str(tmp_path))
+    assert status == "conflict" and found == str(folder) and "learning-rate=0.0003" in message
+    (folder / "config.json").write_text(json.dumps({"env_id": "Pong", "seed": 1, "learning_rate": 1e-4}))
+    assert sweep.run_status(run, str(tmp_path))[:2] == ("unfinished", str(folder))
+
+
 # Slurm job array
 def test_slurm_dry_run_writes_a_valid_array_script_without_submitting(tmp_path, capsys, monkeypatch):
     grid = write_fake_grid(tmp_path, {"env-id": ["Pong", "Breakout"], "seed": [1, 2], "pool": ["flatten", "avg"]})
@@ -189,7 +201,8 @@ def test_slurm_dry_run_writes_a_valid_array_script_without_submitting(tmp_path, 
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     assert "not submitted: --dry-run" in out and text in out
     for line in ["#SBATCH --array=0-6%3", "#SBATCH --gres=gpu:1", "#SBATCH --time=2:00:00", "#SBATCH --partition=gpu",
-                 "#SBATCH --account=abc", f"#SBATCH --output={runs_dir}/sweep_logs/%x_%A_%a.out", 'case "$SLURM_ARRAY_TASK_ID" in']:
+                 "#SBATCH --account=abc", f"#SBATCH --output={runs_dir}/sweep_logs/%x_%A_%a.out", 'case "$SLURM_ARRAY_TASK_ID" in',
+                 'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"  # torch takes every core of the node otherwise']:
         assert line in text.splitlines()
     tasks = [line for line in text.splitlines() if line.startswith("  ") and ") exec " in line]
     assert [t.split(")")[0].strip() for t in tasks] == [str(i) for i in range(7)]  # 8 runs, 1 finished
