@@ -51,6 +51,16 @@ def test_tensorboard_has_the_contract_tags(smoke):
     assert "images/saliency" in read_image_tags(run_dir)
 
 
+def test_target_network_is_the_online_network_copied_at_the_last_sync(smoke):
+    """Synced every 50 agent steps, after that step's updates: at step 400 (a sync step) the target
+    equals the online network, which training moved away from the one saved at step 200."""
+    _, run_dir, _ = smoke
+    final = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)
+    earlier = torch.load(os.path.join(run_dir, "checkpoints", "step_000000000200.pt"), weights_only=True)
+    assert all(torch.equal(final["target_network"][name], value) for name, value in final["q_network"].items())
+    assert not all(torch.equal(earlier["q_network"][name], value) for name, value in final["q_network"].items())
+
+
 def test_parameter_counts_are_printed(smoke):
     _, _, result = smoke
     assert "parameters: encoder 77,984, bottleneck 33,280, head 2,052" in result.stdout

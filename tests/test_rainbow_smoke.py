@@ -77,6 +77,16 @@ def test_epsilon_is_one_until_learning_starts_then_decays(smoke):
     assert epsilon[400] == pytest.approx(1.0 - 0.99 * (398 - 100) / 250_000)
 
 
+def test_target_network_is_the_online_network_copied_at_the_last_sync(smoke):
+    """Synced every 50 agent steps, after that step's updates: at step 400 (a sync step) the target
+    equals the online network, which training moved away from the one saved at step 200."""
+    _, run_dir, _ = smoke
+    final = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)
+    earlier = torch.load(os.path.join(run_dir, "checkpoints", "step_000000000200.pt"), weights_only=True)
+    assert all(torch.equal(final["target_network"][name], value) for name, value in final["q_network"].items())
+    assert not all(torch.equal(earlier["q_network"][name], value) for name, value in final["q_network"].items())
+
+
 def test_parameter_counts_are_printed(smoke):
     _, _, result = smoke
     # Impala (16, 32, 32): 592 + 4 x 2,320 + 4,640 + 4 x 9,248 + 9,248 + 4 x 9,248; head 2048 x 4 actions x 51 atoms
@@ -89,7 +99,8 @@ def test_checkpoints_load_as_plain_data_with_replay_and_priorities_behind_the_fl
     assert checkpoint["script"] == SCRIPT and checkpoint["global_step"] == 200
     assert {"q_network", "target_network", "optimizer", "rng", "args", "replay", "buffer_time"} <= set(checkpoint)
     assert checkpoint["replay"]["frames"].dtype == torch.uint8 and checkpoint["replay"]["frames"].shape == (2, 200, 84, 84)
-    assert checkpoint["replay"]["sum_tree"][1] > 0 and checkpoint["replay"]["max_priority"] >= 1.0
+    # the updates wrote sqrt(cross-entropy) priorities (about 2 for 51 atoms), above the initial 1
+    assert checkpoint["replay"]["sum_tree"][1] > 0 and checkpoint["replay"]["max_priority"] > 1.5
     final = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)
     assert final["global_step"] == 400 and final["update_count"] == (400 - 100) // 4
 
