@@ -664,7 +664,7 @@ def main():
         # logging, and the non-finite check (one host sync per log interval)
         if global_step // args.log_every > previous_step // args.log_every:
             stop_if_nonfinite(global_step)
-            sps = int((global_step - start_step) / (time.time() - start_time))
+            sps = (global_step - start_step) / (time.time() - start_time)
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
             writer.add_scalar("charts/epsilon", epsilon, global_step)
@@ -673,7 +673,7 @@ def main():
                 writer.add_scalar("losses/q_values", (q_sum / losses_since_log).item(), global_step)
                 loss_sum.zero_(), q_sum.zero_()
                 losses_since_log = 0
-            print(f"global_step={global_step}, SPS={sps}, epsilon={epsilon:.3f}, updates={update_count}", flush=True)
+            print(f"global_step={global_step}, SPS={sps:.1f}, epsilon={epsilon:.3f}, updates={update_count}", flush=True)
 
         # diagnostics on a batch of the newest stored observations
         if args.diag_every and global_step // args.diag_every > previous_step // args.diag_every:

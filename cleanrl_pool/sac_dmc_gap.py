@@ -746,7 +746,7 @@ def main():
                 raise SystemExit(1)
             if critic_updates_since_log or last_good is None:  # a copy of every weight: only when they changed
                 last_good = (global_step, copy.deepcopy(training_state(global_step)))
-            sps = int((global_step - start_step) / (time.time() - start_time))
+            sps = (global_step - start_step) / (time.time() - start_time)
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.add_scalar("charts/learning_rate", critic_optimizer.param_groups[0]["lr"], global_step)
             writer.add_scalar("losses/alpha", log_alpha.exp().item(), global_step)
@@ -759,7 +759,7 @@ def main():
             for value in logged.values():
                 value.zero_()
             critic_updates_since_log, actor_updates_since_log = 0, 0
-            print(f"global_step={global_step}, SPS={sps}, updates={update_count}, alpha={log_alpha.exp().item():.4f}", flush=True)
+            print(f"global_step={global_step}, SPS={sps:.1f}, updates={update_count}, alpha={log_alpha.exp().item():.4f}", flush=True)
 
         # diagnostics on the newest stored observations
         if args.diag_every and replay_size and global_step // args.diag_every > previous_step // args.diag_every:
