@@ -237,3 +237,23 @@ def test_grid_without_env_id_or_with_a_scalar_axis_is_refused(tmp_path, capsys):
         grid = write_fake_grid(tmp_path, vary)
         status, out, err = run_sweep(capsys, "--grid", grid, "--dry-run")
         assert status == 2 and err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize("grid_name", sorted(GRIDS))
+def test_every_ready_made_grid_point_parses_with_its_script(grid_name, monkeypatch):
+    """Every flag a ready-made grid passes (fixed, varied and the sweep's own) is one its script
+    accepts, with the grid's value: a renamed flag would otherwise fail only on the cluster."""
+    import importlib
+
+    grid = sweep.load_grid(grid_name)
+    script = grid["script"].removesuffix(".py")
+    monkeypatch.syspath_prepend(os.path.join(REPO, "cleanrl_pool"))
+    module = importlib.import_module(script)
+    runs = sweep.expand_grid(grid)
+    for run in (runs[0], runs[-1]):
+        flags = sweep.command_of(run, sweep.script_path(grid), "runs", sys.executable)[2:]
+        monkeypatch.setattr(sys, "argv", [script + ".py", *flags])
+        args = module.parse_args() if hasattr(module, "parse_args") else module.tyro.cli(module.Args)
+        for flag, value in run["flags"].items():
+            assert getattr(args, flag.replace("-", "_")) == value, flag
+        assert (args.exp_name, args.resume) == (run["exp_name"], "auto")
