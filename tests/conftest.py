@@ -44,6 +44,18 @@ def read_image_tags(run_dir):
     return tags
 
 
+def target_is_online_after_sync(run_dir):
+    """(final target == final online network, online network moved since the step-200 checkpoint):
+    a run that syncs its target at its last step, after that step's updates, gives (True, True)."""
+    import torch
+
+    final = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)
+    earlier = torch.load(os.path.join(run_dir, "checkpoints", "step_000000000200.pt"), weights_only=True)
+    synced = all(torch.equal(final["target_network"][name], value) for name, value in final["q_network"].items())
+    moved = not all(torch.equal(earlier["q_network"][name], value) for name, value in final["q_network"].items())
+    return synced, moved
+
+
 @pytest.fixture
 def script_runner():
     return run_script
