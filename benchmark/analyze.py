@@ -171,6 +171,9 @@ def load_run(run_dir: str, last_episodes: int) -> dict:
         "final": {}, "curves": {}, "warnings": [],
         "parameters": sum(scalars[tag][1][0] for tag in PARAMETER_TAGS) if all(t in scalars for t in PARAMETER_TAGS) else None,
     }
+    if normalization == "raw return" and "frame_skip" in config:  # an Atari run (DQN, Rainbow) of a game not in the table
+        run["warnings"].append(f"{run_dir}: no random/human scores for {run['env_id']!r} in utils.ATARI_RANDOM_HUMAN; "
+                               "its raw returns are used, in a partition of their own")
     for split, tag in EVAL_RETURN_TAGS.items():
         if tag in scalars:
             steps, returns = scalars[tag]

@@ -364,3 +364,12 @@ def test_a_flag_resolved_per_game_is_not_a_group(tmp_path):
     per_game = partition["splits"]["eval"]["per_game"]
     assert {group: [list(s) for _, s in tasks] for group, tasks in per_game.items()} == {
         (("pool", "avg"),): [[100.0], [100.0]], (("pool", "flatten"),): [[50.0], [50.0]]}
+
+
+def test_an_atari_game_without_human_scores_is_warned_about(tmp_path):
+    write_run(str(tmp_path), "Tennis", 1, {"exp_name": "dqn_atari_gap", "frame_skip": 4}, {"eval/return": [(1, -5.0)]})
+    write_run(str(tmp_path), "cheetah-run", 1, {"exp_name": "sac_dmc_gap", "action_repeat": 4}, {"eval/return": [(1, 300.0)]})
+    results = analyze.analyze(str(tmp_path), str(tmp_path / "out"), reps=50, curve_reps=10)
+    assert results["partitions"]["dqn_atari_gap"]["normalization"] == "raw return"
+    assert len(results["warnings"]) == 1 and "no random/human scores for 'Tennis'" in results["warnings"][0]
+    assert "## Warnings" in open(tmp_path / "out" / "summary.md").read()
