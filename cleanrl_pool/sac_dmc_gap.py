@@ -5,7 +5,8 @@ action repeat with summed rewards, random shift (pad 4) with two augmented views
 and the loss (K = M = 2), shared 4-conv encoder trained by the critic only, twin critics, auto
 temperature. `--pool flatten|avg|max` replaces DrQ's flatten before the Linear(50) -> LayerNorm ->
 tanh projection, so that "global average pooling lets pixel RL scale" (Sokar & Castro 2025, "Mind
-the GAP", SAC on DMC) can be tested; `--no-augment` gives the Dopamine-like plain SAC from pixels.
+the GAP", SAC on DMC) can be tested. Dopamine's plain SAC from pixels is `--no-augment --reward-scale 0.1
+--learning-rate 3e-4 --batch-size 256 --tau 0.005 --action-repeat 4`.
 Step counts are agent steps: DrQ's "100k steps" are 100k environment frames = 100k / action repeat.
 """
 
@@ -88,6 +89,8 @@ class Args:
     """transitions per gradient update (DrQ paper: 512; its config file: 128)"""
     gamma: float = 0.99
     """the discount factor per agent step"""
+    reward_scale: float = 1.0
+    """multiplies the rewards the critic learns from (DrQ: 1; Dopamine's SAC from pixels: 0.1); logged returns stay raw"""
     tau: float = 0.01
     """EMA rate of the target critic and its encoder (DrQ: 0.01)"""
     init_temperature: float = 0.1
@@ -527,7 +530,7 @@ def check_args(args):
     utils.check_choice("pool", args.pool, ("flatten", "avg", "max"))
     for flag in ("total_timesteps", "num_envs", "frame_stack", "width", "dense_scale", "feature_dim", "hidden_dim",
                  "learning_rate", "buffer_size", "batch_size", "update_to_data", "actor_update_frequency",
-                 "target_update_frequency", "eval_episodes", "log_every", "init_temperature"):
+                 "target_update_frequency", "eval_episodes", "log_every", "init_temperature", "reward_scale"):
         utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
     for flag in ("eval_every", "save_every", "diag_every", "learning_starts", "image_pad", "action_repeat", "torch_threads"):
         if getattr(args, flag) < 0:
@@ -684,7 +687,8 @@ def main():
         if collected:
             keep = torch.as_tensor(~auto_reset, device=device)
             replay_position = add_transitions(
-                replay, replay_position, obs[keep], actions[keep], torch.as_tensor(rewards, device=device, dtype=torch.float32)[keep],
+                replay, replay_position, obs[keep], actions[keep],
+                args.reward_scale * torch.as_tensor(rewards, device=device, dtype=torch.float32)[keep],
                 next_obs[keep], torch.as_tensor(terminated, device=device, dtype=torch.float32)[keep])
             replay_size = min(replay_size + collected, args.buffer_size)
         obs = next_obs

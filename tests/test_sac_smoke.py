@@ -22,7 +22,7 @@ def smoke_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("sac_smoke")
     result = run_script(SCRIPT, *TINY, "--pool", "avg", "--total-timesteps", "250", "--learning-starts", "200",
                         "--buffer-size", "400", "--eval-every", "125", "--save-every", "125", "--diag-every", "125",
-                        "--log-every", "50", "--capture-video", "--save-buffer", cwd=cwd)
+                        "--log-every", "50", "--capture-video", "--save-buffer", "--reward-scale", "0.5", cwd=cwd)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
     return cwd, run_dir, result
@@ -67,6 +67,10 @@ def test_checkpoints_final_and_video_are_written_and_load_as_data(smoke_run):
     assert final["global_step"] == 250 and "replay" in final
     # every DMC episode here ended by its time limit: none is stored as terminal, so targets bootstrap through them
     assert final["replay_size"] == 250 and final["replay"]["terminated"][:250].sum().item() == 0
+    # --reward-scale 0.5: the replay holds half of each logged (raw) episode return
+    returns = [value for _, value in read_scalars(run_dir)["charts/episodic_return"]]
+    stored = [final["replay"]["rewards"][:125].sum().item(), final["replay"]["rewards"][125:250].sum().item()]
+    assert stored == pytest.approx([0.5 * r for r in returns], rel=1e-4, abs=1e-3) and max(returns) > 0
     assert {"encoder", "actor", "critic", "target_encoder", "target_critic", "log_alpha", "critic_optimizer",
             "actor_optimizer", "alpha_optimizer", "rng"} <= set(final)
     assert len(glob.glob(os.path.join(run_dir, "videos", "eval_step_*.gif"))) == 2
