@@ -489,11 +489,12 @@ def main(argv=None):
         utils.fail(f"RUNS_ROOT {args.root!r} is not a folder")
     for flag in ("reps", "curve_reps", "curve_points", "last_episodes"):
         utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
-    if not find_run_dirs(args.root):
+    run_dirs = find_run_dirs(args.root)
+    if not run_dirs:
         utils.fail(f"RUNS_ROOT {args.root!r} holds no run folder (config.json + TensorBoard events)")
     group_by = [key.strip().replace("-", "_") for key in args.group_by.split(",") if key.strip()]
     known_keys = set()
-    for run_dir in find_run_dirs(args.root):
+    for run_dir in run_dirs:
         with open(os.path.join(run_dir, "config.json")) as f:
             known_keys |= set(json.load(f))
     for key in group_by:

@@ -512,7 +512,7 @@ def main():
     exploration_steps = args.exploration_fraction * args.total_timesteps
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     replay_bytes = args.num_envs * replay_capacity * args.resolution**2
-    if device.type == "cuda" and replay_bytes > torch.cuda.mem_get_info()[0]:
+    if device.type == "cuda" and replay_bytes > utils.free_memory_bytes(device):
         utils.fail(f"--buffer-size {args.buffer_size} at --resolution {args.resolution} needs "
                    f"{replay_bytes / 2**30:.1f} GiB of replay, more than the GPU has free")
 

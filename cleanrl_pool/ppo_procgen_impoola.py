@@ -424,7 +424,7 @@ def main():
             utils.fail("--track needs wandb (pip install wandb); the script runs without it")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     rollout_bytes = batch_size * 3 * args.resolution**2
-    free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free_bytes = utils.free_memory_bytes(device)
     if rollout_bytes > 0.8 * free_bytes:
         utils.fail(f"--resolution {args.resolution} needs {rollout_bytes / 1e9:.1f} GB of uint8 rollout on {device.type}, "
                    f"{free_bytes / 1e9:.1f} GB free; lower --resolution, --num-envs or --num-steps")

@@ -569,7 +569,7 @@ def main():
     obs_shape = (3 * args.frame_stack, args.resolution, args.resolution)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     replay_bytes = args.buffer_size * (obs_shape[0] + 3) * args.resolution**2
-    free_bytes = torch.cuda.mem_get_info()[0] if device.type == "cuda" else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free_bytes = utils.free_memory_bytes(device)
     if replay_bytes > free_bytes:
         utils.fail(f"--buffer-size {args.buffer_size} at --resolution {args.resolution} needs "
                    f"{replay_bytes / 2**30:.1f} GiB of replay, more than the {device.type} has free ({free_bytes / 2**30:.1f} GiB)")

@@ -226,3 +226,10 @@ def save_video(path: str, frames, fps: int = 30):
 
 def parameter_count(*modules) -> int:
     return sum(p.numel() for module in modules for p in module.parameters())
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free for a new buffer: the GPU's when on CUDA, else the machine's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

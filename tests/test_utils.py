@@ -120,3 +120,9 @@ def test_save_video_writes_a_readable_gif(tmp_path):
     with Image.open(path) as image:
         assert image.n_frames == 5 and image.size == (16, 16)
     assert os.listdir(tmp_path / "videos") == ["eval.gif"]
+
+
+def test_free_memory_on_cpu_is_the_available_ram():
+    free = utils.free_memory_bytes(torch.device("cpu"))
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < free <= total
