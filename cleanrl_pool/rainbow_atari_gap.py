@@ -5,7 +5,8 @@ atoms, 3-step returns, prioritised replay, Adam 6.25e-5, sticky actions, Impala 
 layer x4, plus `--pool flatten|avg|max`, `--encoder nature|impala` and `--dense-scale`, so that
 "scaling the dense layer hurts with flatten and helps with global average pooling" can be
 reproduced. `--noisy --dueling --double` give full Rainbow; `--preset der` is Data-Efficient
-Rainbow on Atari 100k (van Hasselt et al. 2019, as Dopamine's DER.gin). The replay stores each
+Rainbow on Atari 100k (van Hasselt et al. 2019) exactly as Dopamine's DER.gin (Nature CNN, one noisy
+dense layer of 512). Weights start as Dopamine's Flax initialisers (`--init dopamine`). The replay stores each
 frame once and rebuilds the 4-frame stacks when it samples them; priorities live in a sum tree;
 all of it on the training device.
 """
@@ -110,7 +111,7 @@ class Args:
     start_e: float = 1.0
     """exploration epsilon when learning starts (it is 1 before)"""
     end_e: float = 0.01
-    """exploration epsilon at the end of the schedule; with `--noisy` the only epsilon, from the first step (Dopamine)"""
+    """exploration epsilon at the end of the schedule; unused with `--noisy`, which explores with epsilon 0 (Dopamine)"""
     epsilon_decay_steps: int = 250_000
     """agent steps after `learning_starts` over which epsilon goes from `start_e` to `end_e` (DER.gin 2,000; unused with `--noisy`)"""
     learning_starts: int = 20_000
@@ -125,6 +126,8 @@ class Args:
     """priority = loss ** priority_exponent (Dopamine: the square root of the cross-entropy)"""
     importance_exponent: float = 0.5
     """importance weight = (1 / sampling probability) ** importance_exponent, over the batch maximum"""
+    init: str = "dopamine"
+    """initial weights: `dopamine` (Dopamine's Flax initialisers, see `dopamine_init`) or `torch` (PyTorch's defaults)"""
 
     eval_every: int = 250_000
     """agent steps between evaluations (one more runs at the end); 0 evaluates only at the end"""
@@ -132,6 +135,8 @@ class Args:
     """full-game episodes per evaluation, one per evaluation environment (DER 100)"""
     eval_epsilon: float = 0.001
     """epsilon of the greedy policy at evaluation (Dopamine)"""
+    iteration_steps: int = 250_000
+    """agent steps per Dopamine iteration; `charts/iteration_return`: mean return of the games ended in each (DER 10k)"""
     save_every: int = 1_000_000
     """agent steps between checkpoints; 0 saves only `final.pt`"""
     save_buffer: bool = False
@@ -155,9 +160,10 @@ PRESETS = {
     "der": dict(  # Dopamine's labs/atari_100k/configs/DER.gin (van Hasselt et al. 2019)
         noisy=True, dueling=True, double=True, n_step=10, learning_starts=1_600, train_frequency=1,
         target_network_frequency=2_000, learning_rate=1e-4, adam_eps=1.5e-4, repeat_action_probability=0.0,
-        episodic_life=True, total_timesteps=100_000, eval_episodes=100,
+        episodic_life=True, total_timesteps=100_000, eval_episodes=100, iteration_steps=10_000,
+        encoder="nature", pool="flatten", dense_scale=1,  # Dopamine's FullRainbowNetwork: Nature CNN, one noisy Dense(512)
         buffer_size=100_000,  # Dopamine's 1M only stands for "keep everything"; 100k is all a 100k-step run fills
-        epsilon_decay_steps=2_000,  # used only with --no-noisy: with NoisyNet, Dopamine keeps epsilon at end_e
+        epsilon_decay_steps=2_000,  # used only with --no-noisy: with NoisyNet, Dopamine's epsilon is 0 (zero_epsilon)
     ),
 }
 
@@ -311,8 +317,7 @@ class NoisyLinear(nn.Module):
 
 
 def make_linear(in_features: int, out_features: int, args) -> nn.Module:
-    """PyTorch's default init, U(+-1/sqrt(fan_in)); Dopamine's Rainbow draws a little wider,
-    U(+-1.32/sqrt(fan_in)) (variance_scaling(1/sqrt(3), fan_in, uniform)), NoisyNet as here."""
+    """A dense layer, NoisyNet with `--noisy`; `dopamine_init` sets the weights of the plain ones."""
     return NoisyLinear(in_features, out_features, args.noisy_std) if args.noisy else nn.Linear(in_features, out_features)
 
 
@@ -351,6 +356,52 @@ class QNetwork(nn.Module):
 
     def forward(self, obs):
         return self.head(self.bottleneck(self.encoder(obs.float() / 255.0)))
+
+
+def variance_scaling_(weight, scale: float, distribution: str):
+    """Flax's variance_scaling(scale, "fan_in", distribution): variance scale / fan_in, fan_in = in x kernel area.
+    `truncated_normal` is cut at 2 standard deviations and rescaled by 0.8796 to keep that variance."""
+    std = math.sqrt(scale / weight[0].numel())
+    if distribution == "uniform":
+        return nn.init.uniform_(weight, -math.sqrt(3) * std, math.sqrt(3) * std)
+    std /= 0.87962566103423978
+    return nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+def dopamine_init(q_network, args):
+    """Dopamine's Flax initialisers (dopamine/jax/networks.py), every bias 0 (Flax's default).
+
+    Impala (`Stack`): each stage's first conv xavier_uniform, the residual convs Flax's default
+    lecun_normal = variance_scaling(1, fan_in, truncated_normal). Plain Rainbow (`RainbowNetwork`,
+    rainbow.gin): Nature convs and dense layers variance_scaling(1/sqrt(3), fan_in, uniform), std
+    0.76/sqrt(fan_in) where PyTorch's default gives 0.58/sqrt(fan_in). With `--noisy` or `--dueling`
+    (`FullRainbowNetwork`, DER.gin): Nature convs and plain dense layers xavier_uniform; NoisyNet
+    layers keep their own initialisation, the same as Dopamine's `NoisyNetwork`.
+    """
+    full_rainbow = args.noisy or args.dueling
+
+    def plain_init_(weight):
+        if full_rainbow:
+            return nn.init.xavier_uniform_(weight)
+        return variance_scaling_(weight, 1 / math.sqrt(3), "uniform")
+
+    for module in q_network.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.zeros_(module.bias)
+    if args.encoder == "impala":
+        for module in q_network.encoder:
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight)
+            elif isinstance(module, ResidualBlock):
+                variance_scaling_(module.conv0.weight, 1.0, "truncated_normal")
+                variance_scaling_(module.conv1.weight, 1.0, "truncated_normal")
+    else:
+        for module in q_network.encoder:
+            if isinstance(module, nn.Conv2d):
+                plain_init_(module.weight)
+    for module in (*q_network.bottleneck.modules(), *q_network.head.modules()):
+        if isinstance(module, nn.Linear):
+            plain_init_(module.weight)
 
 
 def q_values(logits, support):
@@ -492,6 +543,20 @@ def store_step(replay: dict, slot_time: int, actions, rewards, terminated, trunc
     sum_tree_update(replay["sum_tree"], torch.cat(leaves), torch.cat(priorities))
 
 
+def store_env_step(replay: dict, slot_time: int, actions, rewards, terminated, truncated, info, next_obs, episode_done, args):
+    """The training loop's store of one EnvPool step (host arrays; `next_obs` already on the replay's device).
+
+    The step is a transition unless the previous one ended an episode (`episode_done`): then it was
+    EnvPool's auto-reset step, whose action was ignored. Returns `episode_done` for the next step.
+    """
+    device = replay["frames"].device
+    store_step(replay, slot_time, torch.as_tensor(actions, device=device), torch.as_tensor(rewards, device=device),
+               torch.as_tensor(terminated, device=device), torch.as_tensor(truncated, device=device),
+               torch.as_tensor(episode_done, device=device), next_obs,
+               torch.as_tensor(info["elapsed_step"], device=device), args.n_step, args.frame_stack)
+    return terminated | truncated
+
+
 def stack_frames(replay: dict, env_index, slot_time, frame_stack: int):
     """Rebuild the stacked observation o_t (B, frame_stack, H, W) exactly as EnvPool returned it.
 
@@ -575,9 +640,12 @@ def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> fl
     return max(slope * t + start_e, end_e)
 
 
-def project_distribution(next_probs, returns, discounts, support):
+def project_distribution(next_probs, returns, discounts, support, deterministic: bool = False):
     """C51 target (Bellemare et al. 2017, Algorithm 1): move each atom z_j to r + discount * z_j,
-    clamp it to [v_min, v_max] and split its probability between the two neighbouring atoms."""
+    clamp it to [v_min, v_max] and split its probability between the two neighbouring atoms.
+
+    `deterministic` sums over one-hot masks (B x atoms x atoms) instead of `scatter_add_`, whose
+    atomic adds on CUDA make the sum order, and so the last bits, vary between runs."""
     v_min, v_max, num_atoms = support[0], support[-1], support.numel()
     delta = (v_max - v_min) / (num_atoms - 1)
     target_atoms = (returns[:, None] + discounts[:, None] * support[None, :]).clamp(v_min, v_max)
@@ -585,6 +653,11 @@ def project_distribution(next_probs, returns, discounts, support):
     lower, upper = position.floor().long(), position.ceil().long()
     lower_weight = upper.to(position.dtype) - position + (lower == upper).to(position.dtype)  # a hit on an atom keeps it all
     upper_weight = position - lower.to(position.dtype)
+    if deterministic:
+        atoms = torch.arange(num_atoms, device=support.device)
+        to_lower = (lower[:, :, None] == atoms).to(next_probs.dtype) * (next_probs * lower_weight)[:, :, None]
+        to_upper = (upper[:, :, None] == atoms).to(next_probs.dtype) * (next_probs * upper_weight)[:, :, None]
+        return (to_lower + to_upper).sum(dim=1)
     projected = torch.zeros_like(next_probs)
     projected.scatter_add_(1, lower, next_probs * lower_weight)
     projected.scatter_add_(1, upper, next_probs * upper_weight)
@@ -597,7 +670,7 @@ def importance_weights(probabilities, exponent: float):
     return weights / weights.max()
 
 
-def rainbow_loss(q_network, target_network, batch: dict, support, double: bool):
+def rainbow_loss(q_network, target_network, batch: dict, support, double: bool, deterministic: bool = False):
     """Per-transition cross-entropy between the projected target distribution and the online one;
     also returns the online logits of the batch."""
     rows = torch.arange(len(batch["actions"]), device=support.device)
@@ -605,7 +678,8 @@ def rainbow_loss(q_network, target_network, batch: dict, support, double: bool):
         next_target_probs = target_network(batch["next_observations"]).softmax(dim=-1)
         chooser = q_network(batch["next_observations"]).softmax(dim=-1) if double else next_target_probs
         next_actions = (chooser * support).sum(dim=-1).argmax(dim=1)
-        target = project_distribution(next_target_probs[rows, next_actions], batch["returns"], batch["bootstrap_discount"], support)
+        target = project_distribution(next_target_probs[rows, next_actions], batch["returns"], batch["bootstrap_discount"],
+                                      support, deterministic)
     logits = q_network(batch["observations"])
     log_probs = logits[rows, batch["actions"]].log_softmax(dim=-1)
     return -(target * log_probs).sum(dim=-1), logits
@@ -615,7 +689,8 @@ def prioritized_update(q_network, target_network, optimizer, replay: dict, batch
     """One gradient step on the importance-weighted mean cross-entropy, then the sampled leaves get
     priority loss ** priority_exponent (Dopamine: sqrt(loss + 1e-10)) and the running maximum, which
     new transitions receive, grows with them. Returns the (detached) loss and online logits."""
-    loss_per_transition, logits = rainbow_loss(q_network, target_network, batch, support, args.double)
+    loss_per_transition, logits = rainbow_loss(q_network, target_network, batch, support, args.double,
+                                               args.torch_deterministic)
     loss = (importance_weights(batch["probabilities"], args.importance_exponent) * loss_per_transition).mean()
     optimizer.zero_grad()
     loss.backward()
@@ -665,9 +740,11 @@ def check_args(args):
         utils.fail(f"--env-id {args.env_id!r} is not an EnvPool Atari game; choose one of: {', '.join(atari_games())}")
     utils.check_choice("encoder", args.encoder, ("nature", "impala"))
     utils.check_choice("pool", args.pool, ("flatten", "avg", "max"))
+    utils.check_choice("init", args.init, ("dopamine", "torch"))
     for flag in ("total_timesteps", "num_envs", "resolution", "frame_stack", "frame_skip", "max_episode_steps", "width",
                  "dense_scale", "learning_rate", "adam_eps", "buffer_size", "target_network_frequency", "batch_size",
-                 "train_frequency", "n_step", "eval_episodes", "log_every", "epsilon_decay_steps", "noisy_std"):
+                 "train_frequency", "n_step", "eval_episodes", "log_every", "epsilon_decay_steps", "noisy_std",
+                 "iteration_steps"):
         utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
     for flag in ("eval_every", "save_every", "diag_every", "learning_starts", "torch_threads", "priority_exponent", "importance_exponent"):
         if getattr(args, flag) < 0:
@@ -731,16 +808,20 @@ def main():
     num_actions = envs.action_space.n
     support = torch.linspace(args.v_min, args.v_max, args.num_atoms, device=device)
     q_network = QNetwork(args, num_actions).to(device)
+    if args.init == "dopamine":
+        dopamine_init(q_network, args)
     target_network = QNetwork(args, num_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
     replay = make_replay(args.num_envs, replay_capacity, args.resolution, device)
     buffer_time, update_count, update_credit = 0, 0, 0
+    iteration_returns = []  # whole-game returns of the training games that ended in this iteration (Dopamine's statistic)
     if checkpoint:
         q_network.load_state_dict(checkpoint["q_network"])
         target_network.load_state_dict(checkpoint["target_network"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         update_count, update_credit = checkpoint["update_count"], checkpoint["update_credit"]
+        iteration_returns = list(checkpoint.get("iteration_returns", []))
         if "replay" in checkpoint:
             replay = {key: value.to(device) for key, value in checkpoint["replay"].items()}
             buffer_time = checkpoint["buffer_time"]
@@ -761,6 +842,7 @@ def main():
             "script": SCRIPT, "args": asdict(args), "global_step": step, "rng": utils.rng_state(),
             "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
             "optimizer": optimizer.state_dict(), "update_count": update_count, "update_credit": update_credit,
+            "iteration_returns": list(iteration_returns),
         }
         if args.save_buffer:
             payload["replay"], payload["buffer_time"] = replay, buffer_time
@@ -811,9 +893,9 @@ def main():
     start_step, start_time = global_step, time.time()
     while global_step < args.total_timesteps:
         # Dopamine: epsilon 1 until learning starts, then linear to end_e over epsilon_decay_steps;
-        # with NoisyNet layers a constant end_e from the first step (its `identity_epsilon`)
+        # with NoisyNet layers 0 from the first step, the noise explores (full Rainbow's `zero_epsilon`)
         epsilon = linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, max(0, global_step - args.learning_starts))
-        epsilon = args.end_e if args.noisy else 1.0 if global_step < args.learning_starts else epsilon
+        epsilon = 0.0 if args.noisy else 1.0 if global_step < args.learning_starts else epsilon
         actions = select_actions(q_forward, obs_device, epsilon, num_actions, support)
         envs.send(actions)  # the emulators step in EnvPool's threads while the learner updates below
         previous_step = global_step
@@ -838,17 +920,20 @@ def main():
         # store the step taken from o_t; an auto-reset step (after an episode end) is never a transition
         next_obs, rewards, terminated, truncated, info = envs.recv()
         next_obs_device = torch.as_tensor(next_obs, device=device)
-        store_step(replay, buffer_time, torch.as_tensor(actions, device=device), torch.as_tensor(rewards, device=device),
-                   torch.as_tensor(terminated, device=device), torch.as_tensor(truncated, device=device),
-                   torch.as_tensor(episode_done, device=device), next_obs_device,
-                   torch.as_tensor(info["elapsed_step"], device=device), args.n_step, args.frame_stack)
+        episode_done = store_env_step(replay, buffer_time, actions, rewards, terminated, truncated, info, next_obs_device,
+                                      episode_done, args)
         buffer_time += 1
-        episode_done = terminated | truncated
         obs_device = next_obs_device
         for game_return, game_length in finished_games(episode_return, info, truncated):
             writer.add_scalar("charts/episodic_return", game_return, global_step)
             writer.add_scalar("charts/episodic_length", game_length, global_step)
+            iteration_returns.append(float(game_return))
             print(f"global_step={global_step}, episodic_return={game_return:.0f}", flush=True)
+        # Dopamine's reported score: the mean training return per iteration (its train_average_return)
+        if global_step // args.iteration_steps > previous_step // args.iteration_steps:
+            if iteration_returns:
+                writer.add_scalar("charts/iteration_return", np.mean(iteration_returns), global_step)
+            iteration_returns = []
 
         # logging, and the non-finite check (one host sync per log interval)
         if global_step // args.log_every > previous_step // args.log_every:

@@ -84,6 +84,22 @@ def test_projection_in_float32_stays_inside_supports_whose_spacing_rounds(v_min,
     assert torch.allclose(projected.sum(1), torch.ones(4), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_deterministic_projection_equals_the_scatter_add_projection(dtype):
+    """--torch-deterministic sums one-hot masks instead of scatter_add_ (atomic adds on CUDA): same numbers."""
+    generator = torch.Generator().manual_seed(3)
+    support = torch.linspace(-10.0, 10.0, 51, dtype=dtype)
+    next_probs = torch.rand(64, 51, generator=generator, dtype=dtype).softmax(1)
+    returns = torch.randn(64, generator=generator, dtype=dtype) * 6
+    returns[:4] = torch.tensor([0.0, 2.0, 100.0, -100.0], dtype=dtype)  # on atoms, and clamped at both edges
+    discounts = torch.rand(64, generator=generator, dtype=dtype)
+    discounts[:4] = torch.tensor([1.0, 1.0, 0.99, 0.0], dtype=dtype)
+    scattered = rainbow.project_distribution(next_probs, returns, discounts, support)
+    dense = rainbow.project_distribution(next_probs, returns, discounts, support, deterministic=True)
+    assert torch.allclose(dense, scattered, atol=1e-6 if dtype == torch.float32 else 1e-13, rtol=0)
+    assert torch.allclose(dense, kernel_projection(next_probs, returns, discounts, support), atol=1e-5)
+
+
 def test_projection_of_a_terminal_transition_is_the_reward_alone():
     next_probs = torch.rand(1, 51, dtype=torch.float64).softmax(1)
     projected = project(next_probs, torch.tensor([1.3], dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
@@ -265,6 +281,62 @@ def test_network_outputs_logits_per_action_and_atom_and_sizes_the_bottleneck(enc
     assert network.bottleneck[1].weight_mu.shape == (512, joined)
 
 
+def flax_std(kind, weight):
+    """The standard deviation of Dopamine's Flax initialisers, fan_in = in x kernel area, fan_out = out x kernel area."""
+    fan_in, fan_out = weight[0].numel(), weight.shape[0] * weight[0, 0].numel()
+    if kind == "xavier_uniform":
+        return math.sqrt(2 / (fan_in + fan_out))
+    if kind == "variance_scaling_1/sqrt3":
+        return math.sqrt((1 / math.sqrt(3)) / fan_in)
+    return math.sqrt(1 / fan_in)  # lecun_normal
+
+
+def expected_init(args, name):
+    """Which Dopamine initialiser (dopamine/jax/networks.py) each of our layers gets, by its name."""
+    full = args.noisy or args.dueling
+    plain = "xavier_uniform" if full else "variance_scaling_1/sqrt3"
+    if name.startswith("encoder") and args.encoder == "impala":
+        return "lecun_normal" if ".conv" in name else "xavier_uniform"  # Stack: the stage conv, then residual convs
+    return plain
+
+
+@pytest.mark.parametrize("flags", [dict(encoder="impala", pool="avg", dense_scale=4),
+                                   dict(encoder="nature", pool="flatten", dense_scale=1),
+                                   dict(encoder="nature", pool="flatten", dense_scale=1, dueling=True, double=True),
+                                   dict(encoder="impala", pool="flatten", dense_scale=1, dueling=True)])
+def test_dopamine_init_gives_each_layer_the_std_of_dopamines_initialiser_and_zero_biases(flags):
+    torch.manual_seed(0)
+    args = network_args(**flags)
+    network = rainbow.QNetwork(args, num_actions=18)
+    rainbow.dopamine_init(network, args)
+    layers = [(name, module) for name, module in network.named_modules()
+              if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) == (3 if args.encoder == "nature" else 15) + 1 + (2 if args.dueling else 1)
+    for name, module in layers:
+        kind = expected_init(args, name)
+        weight = module.weight.detach().double()
+        assert weight.std().item() == pytest.approx(flax_std(kind, weight), rel=0.12), (name, kind)
+        assert weight.mean().abs().item() < 0.2 * flax_std(kind, weight), name
+        if kind == "lecun_normal":  # truncated at 2 standard deviations of the underlying normal
+            assert weight.abs().max().item() <= 2 * flax_std(kind, weight) / 0.87962566103423978 + 1e-6
+        else:
+            assert weight.abs().max().item() <= math.sqrt(3) * flax_std(kind, weight) + 1e-6, "uniform: within sqrt(3) std"
+        assert torch.count_nonzero(module.bias) == 0, name
+
+
+def test_dopamine_init_leaves_noisy_layers_as_dopamines_noisy_network():
+    torch.manual_seed(0)
+    args = network_args(encoder="nature", pool="flatten", dense_scale=1, noisy=True, dueling=True)
+    network = rainbow.QNetwork(args, num_actions=4)
+    rainbow.dopamine_init(network, args)
+    dense = network.bottleneck[1]
+    fan_in = dense.weight_mu.shape[1]
+    assert dense.weight_mu.abs().max().item() <= 1 / math.sqrt(fan_in)  # mu ~ U(+-1/sqrt(fan_in))
+    assert dense.weight_sigma.unique().tolist() == [pytest.approx(0.1 / math.sqrt(fan_in))]
+    conv = network.encoder[1]
+    assert conv.weight.std().item() == pytest.approx(flax_std("xavier_uniform", conv.weight), rel=0.12)
+
+
 def test_nature_encoder_pads_same_as_dopamine_84_to_11x11x64():
     """Dopamine's Flax Nature CNN pads SAME: 84 -> 21 -> 11 -> 11, so flatten joins 7,744 features."""
     assert [rainbow.same_padding(side, kernel, stride) for side, kernel, stride in ((84, 8, 4), (21, 4, 2), (11, 3, 1))] == [(2, 2), (1, 2), (1, 1)]
@@ -280,6 +352,8 @@ def parse(monkeypatch, *flags):
 
 def test_der_preset_sets_every_der_value(monkeypatch):
     args = parse(monkeypatch, "--preset", "der")
+    # DER.gin's network is Dopamine's FullRainbowNetwork: Nature CNN, flatten, one noisy Dense(512)
+    assert (args.encoder, args.pool, args.dense_scale, args.width, args.iteration_steps) == ("nature", "flatten", 1, 1, 10_000)
     assert (args.noisy, args.dueling, args.double, args.n_step, args.learning_starts, args.train_frequency) == (True, True, True, 10, 1600, 1)
     assert (args.target_network_frequency, args.learning_rate, args.adam_eps) == (2000, 1e-4, 1.5e-4)
     assert (args.repeat_action_probability, args.episodic_life, args.total_timesteps, args.eval_episodes) == (0.0, True, 100_000, 100)

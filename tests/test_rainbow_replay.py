@@ -12,23 +12,24 @@ N_STEP, GAMMA, STEPS = 3, 0.99, 300
 
 def record(capacity, episodic_life=True):
     """Random play in Breakout with a short time limit so that life losses, game overs and
-    truncations all happen; stored exactly as the training loop stores it."""
+    truncations all happen; stored by the training loop's own `store_env_step`. `auto_reset` is
+    worked out here from the records (the step after an episode end), not by the script."""
     args = rainbow.Args(env_id="Breakout", max_episode_steps=40, num_envs=2, episodic_life=episodic_life)
     envs = rainbow.make_env(args, 2, seed=3)
     obs, info = envs.reset()
     observations, records = [obs], []
     replay = rainbow.make_replay(2, capacity, 84, "cpu")
     rainbow.store_first_frame(replay, 0, torch.tensor(obs), torch.tensor(info["elapsed_step"]))
-    episode_done = np.zeros(2, dtype=bool)
+    episode_done, previous_end = np.zeros(2, dtype=bool), np.zeros(2, dtype=bool)
     rng = np.random.default_rng(0)
     for t in range(STEPS):
         actions = rng.integers(envs.action_space.n, size=2)
         obs, rewards, terminated, truncated, info = envs.step(actions)
-        rainbow.store_step(replay, t, torch.tensor(actions), torch.tensor(rewards), torch.tensor(terminated),
-                           torch.tensor(truncated), torch.tensor(episode_done), torch.tensor(obs),
-                           torch.tensor(info["elapsed_step"]), N_STEP, 4)
-        records.append(dict(actions=actions, rewards=rewards, terminated=terminated, truncated=truncated, auto_reset=episode_done))
-        episode_done = terminated | truncated
+        episode_done = rainbow.store_env_step(replay, t, actions, rewards, terminated, truncated, info, torch.tensor(obs),
+                                              episode_done, args)
+        records.append(dict(actions=actions, rewards=rewards, terminated=terminated, truncated=truncated,
+                            auto_reset=previous_end, elapsed=info["elapsed_step"]))
+        previous_end = terminated | truncated
         observations.append(obs)
     envs.close()
     return replay, np.stack(observations), records
@@ -63,6 +64,16 @@ def test_the_rollout_has_life_losses_truncations_and_auto_resets(rollout):
     assert sum(r["terminated"].sum() for r in records) >= 4
     assert sum(r["truncated"].sum() for r in records) >= 2
     assert sum(r["auto_reset"].sum() for r in records) >= 6
+
+
+def test_envpool_reset_steps_are_stored_as_not_valid_and_every_real_step_as_valid(rollout):
+    """Fails if the training loop's store marks EnvPool's auto-reset step as a transition."""
+    replay, _, records = rollout
+    auto_reset = np.stack([r["auto_reset"] for r in records]).T
+    assert np.array_equal(replay["valid"][:, :STEPS].numpy(), ~auto_reset)
+    # independent of the done flags: a real step advances EnvPool's elapsed_step by one, its reset step does not
+    elapsed = np.stack([np.zeros(2, dtype=int)] + [r["elapsed"] for r in records])
+    assert np.array_equal(replay["valid"][:, :STEPS].numpy(), (elapsed[1:] == elapsed[:-1] + 1).T)
 
 
 def test_rebuilt_stacks_equal_envpool_observations_at_every_slot(rollout):

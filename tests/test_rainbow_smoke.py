@@ -26,7 +26,7 @@ def smoke(tmp_path_factory):
     diagnostics and checkpoints every 200 steps."""
     cwd = tmp_path_factory.mktemp("rainbow_smoke")
     result = run_script(SCRIPT, *TINY, "--total-timesteps", "400", "--eval-every", "200", "--diag-every", "200",
-                        "--save-every", "200", "--save-buffer", "--capture-video", cwd=cwd)
+                        "--save-every", "200", "--save-buffer", "--capture-video", "--iteration-steps", "200", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = run_folders(cwd)
     return cwd, run_dir, result
@@ -34,12 +34,12 @@ def smoke(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def der(tmp_path_factory):
-    """`--preset der` for 300 steps, one env, with two of its values overridden by flags."""
+    """`--preset der` for 300 steps, one env, with some of its values overridden by flags; its own network."""
     cwd = tmp_path_factory.mktemp("rainbow_der")
     result = run_script(SCRIPT, "--preset", "der", "--env-id", "Pong", "--num-envs", "1", "--buffer-size", "400",
                         "--learning-starts", "150", "--batch-size", "8", "--max-episode-steps", "100",
-                        "--total-timesteps", "300", "--eval-episodes", "1", "--encoder", "nature", "--dense-scale", "1",
-                        "--eval-every", "0", "--diag-every", "300", "--save-every", "300", "--log-every", "100",
+                        "--total-timesteps", "300", "--eval-episodes", "1", "--eval-every", "0", "--diag-every", "300",
+                        "--save-every", "300", "--log-every", "100",
                         "--torch-threads", "1", "--runs-dir", "runs", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = run_folders(cwd)
@@ -68,6 +68,22 @@ def test_tensorboard_has_the_contract_tags(smoke):
     assert [step for step, _ in scalars["eval/return"]] == [200, 400]
     assert scalars["diag/params/bottleneck"] == [(0, 32 * 2048 + 2048)]  # GAP: C x dim weights
     assert "images/saliency" in read_image_tags(run_dir)
+
+
+def test_iteration_return_is_the_mean_return_of_the_games_that_ended_in_each_iteration(smoke):
+    """Dopamine's reported statistic (its train_average_return per iteration), here with --iteration-steps 200."""
+    _, run_dir, _ = smoke
+    scalars = read_scalars(run_dir)
+    games = scalars["charts/episodic_return"]
+    expected = {}
+    for end in (200, 400):
+        ended = [value for step, value in games if end - 200 < step <= end]
+        if ended:
+            expected[end] = sum(ended) / len(ended)
+    assert expected, "the smoke run ends some games"
+    logged = dict(scalars.get("charts/iteration_return", []))
+    assert logged.keys() == expected.keys()
+    assert all(logged[end] == pytest.approx(expected[end], rel=1e-6) for end in expected)
 
 
 def test_epsilon_is_one_until_learning_starts_then_decays(smoke):
@@ -142,7 +158,10 @@ def test_der_preset_runs_with_its_values_and_the_explicit_overrides(der):
     assert "weight_sigma" in "".join(final["q_network"])  # noisy layers
     scalars = read_scalars(run_dir)
     assert "losses/loss" in scalars and "eval/return" in scalars and "diag/feature_norm" in scalars
-    assert [value for _, value in scalars["charts/epsilon"]] == pytest.approx([0.01] * 3)  # NoisyNet: Dopamine's constant epsilon
+    # NoisyNet explores alone: full Rainbow's zero_epsilon (dopamine/jax/agents/full_rainbow/full_rainbow_agent.py)
+    assert [value for _, value in scalars["charts/epsilon"]] == [0.0] * 3
+    assert (config["encoder"], config["pool"], config["dense_scale"]) == ("nature", "flatten", 1)  # DER.gin's network
+    assert scalars["diag/params/bottleneck"] == [(0, 2 * (7744 * 512 + 512))]  # one noisy Dense(512): mu and sigma
 
 
 @pytest.mark.parametrize("flags,named", [
