@@ -29,6 +29,8 @@ EVAL_RETURN_TAGS = {  # split -> the raw-return tag the scripts log at each eval
     "train_levels": "eval/train_levels/return",
     "test_levels": "eval/test_levels/return",
     "eval": "eval/return",
+    # Rainbow / DER: the mean return of the training games of each iteration, the score Dopamine reports
+    "iteration": "charts/iteration_return",
 }
 LOGGED_NORMALIZED_TAGS = {
     "train_levels": "eval/train_levels/normalized_score",
@@ -40,7 +42,7 @@ PARAMETER_TAGS = ("diag/params/encoder", "diag/params/bottleneck", "diag/params/
 BOOKKEEPING_KEYS = {
     "env_id", "seed", "exp_name", "runs_dir", "resume", "track", "wandb_project_name", "wandb_entity",
     "cuda", "capture_video", "compile", "save_every", "eval_every", "diag_every", "torch_deterministic",
-    "torch_threads", "log_every",
+    "torch_threads", "log_every", "iteration_steps",
 }
 
 
@@ -181,7 +183,7 @@ def load_run(run_dir: str, last_episodes: int) -> dict:
             run["curves"][split] = (steps, scores)
             run["final"][split] = {"step": int(steps[-1]), "return": float(returns[-1]), "score": float(scores[-1]),
                                    "source": f"last {tag}"}
-            logged = scalars.get(LOGGED_NORMALIZED_TAGS[split])
+            logged = scalars.get(LOGGED_NORMALIZED_TAGS.get(split, ""))
             if logged is not None and normalization != "raw return" and not math.isclose(logged[1][-1], scores[-1], rel_tol=1e-4, abs_tol=1e-4):
                 run["warnings"].append(f"{run_dir}: logged {LOGGED_NORMALIZED_TAGS[split]} {logged[1][-1]:.4f} "
                                        f"differs from the analysis' {scores[-1]:.4f}")
@@ -383,6 +385,8 @@ def analyze(root, out, reps=50_000, curve_reps=2_000, seed=0, last_episodes=10, 
              "",
              "Final score of a run = its last evaluation (`eval/.../return`), normalised here from the config "
              "(Procgen min-max by distribution mode, Atari human-normalised, otherwise the raw return); "
+             "split `iteration` (Rainbow, DER) = its last `charts/iteration_return`, the mean return of the training "
+             "games of the last iteration, which is the score Dopamine and the GAP paper report; "
              f"a run without evaluation falls back to the mean of its last {last_episodes} training episodes "
              "(`charts/episodic_return`), marked in scores.csv. Aggregates: IQM and optimality gap (γ = 1) over "
              "all runs, median and mean over per-game means; 95 % stratified-bootstrap percentile intervals "

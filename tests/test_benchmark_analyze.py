@@ -373,3 +373,20 @@ def test_an_atari_game_without_human_scores_is_warned_about(tmp_path):
     assert results["partitions"]["dqn_atari_gap"]["normalization"] == "raw return"
     assert len(results["warnings"]) == 1 and "no random/human scores for 'Tennis'" in results["warnings"][0]
     assert "## Warnings" in open(tmp_path / "out" / "summary.md").read()
+
+
+def test_rainbow_iteration_return_is_reported_as_its_own_split(tmp_path):
+    """Dopamine's statistic: the last iteration's mean training return, human-normalised like the evaluation."""
+    run_dir = write_run(str(tmp_path), "Pong", 1, {"exp_name": "rainbow_atari_gap", "iteration_steps": 250_000},
+                        {"eval/return": [(500_000, 14.6)], "charts/iteration_return": [(250_000, -20.7), (500_000, -3.05)]})
+    run = analyze.load_run(run_dir, 10)
+    assert run["final"]["eval"]["score"] == pytest.approx(1.0)
+    iteration = run["final"]["iteration"]
+    assert iteration["step"] == 500_000 and iteration["return"] == pytest.approx(-3.05)
+    assert iteration["score"] == pytest.approx(0.5) and iteration["source"] == "last charts/iteration_return"
+    assert run["warnings"] == []
+    out = tmp_path / "analysis"
+    analyze.analyze(str(tmp_path), str(out), reps=200, curve_reps=50)
+    summary = (out / "summary.md").read_text()
+    assert "### iteration: aggregates" in summary and "### eval: aggregates" in summary
+    assert "iteration_steps" not in summary.split("Grouped by:")[1].split("\n")[0]
