@@ -135,12 +135,13 @@ def atari_games() -> list:
     return sorted(name[: -len("-v5")] for name, spec in registry.specs.items() if spec[0] == "envpool.atari" and name.endswith("-v5"))
 
 
-def make_env(args, num_envs: int, seed: int, for_evaluation: bool = False):
-    """EnvPool Atari set to CleanRL's `dqn_atari` wrappers, every option explicit.
+def make_env(args, num_envs: int, seed: int):
+    """EnvPool Atari set to CleanRL's `dqn_atari` wrappers, every option explicit, for training and
+    evaluation alike (CleanRL's `dqn_eval` reuses the training env).
 
-    Training sees life loss as terminal and rewards clipped to their sign (Mnih et al. 2015);
-    evaluation plays full games with raw rewards. `info["reward"]` is always the raw reward and
-    `info["terminated"]` the real game over, so full-game returns are measured in both.
+    Life loss is terminal and rewards are clipped to their sign (Mnih et al. 2015). `info["reward"]`
+    is always the raw reward and `info["terminated"]` the real game over, so full-game returns are
+    measured from them.
     """
     return envpool.make(
         f"{atari_game(args.env_id)}-v5",
@@ -155,8 +156,8 @@ def make_env(args, num_envs: int, seed: int, for_evaluation: bool = False):
         frame_skip=args.frame_skip,
         noop_max=30,
         use_fire_reset=True,  # as CleanRL's FireResetEnv, for games whose action set has FIRE
-        episodic_life=not for_evaluation,
-        reward_clip=not for_evaluation,
+        episodic_life=True,
+        reward_clip=True,
         repeat_action_probability=0.0,  # CleanRL's NoFrameskip-v4: no sticky actions
         full_action_space=False,
         max_episode_steps=args.max_episode_steps,
@@ -328,6 +329,19 @@ def store_step(replay: dict, slot_time: int, actions, rewards, terminated, trunc
     replay["episode_start"][:, next_slot] = next_elapsed_step == 0
 
 
+def store_env_step(replay: dict, slot_time: int, actions, rewards, terminated, truncated, info, next_obs, episode_done):
+    """The training loop's store of one EnvPool step (host arrays; `next_obs` already on the replay's device).
+
+    The step is a transition unless the previous one ended an episode (`episode_done`): then it was
+    EnvPool's auto-reset step, whose action was ignored. Returns `episode_done` for the next step.
+    """
+    device = replay["frames"].device
+    store_step(replay, slot_time, torch.as_tensor(actions, device=device), torch.as_tensor(rewards, device=device),
+               torch.as_tensor(terminated, device=device), torch.as_tensor(truncated, device=device),
+               torch.as_tensor(episode_done, device=device), next_obs, torch.as_tensor(info["elapsed_step"], device=device))
+    return terminated | truncated
+
+
 def stack_frames(replay: dict, env_index, slot_time, frame_stack: int):
     """Rebuild the stacked observation o_t (B, frame_stack, H, W) exactly as EnvPool returned it.
 
@@ -452,18 +466,20 @@ def select_actions(q_network, obs, epsilon: float, num_actions: int):
 
 
 def evaluate(q_network, eval_envs, args, num_actions: int, device, capture_video: bool):
-    """Play one full game per evaluation environment (no life loss, raw rewards) at `eval_epsilon`."""
+    """Play one whole game per evaluation environment at `eval_epsilon` on the training settings, as
+    CleanRL's `dqn_eval` reuses the training env: a lost life resets as in training (FIRE games serve
+    again), and the return sums the raw rewards of all lives until the real game over or time limit."""
     obs, _ = eval_envs.reset()
     num_envs = len(obs)
     returns, finished = np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
     frames = [obs[0, -1]] if capture_video else None
     while not finished.all():
         actions = select_actions(q_network, torch.as_tensor(obs, device=device), args.eval_epsilon, num_actions)
-        obs, rewards, terminated, truncated, _ = eval_envs.step(actions)
-        returns += rewards * ~finished
+        obs, _, _, truncated, info = eval_envs.step(actions)
+        returns += info["reward"] * ~finished
         if capture_video and not finished[0]:
             frames.append(obs[0, -1])
-        finished |= terminated | truncated
+        finished |= info["terminated"].astype(bool) | truncated
     video = np.repeat(np.stack(frames)[..., None], 3, axis=-1) if capture_video else None
     return returns, video
 
@@ -538,7 +554,7 @@ def main():
     global_step = checkpoint["global_step"] if checkpoint else 0
     env_seed = args.seed + global_step  # a resumed run cannot restore the emulators: it restarts the games
     envs = make_env(args, args.num_envs, env_seed)
-    eval_envs = make_env(args, args.eval_episodes, env_seed + 1_000_000, for_evaluation=True)
+    eval_envs = make_env(args, args.eval_episodes, env_seed + 1_000_000)  # the training settings, as CleanRL's dqn_eval
     num_actions = envs.action_space.n
     q_network = QNetwork(args, num_actions).to(device)
     target_network = QNetwork(args, num_actions).to(device)
@@ -649,12 +665,9 @@ def main():
         # store the step taken from o_t; an auto-reset step (after an episode end) is never a transition
         next_obs, rewards, terminated, truncated, info = envs.recv()
         next_obs_device = torch.as_tensor(next_obs, device=device)
-        store_step(replay, buffer_time, torch.as_tensor(actions, device=device), torch.as_tensor(rewards, device=device),
-                   torch.as_tensor(terminated, device=device), torch.as_tensor(truncated, device=device),
-                   torch.as_tensor(episode_done, device=device), next_obs_device,
-                   torch.as_tensor(info["elapsed_step"], device=device))
+        episode_done = store_env_step(replay, buffer_time, actions, rewards, terminated, truncated, info, next_obs_device,
+                                      episode_done)
         buffer_time += 1
-        episode_done = terminated | truncated
         obs_device = next_obs_device
         for game_return, game_length in finished_games(episode_return, info, truncated):
             writer.add_scalar("charts/episodic_return", game_return, global_step)

@@ -10,7 +10,7 @@ import dqn_atari_gap as dqn
 @pytest.fixture(scope="module")
 def rollout():
     """Random play in Breakout with a short time limit so that life losses, game ends and
-    truncations all happen; stored exactly as the training loop stores it."""
+    truncations all happen; stored by the training loop's own `store_env_step`."""
     args = dqn.Args(env_id="Breakout", max_episode_steps=40, num_envs=2)
     envs = dqn.make_env(args, 2, seed=3)
     obs, info = envs.reset()
@@ -23,9 +23,8 @@ def rollout():
     for t in range(300):
         actions = rng.integers(envs.action_space.n, size=2)
         obs, rewards, terminated, truncated, info = envs.step(actions)
-        dqn.store_step(replay, t, torch.tensor(actions), torch.tensor(rewards), torch.tensor(terminated),
-                       torch.tensor(truncated), torch.tensor(episode_done), torch.tensor(obs), torch.tensor(info["elapsed_step"]))
-        episode_done = terminated | truncated
+        episode_done = dqn.store_env_step(replay, t, actions, rewards, terminated, truncated, info, torch.tensor(obs),
+                                          episode_done)
         games += dqn.finished_games(episode_return, info, truncated)
         observations.append(obs)
         elapsed.append(info["elapsed_step"])
@@ -65,19 +64,25 @@ def test_rewards_are_clipped_for_training_while_info_keeps_the_raw_score(rollout
     assert np.array_equal(replay["rewards"][:, : len(records)].numpy(), clipped.T)
 
 
-def test_evaluation_env_plays_full_games_with_raw_rewards():
-    args = dqn.Args(env_id="Breakout", max_episode_steps=300)
-    envs = dqn.make_env(args, 1, seed=5, for_evaluation=True)
+def test_evaluation_plays_the_training_env_and_sums_raw_rewards_of_all_lives_until_game_over():
+    """As CleanRL's dqn_eval: life-loss resets as in training, whole-game raw returns. The reference
+    replays the same env seed and the same random draws (epsilon 1 never calls the network)."""
+    args = dqn.Args(env_id="Breakout", max_episode_steps=2000, eval_epsilon=1.0)
+    np.random.seed(0)
+    returns, _ = dqn.evaluate(None, dqn.make_env(args, 2, seed=5), args, 4, "cpu", False)
+    envs = dqn.make_env(args, 2, seed=5)
     envs.reset()
-    lives_seen, rng = set(), np.random.default_rng(0)
-    for _ in range(300):
-        _, reward, terminated, truncated, info = envs.step(rng.integers(4, size=1))
-        lives_seen.add(int(info["lives"][0]))
-        assert reward[0] == info["reward"][0]
-        if terminated[0]:
-            assert info["terminated"][0] == 1, "evaluation ends only at game over"
-            break
-    assert len(lives_seen) > 1
+    np.random.seed(0)
+    expected, finished, life_losses = np.zeros(2), np.zeros(2, dtype=bool), 0
+    while not finished.all():
+        np.random.random(2)
+        _, rewards, terminated, truncated, info = envs.step(np.random.randint(4, size=2))
+        assert np.array_equal(rewards, np.sign(info["reward"])), "the training env clips rewards"
+        expected += info["reward"] * ~finished
+        life_losses += int((terminated & ~info["terminated"].astype(bool) & ~finished).sum())
+        finished |= info["terminated"].astype(bool) | truncated
+    assert life_losses >= 4, "the evaluated games went on through life-loss resets"
+    assert np.array_equal(returns, expected) and expected.sum() > 0
 
 
 def test_logged_episodes_are_whole_games_with_raw_returns_over_all_lives(rollout):

@@ -128,15 +128,15 @@ def scripted_stream(segments, frame_stack=4, side=2):
 
 
 def fill_replay(first_obs, steps, capacity):
-    """Store a stream exactly as the training loop does (one environment)."""
+    """Store a stream with the training loop's own `store_env_step` (one environment)."""
     replay = dqn.make_replay(1, capacity, first_obs.shape[-1], "cpu")
     dqn.store_first_frame(replay, 0, torch.tensor(first_obs[None]), torch.tensor([0]))
-    episode_done = torch.tensor([False])
+    episode_done = np.array([False])
     for t, step in enumerate(steps):
-        dqn.store_step(replay, t, torch.tensor([step["action"]]), torch.tensor([step["reward"]]),
-                       torch.tensor([step["terminated"]]), torch.tensor([step["truncated"]]), episode_done,
-                       torch.tensor(step["next_obs"][None]), torch.tensor([step["elapsed"]]))
-        episode_done = torch.tensor([step["terminated"] or step["truncated"]])
+        episode_done = dqn.store_env_step(replay, t, np.array([step["action"]]), np.array([step["reward"]]),
+                                          np.array([step["terminated"]]), np.array([step["truncated"]]),
+                                          {"elapsed_step": np.array([step["elapsed"]])}, torch.tensor(step["next_obs"][None]),
+                                          episode_done)
     return replay, len(steps)
 
 
