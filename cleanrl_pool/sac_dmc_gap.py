@@ -5,12 +5,18 @@ action repeat with summed rewards, random shift (pad 4) with two augmented views
 and the loss (K = M = 2), shared 4-conv encoder trained by the critic only, twin critics, auto
 temperature. `--pool flatten|avg|max` replaces DrQ's flatten before the Linear(50) -> LayerNorm ->
 tanh projection, so that "global average pooling lets pixel RL scale" (Sokar & Castro 2025, "Mind
-the GAP", SAC on DMC) can be tested. Dopamine's plain SAC from pixels is `--no-augment --reward-scale 0.1
---learning-rate 3e-4 --batch-size 256 --tau 0.005 --action-repeat 4`.
+the GAP", SAC on DMC) can be tested. `--preset dopamine` is Dopamine's SAC from pixels
+(labs/sac_from_pixels/sac_pixels.gin, jax/agents/sac/sac_agent.py): no augmentation, SAME-padded convs
+(42x42x32 at 84), actor, temperature and targets updated every step in one combined loss, alpha from 1
+with its loss on log alpha, target entropy -|A|/2, 10k random steps. Still DrQ's in that preset: the
+target's next action (Dopamine: the target actor's mean into the target critic), log-std bounds,
+initialisation and a 100k replay (Dopamine: 1M).
 Step counts are agent steps: DrQ's "100k steps" are 100k environment frames = 100k / action repeat.
 """
 
+import argparse
 import copy
+import math
 import ctypes
 import ctypes.util
 import glob
@@ -30,7 +36,8 @@ import tyro
 import utils
 
 SCRIPT = os.path.basename(__file__)
-ARCHITECTURE_FLAGS = ("env_id", "pool", "width", "dense_scale", "resolution", "frame_stack", "feature_dim", "hidden_dim")
+ARCHITECTURE_FLAGS = ("env_id", "pool", "width", "dense_scale", "resolution", "frame_stack", "feature_dim", "hidden_dim",
+                      "padding")
 
 
 # Args
@@ -38,6 +45,8 @@ ARCHITECTURE_FLAGS = ("env_id", "pool", "width", "dense_scale", "resolution", "f
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
+    preset: str = "drq"
+    """`drq` (DrQ, Kostrikov et al. 2021) or `dopamine` (Dopamine's sac_pixels.gin); explicit flags override it"""
     seed: int = 1
     """seed of the experiment (python, numpy, torch and the environments)"""
     torch_deterministic: bool = True
@@ -74,6 +83,8 @@ class Args:
     """what joins the encoder to the dense layer: `flatten` (DrQ), `avg` (global average pooling) or `max`"""
     width: int = 1
     """multiplies every encoder channel count (32 at x1)"""
+    padding: str = "valid"
+    """padding of the 4 convs: `valid` (DrQ: 84 -> 35x35) or `same` (Dopamine's Flax convs: 84 -> 42x42)"""
     dense_scale: int = 1
     """multiplies the width of the dense layer after the bottleneck (`feature_dim` at x1)"""
     feature_dim: int = 50
@@ -94,7 +105,13 @@ class Args:
     tau: float = 0.01
     """EMA rate of the target critic and its encoder (DrQ: 0.01)"""
     init_temperature: float = 0.1
-    """initial entropy temperature alpha (DrQ: 0.1); the target entropy is -|A|"""
+    """initial entropy temperature alpha (DrQ: 0.1; Dopamine: 1)"""
+    target_entropy_scale: float = 1.0
+    """target entropy = -target_entropy_scale x |A| (DrQ: 1; Dopamine: 0.5)"""
+    alpha_loss_on: str = "alpha"
+    """the temperature loss: `alpha` (DrQ) or `log_alpha` (Dopamine, Haarnoja et al. 2018) x (-log pi - target entropy)"""
+    combined_loss: bool = False
+    """if toggled, Dopamine's single update: 0.5 x critic loss + actor loss + temperature loss, all from the same parameters"""
     learning_starts: int = 1000
     """agent steps of uniformly random actions before learning starts (DrQ: 1000 seed steps)"""
     update_to_data: int = 1
@@ -132,6 +149,27 @@ class Args:
     """if toggled, wrap the loss computations in torch.compile"""
     torch_threads: int = 0
     """CPU threads of torch (0: torch's default); 1 is fastest for small batches on a small, shared CPU"""
+
+
+PRESETS = {
+    "drq": {},  # the defaults above: DrQ
+    "dopamine": dict(  # dopamine/labs/sac_from_pixels/sac_pixels.gin and dopamine/jax/agents/sac/sac_agent.py
+        learning_rate=3e-4, batch_size=256, tau=0.005, reward_scale=0.1, action_repeat=4, augment=False,
+        learning_starts=10_000,  # min_replay_history: uniformly random actions until then
+        actor_update_frequency=1, target_update_frequency=1,  # update_period 1, soft target update every training step
+        init_temperature=1.0, target_entropy_scale=0.5, alpha_loss_on="log_alpha",  # log_alpha = 0; target_entropy None
+        combined_loss=True, padding="same",  # 0.5 * critic + policy + alpha loss; Flax's default SAME padding
+    ),
+}
+
+
+def parse_args() -> Args:
+    """Read `--preset` first, then parse every flag with that preset's values as the defaults."""
+    preset_parser = argparse.ArgumentParser(add_help=False)
+    preset_parser.add_argument("--preset", default="drq")
+    preset = preset_parser.parse_known_args()[0].preset
+    utils.check_choice("preset", preset, tuple(PRESETS))
+    return tyro.cli(Args, default=Args(preset=preset, **PRESETS[preset]))
 
 
 # Environment construction
@@ -255,23 +293,32 @@ def step_env(env, actions, action_repeat: int):
 
 
 # Network: shared encoder (convs + pool) -> per-head bottleneck (Linear -> LayerNorm -> tanh) -> actor / twin critics
-def encoder_side(resolution: int) -> int:
-    """Side of the feature map: 3x3 convs with strides 2, 1, 1, 1, VALID (84 -> 41 -> 35)."""
+def encoder_side(resolution: int, padding: str = "valid") -> int:
+    """Side of the feature map: 3x3 convs with strides 2, 1, 1, 1; VALID 84 -> 41 -> 35, SAME 84 -> 42."""
+    if padding == "same":
+        return math.ceil(resolution / 2)
     return (resolution - 3) // 2 + 1 - 6
 
 
-class Encoder(nn.Module):
-    """DrQ's conv trunk (32 x width channels) and the join: flatten (35x35x32 at 84) or global pooling (32)."""
+def same_padding(side: int, kernel: int, stride: int):
+    """TensorFlow / Flax SAME padding of one axis: output ceil(side / stride), the odd pixel after."""
+    total = max((math.ceil(side / stride) - 1) * stride + kernel - side, 0)
+    return total // 2, total - total // 2
 
-    def __init__(self, in_channels: int, width: int, pool: str):
+
+class Encoder(nn.Module):
+    """DrQ's conv trunk (32 x width channels) and the join: flatten (35x35x32 at 84; SAME: 42x42x32) or global pooling (32)."""
+
+    def __init__(self, in_channels: int, width: int, pool: str, padding: str = "valid", resolution: int = 84):
         super().__init__()
-        channels = 32 * width
-        self.convs = nn.Sequential(
-            nn.Conv2d(in_channels, channels, 3, stride=2), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, stride=1), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, stride=1), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, stride=1), nn.ReLU(),
-        )
+        channels, side, layers = 32 * width, resolution, []
+        for index, stride in enumerate((2, 1, 1, 1)):
+            if padding == "same":  # Dopamine's Flax convs; the pad depends on the side, hence `resolution`
+                before, after = same_padding(side, 3, stride)
+                layers.append(nn.ZeroPad2d((before, after, before, after)))
+                side = math.ceil(side / stride)
+            layers += [nn.Conv2d(in_channels if index == 0 else channels, channels, 3, stride=stride), nn.ReLU()]
+        self.convs = nn.Sequential(*layers)
         self.pool = pool
 
     def forward(self, obs):
@@ -407,9 +454,11 @@ def soft_q_target(rewards, terminated, next_q1, next_q2, next_log_prob, alpha, g
     return rewards + gamma * (1.0 - terminated) * next_value
 
 
-def temperature_loss(log_alpha, log_prob, target_entropy: float):
-    """DrQ's alpha * (-log pi - target entropy): alpha grows while the entropy is below its target."""
-    return (log_alpha.exp() * (-log_prob - target_entropy).detach()).mean()
+def temperature_loss(log_alpha, log_prob, target_entropy: float, alpha_loss_on: str = "alpha"):
+    """DrQ's alpha * (-log pi - target entropy), or Dopamine's log alpha * (...): alpha grows while the
+    entropy is below its target. Both move log alpha the same way; DrQ's step is alpha times larger."""
+    multiplier = log_alpha.exp() if alpha_loss_on == "alpha" else log_alpha
+    return (multiplier * (-log_prob - target_entropy).detach()).mean()
 
 
 def random_shift(obs, pad: int):
@@ -442,7 +491,8 @@ def critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha
     return views * (F.mse_loss(q1, targets) + F.mse_loss(q2, targets)), q1, q2
 
 
-def actor_and_temperature_losses(encoder, actor, critic, log_alpha, observations, target_entropy: float):
+def actor_and_temperature_losses(encoder, actor, critic, log_alpha, observations, target_entropy: float,
+                                 alpha_loss_on: str = "alpha"):
     """Actor loss alpha log pi - min Q on features detached from the encoder (only the critic trains
     the convs, DrQ), and the temperature loss."""
     with torch.no_grad():
@@ -451,7 +501,22 @@ def actor_and_temperature_losses(encoder, actor, critic, log_alpha, observations
     actions, log_prob = sample_action(mean, log_std)
     q1, q2 = critic(features, actions)
     actor_loss = (log_alpha.exp().detach() * log_prob - torch.min(q1, q2)).mean()
-    return actor_loss, temperature_loss(log_alpha, log_prob, target_entropy)
+    return actor_loss, temperature_loss(log_alpha, log_prob, target_entropy, alpha_loss_on)
+
+
+def combined_step(qf_loss, actor_loss, alpha_loss, critic_optimizer, actor_optimizer, alpha_optimizer):
+    """Dopamine's SAC step: 0.5 x critic loss + actor loss + temperature loss, every gradient from the
+    same weights, the critic frozen inside the actor loss (its `frozen_params`). The three Adams hold
+    disjoint parameters with equal settings, so they step exactly as Dopamine's network optimiser and
+    its separate one for log alpha."""
+    optimizers = (critic_optimizer, actor_optimizer, alpha_optimizer)
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    (actor_loss + alpha_loss).backward()
+    critic_optimizer.zero_grad()  # drop what the actor loss sent into the critic
+    (0.5 * qf_loss).backward()  # "a smaller weight to the critic empirically gives better results" (sac_agent.py)
+    for optimizer in optimizers:
+        optimizer.step()
 
 
 def soft_update(target, online, tau: float):
@@ -528,9 +593,12 @@ def check_args(args):
     """Refuse bad input with one line (exit 2) before any work."""
     utils.check_choice("env-id", args.env_id, tuple(DMC_TASKS))
     utils.check_choice("pool", args.pool, ("flatten", "avg", "max"))
+    utils.check_choice("padding", args.padding, ("valid", "same"))
+    utils.check_choice("alpha-loss-on", args.alpha_loss_on, ("alpha", "log_alpha"))
     for flag in ("total_timesteps", "num_envs", "frame_stack", "width", "dense_scale", "feature_dim", "hidden_dim",
                  "learning_rate", "buffer_size", "batch_size", "update_to_data", "actor_update_frequency",
-                 "target_update_frequency", "eval_episodes", "log_every", "init_temperature", "reward_scale"):
+                 "target_update_frequency", "eval_episodes", "log_every", "init_temperature", "reward_scale",
+                 "target_entropy_scale"):
         utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
     for flag in ("eval_every", "save_every", "diag_every", "learning_starts", "image_pad", "action_repeat", "torch_threads"):
         if getattr(args, flag) < 0:
@@ -544,6 +612,11 @@ def check_args(args):
     for flag in ("gamma", "tau"):
         if not 0.0 <= getattr(args, flag) <= 1.0:
             utils.fail(f"--{flag} {getattr(args, flag)!r} must be in [0, 1]")
+    if not math.isfinite(args.target_entropy_scale):
+        utils.fail(f"--target-entropy-scale {args.target_entropy_scale!r} must be a finite positive number")
+    if args.combined_loss and args.actor_update_frequency != 1:
+        utils.fail(f"--combined-loss updates the actor at every step; "
+                   f"--actor-update-frequency {args.actor_update_frequency} must be 1")
     if args.log_std_min >= args.log_std_max:
         utils.fail(f"--log-std-min {args.log_std_min} must be below --log-std-max {args.log_std_max}")
     if args.batch_size > args.buffer_size:
@@ -560,7 +633,7 @@ def check_args(args):
 
 
 def main():
-    args = tyro.cli(Args)
+    args = parse_args()
     check_args(args)
     # derived values
     args.action_repeat = args.action_repeat or DMC_TASKS[args.env_id][1]
@@ -604,10 +677,10 @@ def main():
         env = make_env(args, args.num_envs, env_seed, base_path)
         eval_env = make_env(args, args.eval_episodes, env_seed + 1_000_000, base_path)
     action_dim = env[0].action_space.shape[0]
-    target_entropy = -float(action_dim)
-    pooled_features = 32 * args.width * (encoder_side(args.resolution) ** 2 if args.pool == "flatten" else 1)
+    target_entropy = -args.target_entropy_scale * float(action_dim)  # DrQ -|A|, Dopamine -|A|/2
+    pooled_features = 32 * args.width * (encoder_side(args.resolution, args.padding) ** 2 if args.pool == "flatten" else 1)
     feature_dim = args.feature_dim * args.dense_scale
-    encoder = Encoder(obs_shape[0], args.width, args.pool).to(device)
+    encoder = Encoder(obs_shape[0], args.width, args.pool, args.padding, args.resolution).to(device)
     actor = Actor(pooled_features, feature_dim, args.hidden_dim, action_dim, (args.log_std_min, args.log_std_max)).to(device)
     critic = Critic(pooled_features, feature_dim, args.hidden_dim, action_dim).to(device)
     for network in (encoder, actor, critic):
@@ -707,23 +780,30 @@ def main():
                 batch = sample_batch(replay, replay_size, args.batch_size, views, args.image_pad)
                 qf_loss, q1, q2 = compute_critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha,
                                                       batch, views, args.gamma)
-                critic_optimizer.zero_grad()
-                qf_loss.backward()
-                critic_optimizer.step()
+                if args.combined_loss:  # Dopamine: one step on all three losses, from the same weights
+                    actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, batch["observations"],
+                                                                  target_entropy, args.alpha_loss_on)
+                    combined_step(qf_loss, actor_loss, alpha_loss, critic_optimizer, actor_optimizer, alpha_optimizer)
+                else:
+                    critic_optimizer.zero_grad()
+                    qf_loss.backward()
+                    critic_optimizer.step()
                 update_count += 1
                 logged["qf_loss"] += qf_loss.detach()
                 logged["qf1_values"] += q1.detach().mean()
                 logged["qf2_values"] += q2.detach().mean()
                 nonfinite |= ~torch.isfinite(qf_loss.detach())
                 critic_updates_since_log += 1
-                if update_count % args.actor_update_frequency == 0:
-                    observations = batch["observations"][: args.batch_size]  # the first augmented view, as DrQ
-                    actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, observations, target_entropy)
-                    actor_optimizer.zero_grad()
-                    alpha_optimizer.zero_grad()
-                    (actor_loss + alpha_loss).backward()  # disjoint gradients: each loss detaches the other's input
-                    actor_optimizer.step()
-                    alpha_optimizer.step()
+                if args.combined_loss or update_count % args.actor_update_frequency == 0:
+                    if not args.combined_loss:
+                        observations = batch["observations"][: args.batch_size]  # the first augmented view, as DrQ
+                        actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, observations,
+                                                                      target_entropy, args.alpha_loss_on)
+                        actor_optimizer.zero_grad()
+                        alpha_optimizer.zero_grad()
+                        (actor_loss + alpha_loss).backward()  # disjoint gradients: each loss detaches the other's input
+                        actor_optimizer.step()
+                        alpha_optimizer.step()
                     logged["actor_loss"] += actor_loss.detach()
                     logged["alpha_loss"] += alpha_loss.detach()
                     nonfinite |= ~torch.isfinite(actor_loss.detach() + alpha_loss.detach())

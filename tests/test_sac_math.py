@@ -231,3 +231,98 @@ def test_soft_update_moves_target_parameters_by_tau():
     sac.soft_update(target, online, 0.01)
     for old, new, source in zip(before, target.parameters(), online.parameters()):
         assert torch.allclose(new, 0.99 * old + 0.01 * source)
+
+
+def test_obs_and_next_obs_get_independent_random_shifts():
+    """DrQ augments o_t and o_{t+1} with separate draws: the frames they share come out shifted differently."""
+    torch.manual_seed(0)
+    replay = sac.make_replay(64, (9, 16, 16), 1, "cpu")
+    obs = torch.randint(0, 256, (64, 9, 16, 16), dtype=torch.uint8)
+    next_obs = torch.cat([obs[:, 3:], torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)], dim=1)
+    sac.add_transitions(replay, 0, obs, torch.zeros(64, 1), torch.arange(64.0), next_obs, torch.zeros(64))
+    batch = sac.sample_batch(replay, 64, 256, views=2, pad=4)
+    shared_in_obs, shared_in_next = batch["observations"][:, 3:], batch["next_observations"][:, :6]
+    same_shift = [torch.equal(a, b) for a, b in zip(shared_in_obs, shared_in_next)]
+    assert sum(same_shift) < 0.1 * len(same_shift)  # one chance in 81 per pair when independent
+    first_view, second_view = batch["observations"][:256], batch["observations"][256:]
+    assert sum(torch.equal(a, b) for a, b in zip(first_view, second_view)) < 0.1 * 256  # views are independent too
+    # and unshifted, the shared frames are the same: the difference is the augmentation alone
+    plain = sac.sample_batch(replay, 64, 256, views=1, pad=4)
+    assert torch.equal(plain["observations"][:, 3:], plain["next_observations"][:, :6])
+
+
+def test_same_padding_keeps_dopamines_42x42x32_feature_map_at_84():
+    """Dopamine's Flax convs pad SAME: 84 -> 42 -> 42 -> 42 -> 42, flatten joins 56,448 features (DrQ's VALID: 39,200)."""
+    encoder = sac.Encoder(9, 1, "flatten", "same", 84)
+    assert encoder(torch.zeros(2, 9, 84, 84, dtype=torch.uint8)).shape == (2, 42 * 42 * 32) == (2, 56_448)
+    assert sac.encoder_side(84, "same") == 42 and sac.encoder_side(84) == 35
+    for resolution in (15, 24, 63, 85):
+        feature_map = sac.Encoder(9, 1, "flatten", "same", resolution).convs(torch.zeros(1, 9, resolution, resolution))
+        side = sac.encoder_side(resolution, "same")
+        assert feature_map.shape[-1] == feature_map.shape[-2] == side == math.ceil(resolution / 2)
+
+
+def test_temperature_loss_on_log_alpha_is_dopamines():
+    log_alpha = torch.tensor(0.0, requires_grad=True)  # Dopamine starts at alpha = 1
+    log_prob = torch.tensor([1.5, 2.0, 0.5])
+    loss = sac.temperature_loss(log_alpha, log_prob, -0.5, "log_alpha")
+    loss.backward()
+    assert loss.item() == 0.0  # log alpha = 0 times the entropy gap
+    assert log_alpha.grad.item() == pytest.approx(sum(-lp + 0.5 for lp in (1.5, 2.0, 0.5)) / 3)
+
+
+def test_combined_step_applies_half_the_critic_gradient_and_the_actor_gradient_with_a_frozen_critic():
+    torch.manual_seed(0)
+    encoder = sac.Encoder(9, 1, "avg")
+    actor, critic = sac.Actor(32, 4, 8, 2, (-10.0, 2.0)), sac.Critic(32, 4, 8, 2)
+    target_encoder, target_critic = sac.Encoder(9, 1, "avg"), sac.Critic(32, 4, 8, 2)
+    log_alpha = torch.tensor(0.0, requires_grad=True)
+    batch = {"observations": torch.randint(0, 256, (6, 9, 20, 20), dtype=torch.uint8),
+             "next_observations": torch.randint(0, 256, (6, 9, 20, 20), dtype=torch.uint8),
+             "actions": torch.rand(6, 2) * 2 - 1, "rewards": torch.randn(6), "terminated": torch.zeros(6)}
+
+    def losses():
+        qf_loss, _, _ = sac.critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch, 1, 0.99)
+        torch.manual_seed(1)  # the same actor sample in both computations
+        actor_loss, alpha_loss = sac.actor_and_temperature_losses(encoder, actor, critic, log_alpha, batch["observations"],
+                                                                  -1.0, "log_alpha")
+        return qf_loss, actor_loss, alpha_loss
+
+    critic_params = list(encoder.parameters()) + list(critic.parameters())
+    torch.manual_seed(2)
+    qf_loss, actor_loss, alpha_loss = losses()
+    expected_critic = torch.autograd.grad(0.5 * qf_loss, critic_params)
+    expected_actor = torch.autograd.grad(actor_loss, list(actor.parameters()))
+    expected_alpha = torch.autograd.grad(alpha_loss, [log_alpha])[0]
+    before = [p.detach().clone() for p in critic_params + list(actor.parameters()) + [log_alpha]]
+    optimizers = [torch.optim.SGD(params, lr=1.0) for params in (critic_params, list(actor.parameters()), [log_alpha])]
+    torch.manual_seed(2)
+    sac.combined_step(*losses(), *optimizers)
+    after = critic_params + list(actor.parameters()) + [log_alpha]
+    for old, new, grad in zip(before, after, [*expected_critic, *expected_actor, expected_alpha]):
+        assert torch.allclose(old - new, grad, atol=1e-6)
+
+
+def parse(monkeypatch, *flags):
+    monkeypatch.setattr("sys.argv", ["sac_dmc_gap.py", *flags])
+    return sac.parse_args()
+
+
+def test_dopamine_preset_sets_every_value_of_dopamines_sac_from_pixels(monkeypatch):
+    """dopamine/labs/sac_from_pixels/sac_pixels.gin and dopamine/jax/agents/sac/sac_agent.py."""
+    args = parse(monkeypatch, "--preset", "dopamine")
+    assert (args.learning_rate, args.batch_size, args.tau, args.reward_scale, args.action_repeat) == (3e-4, 256, 0.005, 0.1, 4)
+    assert (args.augment, args.learning_starts) == (False, 10_000)
+    assert (args.actor_update_frequency, args.target_update_frequency) == (1, 1)
+    assert (args.init_temperature, args.target_entropy_scale, args.alpha_loss_on) == (1.0, 0.5, "log_alpha")
+    assert (args.combined_loss, args.padding, args.hidden_dim, args.feature_dim) == (True, "same", 1024, 50)
+    assert (args.frame_stack, args.gamma) == (3, 0.99)
+    default = parse(monkeypatch)
+    assert (default.preset, default.augment, default.padding, default.combined_loss) == ("drq", True, "valid", False)
+    assert (default.target_entropy_scale, default.init_temperature, default.alpha_loss_on) == (1.0, 0.1, "alpha")
+    assert (default.actor_update_frequency, default.learning_rate) == (2, 1e-3)
+
+
+def test_explicit_flags_override_the_dopamine_preset(monkeypatch):
+    args = parse(monkeypatch, "--preset", "dopamine", "--padding", "valid", "--batch-size", "64", "--augment")
+    assert (args.padding, args.batch_size, args.augment, args.tau) == ("valid", 64, True, 0.005)

@@ -105,6 +105,37 @@ def test_a_non_finite_loss_stops_the_run_and_leaves_the_last_good_state(tmp_path
     assert not os.path.exists(os.path.join(run_dir, "final.pt"))
 
 
+@pytest.fixture(scope="module")
+def dopamine_run(tmp_path_factory):
+    """`--preset dopamine` for one cartpole episode (250 agent steps at its action repeat 4), some values overridden."""
+    cwd = tmp_path_factory.mktemp("sac_dopamine")
+    result = run_script(SCRIPT, "--preset", "dopamine", *TINY, "--total-timesteps", "250", "--learning-starts", "200",
+                        "--buffer-size", "400", "--eval-every", "0", "--save-every", "0", "--diag-every", "250",
+                        "--log-every", "50", cwd=cwd)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
+    return run_dir, result
+
+
+def test_dopamine_preset_runs_with_its_values_and_the_explicit_overrides(dopamine_run):
+    run_dir, _ = dopamine_run
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    assert (config["preset"], config["padding"], config["combined_loss"]) == ("dopamine", "same", True)
+    assert (config["alpha_loss_on"], config["action_repeat"], config["augment"]) == ("log_alpha", 4, False)
+    assert (config["reward_scale"], config["target_entropy_scale"]) == (0.1, 0.5)
+    assert (config["learning_starts"], config["batch_size"], config["total_timesteps"]) == (200, 16, 250)  # flags win
+    final = torch.load(os.path.join(run_dir, "final.pt"), map_location="cpu", weights_only=True)
+    assert final["update_count"] == 51  # one combined update per agent step, from step 200 to 250 inclusive
+    assert final["log_alpha"].item() != 0.0 and abs(final["log_alpha"].item()) < 0.1  # alpha starts at 1 and has moved
+    scalars = read_scalars(run_dir)
+    assert [step for step, _ in scalars["charts/episodic_length"]] == [250]  # 1000 control steps / 4
+    assert scalars["diag/params/encoder"] == [(0, 9 * 32 * 9 + 32 + 3 * (32 * 32 * 9 + 32))]
+    # SAME padding: 24 -> 12x12x32 flattened into each Dense(50), actor and critic
+    assert scalars["diag/params/bottleneck"] == [(0, 2 * (12 * 12 * 32 * 50 + 50 + 2 * 50))]
+    assert len(scalars["losses/actor_loss"]) == len(scalars["losses/qf_loss"])  # the actor learns at every update
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--env-id", "pong-run"], "--env-id 'pong-run' is not allowed"),
     (["--pool", "mean"], "--pool 'mean' is not allowed"),
@@ -112,6 +143,11 @@ def test_a_non_finite_loss_stops_the_run_and_leaves_the_last_good_state(tmp_path
     (["--action-repeat", "3"], "--action-repeat 3 must divide"),
     (["--batch-size", "1000", "--buffer-size", "100"], "--batch-size 1000 is larger than --buffer-size 100"),
     (["--width", "0"], "--width 0 must be positive"),
+    (["--preset", "dreamer"], "--preset 'dreamer' is not allowed"),
+    (["--padding", "full"], "--padding 'full' is not allowed"),
+    (["--alpha-loss-on", "beta"], "--alpha-loss-on 'beta' is not allowed"),
+    (["--target-entropy-scale", "inf"], "--target-entropy-scale inf must be a finite positive number"),
+    (["--preset", "dopamine", "--actor-update-frequency", "2"], "--actor-update-frequency 2 must be 1"),
     pytest.param(["--track"], "--track needs the `wandb` package", marks=pytest.mark.skipif(
         importlib.util.find_spec("wandb") is not None, reason="wandb is installed")),
 ])
