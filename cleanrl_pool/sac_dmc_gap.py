@@ -8,9 +8,9 @@ tanh projection, so that "global average pooling lets pixel RL scale" (Sokar & C
 the GAP", SAC on DMC) can be tested. `--preset dopamine` is Dopamine's SAC from pixels
 (labs/sac_from_pixels/sac_pixels.gin, jax/agents/sac/sac_agent.py): no augmentation, SAME-padded convs
 (42x42x32 at 84), actor, temperature and targets updated every step in one combined loss, alpha from 1
-with its loss on log alpha, target entropy -|A|/2, 10k random steps. Still DrQ's in that preset: the
-target's next action (Dopamine: the target actor's mean into the target critic), log-std bounds,
-initialisation and a 100k replay (Dopamine: 1M).
+with its loss on log alpha, target entropy -|A|/2, 10k random steps, a target actor whose mean action
+the target critic rates, an unbounded log std, orthogonal / glorot weights. Still ours in that preset:
+a 100k replay (Dopamine: 1M).
 Step counts are agent steps: DrQ's "100k steps" are 100k environment frames = 100k / action repeat.
 """
 
@@ -124,6 +124,12 @@ class Args:
     """lower bound of the actor's log standard deviation (DrQ: -10)"""
     log_std_max: float = 2.0
     """upper bound of the actor's log standard deviation (DrQ: 2)"""
+    bound_log_std: bool = True
+    """if toggled, squash the actor's log std into [log_std_min, log_std_max] with tanh (DrQ); off: Dopamine's unbounded exp"""
+    target_next_action: str = "online_sample"
+    """the target's next action: `online_sample` (DrQ: a' ~ online actor) or `target_mean` (Dopamine, see `critic_loss`)"""
+    init: str = "drq"
+    """initial weights: `drq` (orthogonal, ReLU gain in the convs) or `dopamine` (orthogonal encoder, glorot_uniform MLPs)"""
     augment: bool = True
     """if toggled, random-shift augmentation with two views (DrQ K=M=2); --no-augment: plain SAC from pixels"""
     image_pad: int = 4
@@ -159,6 +165,7 @@ PRESETS = {
         actor_update_frequency=1, target_update_frequency=1,  # update_period 1, soft target update every training step
         init_temperature=1.0, target_entropy_scale=0.5, alpha_loss_on="log_alpha",  # log_alpha = 0; target_entropy None
         combined_loss=True, padding="same",  # 0.5 * critic + policy + alpha loss; Flax's default SAME padding
+        target_next_action="target_mean", bound_log_std=False, init="dopamine",  # sac_agent.py train(); continuous_networks.py
     ),
 }
 
@@ -358,17 +365,20 @@ class Critic(nn.Module):
 
 
 class Actor(nn.Module):
-    """Tanh-squashed diagonal Gaussian; log std squashed into [log_std_min, log_std_max] (DrQ)."""
+    """Tanh-squashed diagonal Gaussian; log std squashed into [log_std_min, log_std_max] (DrQ), or
+    unbounded with `log_std_bounds` None (Dopamine's `scale_diag = exp(raw)`)."""
 
     def __init__(self, in_features: int, feature_dim: int, hidden_dim: int, action_dim: int, log_std_bounds):
         super().__init__()
         self.bottleneck = bottleneck(in_features, feature_dim)
         self.trunk = mlp(feature_dim, hidden_dim, 2 * action_dim)
-        self.log_std_min, self.log_std_max = log_std_bounds
+        self.log_std_bounds = log_std_bounds
 
     def forward(self, features):
         mean, log_std = self.trunk(self.bottleneck(features)).chunk(2, dim=1)
-        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(log_std) + 1)
+        if self.log_std_bounds is not None:
+            low, high = self.log_std_bounds
+            log_std = low + 0.5 * (high - low) * (torch.tanh(log_std) + 1)
         return mean, log_std
 
 
@@ -380,6 +390,22 @@ def init_weights(module):
     elif isinstance(module, nn.Conv2d):
         nn.init.orthogonal_(module.weight, nn.init.calculate_gain("relu"))
         nn.init.zeros_(module.bias)
+
+
+def dopamine_init_weights(encoder, actor, critic):
+    """Dopamine's SAC from pixels: orthogonal (gain 1) convs and encoder dense layers
+    (labs/sac_from_pixels/continuous_networks.py), glorot_uniform actor and critic MLPs
+    (jax/continuous_networks.py), zero biases, LayerNorm at scale 1 and offset 0."""
+    for network in (encoder, actor.bottleneck, critic.bottleneck):
+        for module in network.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.orthogonal_(module.weight)
+                nn.init.zeros_(module.bias)
+    for network in (actor.trunk, critic.q1, critic.q2):
+        for module in network.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
 
 
 def parameter_counts(encoder, actor, critic) -> dict:
@@ -475,16 +501,27 @@ def random_shift(obs, pad: int):
     return obs[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch: dict, views: int, gamma: float):
+def critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch: dict, views: int, gamma: float,
+                target_actor=None):
     """DrQ's critic loss: the soft Q target averaged over `views` augmented next observations (K),
     the squared errors of both critics summed over `views` augmented observations (M).
 
-    `batch` holds the views concatenated along the batch dimension. Returns (loss, Q1(s, a), Q2(s, a)).
+    The target's next action a' ~ pi(s') of the online actor (DrQ), or with `target_actor` Dopamine's
+    (sac_agent.py, `network_def.apply(target_params, next_state, rng, True)`): the target network's
+    actor on the target encoder, the target critic at its MEAN action tanh(mu), minus alpha times the
+    log-probability of a SAMPLED action. `batch` holds the views concatenated along the batch
+    dimension. Returns (loss, Q1(s, a), Q2(s, a)).
     """
     with torch.no_grad():
-        next_mean, next_log_std = actor(encoder(batch["next_observations"]))
-        next_actions, next_log_prob = sample_action(next_mean, next_log_std)
-        next_q1, next_q2 = target_critic(target_encoder(batch["next_observations"]), next_actions)
+        if target_actor is None:
+            next_mean, next_log_std = actor(encoder(batch["next_observations"]))
+            next_actions, next_log_prob = sample_action(next_mean, next_log_std)
+            next_q1, next_q2 = target_critic(target_encoder(batch["next_observations"]), next_actions)
+        else:
+            next_features = target_encoder(batch["next_observations"])
+            next_mean, next_log_std = target_actor(next_features)
+            next_log_prob = sample_action(next_mean, next_log_std)[1]
+            next_q1, next_q2 = target_critic(next_features, torch.tanh(next_mean))
         targets = soft_q_target(batch["rewards"], batch["terminated"], next_q1, next_q2, next_log_prob, log_alpha.exp(), gamma)
         targets = targets.view(views, -1).mean(dim=0).repeat(views)
     q1, q2 = critic(encoder(batch["observations"]), batch["actions"])
@@ -595,6 +632,8 @@ def check_args(args):
     utils.check_choice("pool", args.pool, ("flatten", "avg", "max"))
     utils.check_choice("padding", args.padding, ("valid", "same"))
     utils.check_choice("alpha-loss-on", args.alpha_loss_on, ("alpha", "log_alpha"))
+    utils.check_choice("target-next-action", args.target_next_action, ("online_sample", "target_mean"))
+    utils.check_choice("init", args.init, ("drq", "dopamine"))
     for flag in ("total_timesteps", "num_envs", "frame_stack", "width", "dense_scale", "feature_dim", "hidden_dim",
                  "learning_rate", "buffer_size", "batch_size", "update_to_data", "actor_update_frequency",
                  "target_update_frequency", "eval_episodes", "log_every", "init_temperature", "reward_scale",
@@ -681,11 +720,15 @@ def main():
     pooled_features = 32 * args.width * (encoder_side(args.resolution, args.padding) ** 2 if args.pool == "flatten" else 1)
     feature_dim = args.feature_dim * args.dense_scale
     encoder = Encoder(obs_shape[0], args.width, args.pool, args.padding, args.resolution).to(device)
-    actor = Actor(pooled_features, feature_dim, args.hidden_dim, action_dim, (args.log_std_min, args.log_std_max)).to(device)
+    log_std_bounds = (args.log_std_min, args.log_std_max) if args.bound_log_std else None
+    actor = Actor(pooled_features, feature_dim, args.hidden_dim, action_dim, log_std_bounds).to(device)
     critic = Critic(pooled_features, feature_dim, args.hidden_dim, action_dim).to(device)
     for network in (encoder, actor, critic):
         network.apply(init_weights)
+    if args.init == "dopamine":
+        dopamine_init_weights(encoder, actor, critic)
     target_encoder, target_critic = copy.deepcopy(encoder), copy.deepcopy(critic)
+    target_actor = copy.deepcopy(actor) if args.target_next_action == "target_mean" else None  # Dopamine's target network
     log_alpha = torch.tensor(np.log(args.init_temperature), dtype=torch.float32, device=device, requires_grad=True)
     critic_optimizer = torch.optim.Adam(list(encoder.parameters()) + list(critic.parameters()), lr=args.learning_rate)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
@@ -695,9 +738,11 @@ def main():
     modules = {"encoder": encoder, "actor": actor, "critic": critic, "target_encoder": target_encoder,
                "target_critic": target_critic, "critic_optimizer": critic_optimizer,
                "actor_optimizer": actor_optimizer, "alpha_optimizer": alpha_optimizer}
+    if target_actor is not None:
+        modules["target_actor"] = target_actor
     if checkpoint:
         for name, module in modules.items():
-            module.load_state_dict(checkpoint[name])
+            module.load_state_dict(checkpoint[name] if name in checkpoint else checkpoint["actor"])  # no target actor saved
         with torch.no_grad():
             log_alpha.copy_(checkpoint["log_alpha"])
         update_count = checkpoint["update_count"]
@@ -779,7 +824,7 @@ def main():
             for _ in range(collected * args.update_to_data):
                 batch = sample_batch(replay, replay_size, args.batch_size, views, args.image_pad)
                 qf_loss, q1, q2 = compute_critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha,
-                                                      batch, views, args.gamma)
+                                                      batch, views, args.gamma, target_actor)
                 if args.combined_loss:  # Dopamine: one step on all three losses, from the same weights
                     actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, batch["observations"],
                                                                   target_entropy, args.alpha_loss_on)
@@ -811,6 +856,8 @@ def main():
                 if update_count % args.target_update_frequency == 0:
                     soft_update(target_encoder, encoder, args.tau)
                     soft_update(target_critic, critic, args.tau)
+                    if target_actor is not None:
+                        soft_update(target_actor, actor, args.tau)
 
         # logging, and the non-finite check (one host sync per log interval)
         if global_step // args.log_every > previous_step // args.log_every:

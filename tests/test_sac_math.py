@@ -317,12 +317,70 @@ def test_dopamine_preset_sets_every_value_of_dopamines_sac_from_pixels(monkeypat
     assert (args.init_temperature, args.target_entropy_scale, args.alpha_loss_on) == (1.0, 0.5, "log_alpha")
     assert (args.combined_loss, args.padding, args.hidden_dim, args.feature_dim) == (True, "same", 1024, 50)
     assert (args.frame_stack, args.gamma) == (3, 0.99)
+    assert (args.target_next_action, args.bound_log_std, args.init) == ("target_mean", False, "dopamine")
     default = parse(monkeypatch)
     assert (default.preset, default.augment, default.padding, default.combined_loss) == ("drq", True, "valid", False)
     assert (default.target_entropy_scale, default.init_temperature, default.alpha_loss_on) == (1.0, 0.1, "alpha")
     assert (default.actor_update_frequency, default.learning_rate) == (2, 1e-3)
+    assert (default.target_next_action, default.bound_log_std, default.init) == ("online_sample", True, "drq")
 
 
 def test_explicit_flags_override_the_dopamine_preset(monkeypatch):
     args = parse(monkeypatch, "--preset", "dopamine", "--padding", "valid", "--batch-size", "64", "--augment")
     assert (args.padding, args.batch_size, args.augment, args.tau) == ("valid", 64, True, 0.005)
+
+
+def test_dopamine_target_rates_the_target_actors_mean_action_minus_alpha_times_a_samples_log_prob():
+    """sac_agent.py: network_def.apply(target_params, next_state, rng, True) -> the critic at the mean action,
+    actor.log_probability of the sampled one, all with the target network's weights."""
+    torch.manual_seed(0)
+    encoder, target_encoder = sac.Encoder(9, 1, "avg"), sac.Encoder(9, 1, "avg")
+    actor, target_actor = sac.Actor(32, 4, 8, 2, None), sac.Actor(32, 4, 8, 2, None)
+    critic, target_critic = sac.Critic(32, 4, 8, 2), sac.Critic(32, 4, 8, 2)
+    log_alpha = torch.tensor(math.log(0.5))
+    batch = {"observations": torch.randint(0, 256, (5, 9, 20, 20), dtype=torch.uint8),
+             "next_observations": torch.randint(0, 256, (5, 9, 20, 20), dtype=torch.uint8),
+             "actions": torch.rand(5, 2) * 2 - 1, "rewards": torch.randn(5), "terminated": torch.tensor([0.0, 1, 0, 0, 0])}
+    torch.manual_seed(7)
+    loss, _, _ = sac.critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch, 1, 0.9, target_actor)
+    with torch.no_grad():
+        features = target_encoder(batch["next_observations"])
+        mean, log_std = target_actor(features)
+        torch.manual_seed(7)
+        pre_tanh = mean + log_std.exp() * torch.randn_like(mean)
+        log_prob = sac.squashed_gaussian_log_prob(pre_tanh, mean, log_std)
+        next_q = torch.min(*target_critic(features, torch.tanh(mean)))
+        target = batch["rewards"] + 0.9 * (1 - batch["terminated"]) * (next_q - 0.5 * log_prob)
+        online_q1, online_q2 = critic(encoder(batch["observations"]), batch["actions"])
+    expected = ((online_q1 - target) ** 2).mean() + ((online_q2 - target) ** 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.manual_seed(7)
+    drq_loss, _, _ = sac.critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch, 1, 0.9)
+    assert drq_loss.item() != pytest.approx(loss.item())  # DrQ's target uses the online actor's sample
+
+
+def test_unbounded_actor_returns_the_raw_log_std_as_dopamine():
+    actor = sac.Actor(8, 6, 16, 3, None)
+    features = torch.randn(4, 8) * 100
+    mean, log_std = actor(features)
+    raw_mean, raw_log_std = actor.trunk(actor.bottleneck(features)).chunk(2, dim=1)
+    assert torch.equal(mean, raw_mean) and torch.equal(log_std, raw_log_std)
+
+
+def test_dopamine_init_is_orthogonal_in_the_encoder_and_glorot_uniform_in_the_mlps():
+    torch.manual_seed(0)
+    encoder = sac.Encoder(9, 1, "flatten", "same", 24)
+    actor, critic = sac.Actor(4608, 50, 256, 6, None), sac.Critic(4608, 50, 256, 6)
+    sac.dopamine_init_weights(encoder, actor, critic)
+    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    for layer in convs + [actor.bottleneck[0], critic.bottleneck[0]]:
+        rows = layer.weight.detach().flatten(1)  # out x fan_in, out <= fan_in: orthonormal rows, gain 1 (not DrQ's sqrt 2)
+        assert torch.allclose(rows @ rows.T, torch.eye(rows.shape[0]), atol=1e-4)
+    for network in (actor.trunk, critic.q1, critic.q2):
+        for layer in (m for m in network if isinstance(m, torch.nn.Linear)):
+            fan_out, fan_in = layer.weight.shape
+            assert layer.weight.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.15)
+            assert layer.weight.abs().max().item() <= math.sqrt(6 / (fan_in + fan_out)) + 1e-6
+    layers = [m for network in (encoder, actor, critic) for m in network.modules()
+              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert all(torch.count_nonzero(m.bias) == 0 for m in layers)

@@ -128,6 +128,10 @@ def test_dopamine_preset_runs_with_its_values_and_the_explicit_overrides(dopamin
     final = torch.load(os.path.join(run_dir, "final.pt"), map_location="cpu", weights_only=True)
     assert final["update_count"] == 51  # one combined update per agent step, from step 200 to 250 inclusive
     assert final["log_alpha"].item() != 0.0 and abs(final["log_alpha"].item()) < 0.1  # alpha starts at 1 and has moved
+    assert (config["target_next_action"], config["bound_log_std"], config["init"]) == ("target_mean", False, "dopamine")
+    # the target actor follows the actor by tau every step: close to it, not equal
+    moved = [(final["target_actor"][name] - value).abs().max().item() for name, value in final["actor"].items()]
+    assert 0 < max(moved) < 0.05
     scalars = read_scalars(run_dir)
     assert [step for step, _ in scalars["charts/episodic_length"]] == [250]  # 1000 control steps / 4
     assert scalars["diag/params/encoder"] == [(0, 9 * 32 * 9 + 32 + 3 * (32 * 32 * 9 + 32))]
@@ -148,6 +152,8 @@ def test_dopamine_preset_runs_with_its_values_and_the_explicit_overrides(dopamin
     (["--alpha-loss-on", "beta"], "--alpha-loss-on 'beta' is not allowed"),
     (["--target-entropy-scale", "inf"], "--target-entropy-scale inf must be a finite positive number"),
     (["--preset", "dopamine", "--actor-update-frequency", "2"], "--actor-update-frequency 2 must be 1"),
+    (["--target-next-action", "mean"], "--target-next-action 'mean' is not allowed"),
+    (["--init", "xavier"], "--init 'xavier' is not allowed"),
     pytest.param(["--track"], "--track needs the `wandb` package", marks=pytest.mark.skipif(
         importlib.util.find_spec("wandb") is not None, reason="wandb is installed")),
 ])
