@@ -20,8 +20,8 @@ SEEDS = [1, 2, 3, 4, 5]
 GRIDS = {
     "procgen_hd": {
         "about": "Procgen-HD (Trumpp et al., TMLR 2026): Impala (flatten) vs Impoola (avg) x resolution x width, "
-                 "16 games, 5 seeds, 25M steps, easy, 200 training levels. With EnvPool 1.2.5 a resolution other "
-                 "than 64 is a bilinear resize of the 64x64 frame, not Procgen-HD's native render (see README)",
+                 "16 games, 5 seeds, 25M steps, easy, 200 training levels; frames drawn natively at each resolution "
+                 "(the authors' Procgen-HD fork, procgen_hd/)",
         "script": "ppo_procgen_impoola.py",
         "fixed": {"total-timesteps": 25_000_000, "distribution-mode": "easy"},
         "vary": {"env-id": PROCGEN_GAMES, "seed": SEEDS, "pool": ["flatten", "avg"],

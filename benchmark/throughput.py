@@ -1,6 +1,8 @@
-"""Throughput on this machine: for each script and each resolution / width / pool, the raw EnvPool
-rate (the script's own environment construction, random actions, the render at R included), the
-training rate of the script itself, their ratio, and the GPU memory the run took.
+"""Throughput on this machine: for each script and each resolution / width / pool, the raw environment
+rate (the script's own environment construction, random actions: Procgen-HD drawing natively at R for
+PPO, EnvPool for the others), the training rate of the script itself, their ratio, and the GPU memory
+the run took. For PPO also Procgen-HD against EnvPool's Procgen step + render at R (a resize of the
+64 x 64 frame), with `--raw-num-envs` envs, as the cost of the native picture.
 
     python benchmark/throughput.py                                   # every script, preset by device
     python benchmark/throughput.py --scripts ppo_procgen_impoola --resolutions 64,128 --pools flatten,avg
@@ -15,6 +17,8 @@ included). Writes a Markdown table with the device, the date and every command.
 import argparse
 import datetime
 import glob
+import json
+import math
 import os
 import platform
 import shlex
@@ -35,8 +39,8 @@ NEVER = "1000000000"  # an interval longer than any measurement run
 # (small, so a 2-core machine finishes) and on a GPU (the papers' batch shapes).
 RECIPES = {
     "ppo_procgen_impoola": {
-        "env_id": "bigfish", "resolutions": [64, 128],
-        "cpu": {"num-envs": 8, "num-steps": 32, "num-minibatches": 2, "total-timesteps": 1024},
+        "env_id": "bigfish", "resolutions": [64, 128, 192],
+        "cpu": {"num-envs": 8, "num-steps": 32, "num-minibatches": 2, "total-timesteps": 512},
         "gpu": {"num-envs": 64, "num-steps": 256, "num-minibatches": 8, "total-timesteps": 65536},
         "quiet": {"eval-every": NEVER, "eval-episodes": 1, "final-eval-episodes": 1, "eval-num-envs": 1,
                   "save-every": NEVER, "diag-every": NEVER},
@@ -79,12 +83,9 @@ def env_rate(script: str, flags: dict, seconds: float) -> float:
     args = module.Args(**{k.replace("-", "_"): v for k, v in flags.items() if k.replace("-", "_") in known})
     if script == "ppo_procgen_impoola":
         envs = module.make_envs(args, args.num_envs, 200, args.seed)
-        rendered = args.resolution != module.PROCGEN_FRAME_SIDE
-        num_actions = envs.action_space.n
 
         def step():
-            obs, _, _, _, info = envs.step(np.random.randint(0, num_actions, args.num_envs))
-            module.observe(envs, obs, info, rendered, "cpu")
+            envs.step(np.random.randint(0, envs.num_actions, args.num_envs))
     elif script == "sac_dmc_gap":
         args.action_repeat = args.action_repeat or module.DMC_TASKS[args.env_id][1]
         module.make_egl_visible()
@@ -111,6 +112,33 @@ def env_rate(script: str, flags: dict, seconds: float) -> float:
     while time.perf_counter() - start < seconds:
         step()
         steps += args.num_envs
+    return steps / (time.perf_counter() - start)
+
+
+def env_rate_in_child(script: str, flags: dict, seconds: float) -> float:
+    """`env_rate` in a fresh process: Procgen-HD draws one frame size per process, and no measurement
+    inherits another's threads or memory."""
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import throughput; "
+            f"print(throughput.env_rate({script!r}, json.loads({json.dumps(flags)!r}), {seconds!r}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"raw rate of {script} failed: {result.stderr.strip().splitlines()[-1:]}")
+    return float(result.stdout.split()[-1])
+
+
+def envpool_procgen_rate(game: str, num_envs: int, resolution: int, seconds: float) -> float:
+    """Steps/s of EnvPool's Procgen with random actions, plus its batched render at R when R != 64 (a resize)."""
+    import envpool
+
+    kwargs = {} if resolution == 64 else dict(render_mode="rgb_array", render_width=resolution, render_height=resolution)
+    envs = envpool.make(f"{game.capitalize()}Easy-v0", env_type="gymnasium", num_envs=num_envs, seed=0, **kwargs)
+    envs.reset()
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        _, _, _, _, info = envs.step(np.random.randint(0, 15, num_envs))
+        if resolution != 64:
+            envs.render(env_ids=info["env_id"])
+        steps += num_envs
     return steps / (time.perf_counter() - start)
 
 
@@ -190,6 +218,7 @@ def main(argv=None):
     parser.add_argument("--pools", default="flatten,avg", help="comma-separated --pool values")
     parser.add_argument("--preset", default="", help="cpu or gpu run sizes (default: gpu when CUDA is available)")
     parser.add_argument("--env-seconds", type=float, default=5.0, help="seconds of random-action stepping per raw env rate")
+    parser.add_argument("--raw-num-envs", type=int, default=64, help="envs of the Procgen-HD vs EnvPool comparison (0: none)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds a training run may take at most")
     parser.add_argument("--out", default="", help="the Markdown file (default: benchmark/results/throughput_{preset}.md)")
     parser.add_argument("--note", default="", help="a line about the conditions (other load, ...) put under the table")
@@ -204,12 +233,31 @@ def main(argv=None):
         utils.check_choice("scripts", script, list(RECIPES))
         if not os.path.isfile(os.path.join(REPO, "cleanrl_pool", script + ".py")):
             utils.fail(f"--scripts {script!r}: cleanrl_pool/{script}.py does not exist yet")
-    utils.check_positive("env-seconds", args.env_seconds)
-    widths = [int(w) for w in args.widths.split(",")]
+    for flag in ("env_seconds", "timeout"):
+        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) > 0):
+            utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be a positive, finite number of seconds")
+    if args.raw_num_envs < 0:
+        utils.fail(f"--raw-num-envs {args.raw_num_envs} must be 0 (no comparison) or positive")
+
+    def int_list(flag: str, text: str, low: int, high: int) -> list:
+        try:
+            values = [int(item) for item in text.split(",")]
+        except ValueError:
+            utils.fail(f"--{flag} {text!r} must be comma-separated integers")
+        if not all(low <= value <= high for value in values):
+            utils.fail(f"--{flag} {text!r}: each value must be from {low} to {high}")
+        return values
+
+    widths = int_list("widths", args.widths, 1, 64)
+    resolution_lists = {script: int_list("resolutions", args.resolutions, 1, 4096) if args.resolutions
+                        else RECIPES[script]["resolutions"] for script in scripts}
     pools = [p.strip() for p in args.pools.split(",")]
+    for pool in pools:
+        utils.check_choice("pools", pool, ["flatten", "avg", "max"])
     out = args.out or os.path.join(REPO, "benchmark", "results", f"throughput_{preset}.md")
 
     rows, commands, load_before = [], [], os.getloadavg()[0]
+    native_rows = []  # Procgen-HD against EnvPool's step + render, per resolution
 
     def write_table():  # after every row, so a long measurement that is stopped keeps what it measured
         lines = [f"# Throughput ({preset} preset)", "",
@@ -217,8 +265,8 @@ def main(argv=None):
                  f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; 1-minute load average "
                  f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the last row (other jobs share the machine when it exceeds the core count)",
                  f"- command: `python benchmark/throughput.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
-                 "- raw env: the script's own EnvPool construction stepped with random actions (the render at R included), "
-                 f"{args.env_seconds:g} s, same number of envs as the training run",
+                 "- raw env: the script's own environment construction (PPO: Procgen-HD drawing natively at R; the others: "
+                 f"EnvPool) stepped with random actions, {args.env_seconds:g} s, same number of envs as the training run",
                  "- training: steps/s between the first and last `charts/SPS` point of a short real run (start-up, "
                  "learning-starts warm-up and final evaluation left out); `charts/SPS` = the script's own cumulative number",
                  ""]
@@ -227,6 +275,11 @@ def main(argv=None):
         lines += ["| script | env | resolution | width | pool | raw env steps/s | training steps/s | training / raw | charts/SPS | GPU memory |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+        if native_rows:
+            lines += ["", f"Procgen-HD (native render at R) against EnvPool's Procgen step + render at R (a resize of the 64 x 64 "
+                      f"frame), bigfish, {args.raw_num_envs} envs, random actions, {args.env_seconds:g} s each:", "",
+                      "| resolution | Procgen-HD steps/s | EnvPool step + render steps/s | Procgen-HD / EnvPool |", "|---|---|---|---|"]
+            lines += ["| " + " | ".join(map(str, row)) + " |" for row in native_rows]
         lines += ["", "Training commands (run in an empty folder):", "", "```"] + commands + ["```", ""]
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
@@ -234,11 +287,15 @@ def main(argv=None):
 
     for script in scripts:
         recipe = RECIPES[script]
-        resolutions = [int(r) for r in args.resolutions.split(",")] if args.resolutions else recipe["resolutions"]
-        for resolution in resolutions:
+        for resolution in resolution_lists[script]:
             base = {"env-id": recipe["env_id"], "resolution": resolution, **recipe[preset], **recipe["quiet"]}
-            raw = env_rate(script, base, args.env_seconds)
+            raw = env_rate_in_child(script, base, args.env_seconds)
             print(f"{script} {recipe['env_id']} {resolution}: raw env {raw:,.0f} steps/s", flush=True)
+            if script == "ppo_procgen_impoola" and args.raw_num_envs:
+                native = env_rate_in_child(script, {**base, "num-envs": args.raw_num_envs}, args.env_seconds)
+                resized = envpool_procgen_rate(recipe["env_id"], args.raw_num_envs, resolution, args.env_seconds)
+                native_rows.append([resolution, rate_text(native), rate_text(resized), f"{native / resized:.3g}"])
+                print(f"  {args.raw_num_envs} envs: Procgen-HD {native:,.0f}, EnvPool step + render {resized:,.0f} steps/s", flush=True)
             for width in widths:
                 for pool in pools:
                     flags = {**base, "width": width, "pool": pool}

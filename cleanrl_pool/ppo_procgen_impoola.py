@@ -1,12 +1,11 @@
-"""PPO with the Impala-CNN encoder on Procgen and Procgen-HD (EnvPool), flatten (Impala) or global
-average pooling (Impoola) between the encoder and the dense layer.
+"""PPO with the Impala-CNN encoder on Procgen-HD, flatten (Impala) or global average pooling
+(Impoola) between the encoder and the dense layer.
 
 Reproduces Impoola (Trumpp et al., RLC 2025) and "Higher Resolution, Better Generalization"
 (Trumpp et al., TMLR 2026): train on 200 levels (500 for hard), evaluate on those levels and on the
-full level distribution; `--resolution R` feeds the network EnvPool's batched render at R x R.
-Measured with EnvPool 1.2.5: that render is a bilinear resize of the 64 x 64 frame, not the native
-re-render of the Procgen-HD fork (tests/test_ppo_procgen_render.py), so R != 64 here changes the
-network's input size and cost but adds no detail.
+full level distribution. `--resolution R` is the side of the frame the game draws natively (the
+authors' Procgen-HD fork, package `procgen_hd`): the same field of view, levels and rewards at every
+R, only more pixels. R = 64 is the original Procgen, bit for bit.
 Usage: python cleanrl_pool/ppo_procgen_impoola.py --env-id bigfish --resolution 192
 """
 
@@ -18,8 +17,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import envpool
 import numpy as np
+import procgen_hd
 import torch
 import torch.nn as nn
 import torch.optim as optim
@@ -30,10 +29,6 @@ import utils
 
 SCRIPT = os.path.basename(__file__)
 PROCGEN_GAMES = sorted(utils.PROCGEN_SCORE_RANGES)
-PROCGEN_FRAME_SIDE = 64  # the observation EnvPool returns without re-rendering
-# Measured with EnvPool 1.2.5: render returns every side from 1 to 23,171 (a 1.6 GB frame) and
-# silently returns 64 x 64 for a side <= 0. We refuse <= 0 and keep a frame under 1 GB.
-MAX_RESOLUTION = 16384
 
 
 # Args
@@ -62,7 +57,8 @@ class Args:
     runs_dir: str = "runs"
     """the folder that holds the run folders"""
     resume: str = ""
-    """a checkpoint to continue from, or `auto` (the newest of this env id, exp name and seed)"""
+    """a checkpoint to continue from (the games too: an exact continuation), or `auto` (the newest of this env id,
+    exp name and seed)"""
 
     # Environment (Procgen generalisation protocol: train on a fixed set of levels, test on all)
     env_id: str = "bigfish"
@@ -70,11 +66,11 @@ class Args:
     distribution_mode: str = "easy"
     """the Procgen distribution mode: easy or hard"""
     num_levels: Optional[int] = None
-    """the number of training levels (default 200 for easy, 500 for hard, as the Procgen paper)"""
+    """the number of training levels (default 200 for easy, 500 for hard, as the Procgen paper; 0: all levels)"""
     start_level: int = 0
     """the first training level seed"""
     resolution: int = 64
-    """side of the square frame the network sees; != 64 uses EnvPool's render (a bilinear resize in 1.2.5)"""
+    """side of the square frame the game draws natively and the network sees (papers: 48-192)"""
     num_envs: int = 64
     """the number of parallel training environments"""
 
@@ -141,33 +137,12 @@ class Args:
     """a neuron is dormant when its normalised mean activation is at most this (Sokar et al. 2023)"""
 
 
-# Environment construction: EnvPool Procgen, frames at R x R through its batched render
-def make_envs(args, num_envs: int, num_levels: int, seed: int):
-    """EnvPool Procgen with `num_levels` levels from `start_level` (0 = the full distribution)."""
-    kwargs = {}
-    if args.resolution != PROCGEN_FRAME_SIDE:
-        kwargs = dict(render_mode="rgb_array", render_width=args.resolution, render_height=args.resolution)
-    return envpool.make(
-        f"{args.env_id.capitalize()}{args.distribution_mode.capitalize()}-v0",
-        env_type="gymnasium",
-        num_envs=num_envs,
-        seed=seed,
-        num_levels=num_levels,
-        start_level=args.start_level if num_levels > 0 else 0,
-        **kwargs,
-    )
-
-
-def observe(envs, obs: np.ndarray, info: dict, rendered: bool, device) -> torch.Tensor:
-    """The frames the network sees, (n, 3, R, R) uint8 on `device`, row i = row i of the step.
-
-    EnvPool's render draws the state after the step (the next episode's first frame after a
-    reset), so at R = 64 it equals the observation bit for bit (tests/test_ppo_procgen_render.py).
-    """
-    if not rendered:
-        return torch.from_numpy(obs).to(device)
-    frames = envs.render(env_ids=info["env_id"])
-    return torch.from_numpy(frames).to(device).permute(0, 3, 1, 2)
+# Environment construction: Procgen-HD, drawn natively at R x R, reset in the step that ends an episode
+def make_envs(args, num_envs: int, num_levels: int, seed: int) -> procgen_hd.ProcgenHDEnv:
+    """`num_envs` games on `num_levels` levels from `start_level` (0 levels: the full distribution)."""
+    return procgen_hd.ProcgenHDEnv(args.env_id, num_envs, args.resolution, num_levels=num_levels,
+                                   start_level=args.start_level if num_levels else 0,
+                                   distribution_mode=args.distribution_mode, seed=seed)
 
 
 def new_reward_normalizer(num_envs: int, device) -> dict:
@@ -180,16 +155,14 @@ def new_reward_normalizer(num_envs: int, device) -> dict:
     }
 
 
-def normalize_reward(normalizer: dict, reward, done, valid, gamma: float, clip: float):
+def normalize_reward(normalizer: dict, reward, done, gamma: float, clip: float):
     """Scale rewards by the running std of the discounted return, then clip (CleanRL / gym 0.23).
 
-    The return of an env restarts after its episode ends; steps that are not real transitions
-    (`valid` = 0, EnvPool's reset step) do not update the statistics.
+    `reward` of a step that ends an episode is that episode's last: it joins the return, which then
+    restarts at zero for the next episode.
     """
     returns = normalizer["discounted_return"] * gamma + reward
-    batch_count = valid.sum()
-    batch_mean = (returns * valid).sum() / batch_count.clamp(min=1)
-    batch_var = (valid * (returns - batch_mean) ** 2).sum() / batch_count.clamp(min=1)
+    batch_mean, batch_var, batch_count = returns.mean(), returns.var(unbiased=False), returns.numel()
     delta = batch_mean - normalizer["mean"]
     total = normalizer["count"] + batch_count
     normalizer["mean"] = normalizer["mean"] + delta * batch_count / total
@@ -264,10 +237,11 @@ class Agent(nn.Module):
         return self.actor(hidden), self.critic(hidden).squeeze(-1)
 
 
-def sample_action(logits):
+def sample_action(logits, generator=None):
     """A sample of softmax(logits) by the Gumbel-max trick: unlike Categorical.sample, non-finite
     logits do not crash mid-rollout, so the once-per-iteration non-finite check can report them."""
-    return torch.argmax(logits - torch.log(-torch.log(torch.rand_like(logits))), dim=1)
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+    return torch.argmax(logits - torch.log(-torch.log(uniform)), dim=1)
 
 
 def get_action_and_value(model, obs, action=None):
@@ -344,6 +318,38 @@ def allocate_rollout(num_steps: int, num_envs: int, resolution: int, device) -> 
     }
 
 
+def collect_rollout(model, envs, rollout: dict, next_obs, next_done, reward_normalizer: dict, episodes: dict,
+                    gamma: float, reward_clip: float):
+    """Play one rollout, writing every step into `rollout`; returns (next_obs, next_done, finished episodes'
+    returns, their lengths). One host transfer of actions per step, everything else stays on the device.
+
+    CleanRL's convention: dones[t] = 1 when obs[t] is the first frame of an episode (the previous step
+    ended one). Procgen resets inside the step that ends an episode, so every step is a real transition.
+    """
+    device = next_obs.device
+    finished_returns, finished_lengths = [], []
+    for step in range(rollout["obs"].shape[0]):
+        rollout["obs"][step] = next_obs
+        rollout["dones"][step] = next_done
+        with torch.no_grad():
+            action, logprob, _, value = get_action_and_value(model, next_obs)
+        rollout["actions"][step], rollout["logprobs"][step], rollout["values"][step] = action, logprob, value
+        obs, reward, done, _ = envs.step(action.cpu().numpy())
+        next_obs = torch.from_numpy(obs).to(device)
+        next_done = torch.from_numpy(done).to(device, torch.float32)
+        rollout["rewards"][step] = normalize_reward(
+            reward_normalizer, torch.from_numpy(reward).to(device), next_done, gamma, reward_clip
+        )
+        # An episode's return ends with the reward of the step that ended it
+        episodes["return"] += reward
+        episodes["length"] += 1
+        if done.any():
+            finished_returns += episodes["return"][done].tolist()
+            finished_lengths += episodes["length"][done].tolist()
+            episodes["return"][done], episodes["length"][done] = 0.0, 0
+    return next_obs, next_done, finished_returns, finished_lengths
+
+
 def compute_gae(rewards, values, dones, next_value, next_done, gamma: float, gae_lambda: float):
     """Generalised advantage estimation (Schulman et al. 2016), CleanRL's convention:
     dones[t] = 1 when obs[t] follows the end of an episode, so step t - 1 does not bootstrap.
@@ -362,28 +368,29 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma: float, gae
 
 
 # Evaluation: a fixed number of whole episodes per environment, actions sampled like the papers
-def evaluate(model, envs, num_episodes: int, rendered: bool, device, record_video: bool = False):
-    """Returns of `num_episodes` episodes and, if asked, the frames of env 0's first episode.
+def evaluate(model, envs, num_episodes: int, seed: int, device, record_video: bool = False):
+    """Returns of `num_episodes` episodes and, if asked, the frames of env 0's first episode. Actions are
+    sampled from a generator of their own (`seed`), so evaluating never changes how training goes on.
 
     Env i plays exactly its quota (num_episodes // n, one more for the first num_episodes % n),
     decided before any episode ends, so short episodes are not over-represented.
     """
-    num_envs = len(envs.all_env_ids)
-    quota = np.full(num_envs, num_episodes // num_envs)
-    quota[: num_episodes % num_envs] += 1
-    finished = np.zeros(num_envs, dtype=np.int64)
-    episode_return = np.zeros(num_envs)
+    quota = np.full(envs.num_envs, num_episodes // envs.num_envs)
+    quota[: num_episodes % envs.num_envs] += 1
+    finished = np.zeros(envs.num_envs, dtype=np.int64)
+    episode_return = np.zeros(envs.num_envs)
     returns, frames = [], []
-    obs, info = envs.reset()
+    generator = torch.Generator(device).manual_seed(seed)
+    obs, _ = envs.reset()
     while (finished < quota).any():
-        frame = observe(envs, obs, info, rendered, device)
+        frame = torch.from_numpy(obs).to(device)
         if record_video and finished[0] == 0:
-            frames.append(frame[0].permute(1, 2, 0).cpu().numpy())
+            frames.append(obs[0].transpose(1, 2, 0))
         with torch.no_grad():
-            action = sample_action(model(frame)[0])
-        obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+            action = sample_action(model(frame)[0], generator)
+        obs, reward, done, _ = envs.step(action.cpu().numpy())
         episode_return += reward
-        for i in np.flatnonzero(terminated | truncated):
+        for i in np.flatnonzero(done):
             if finished[i] < quota[i]:
                 returns.append(episode_return[i])
                 finished[i] += 1
@@ -398,17 +405,24 @@ def main():
     utils.check_choice("env-id", args.env_id, PROCGEN_GAMES)
     utils.check_choice("distribution-mode", args.distribution_mode, ["easy", "hard"])
     utils.check_choice("pool", args.pool, ["flatten", "avg", "max"])
-    if not 1 <= args.resolution <= MAX_RESOLUTION:
-        utils.fail(f"--resolution {args.resolution} cannot be rendered; choose a side from 1 to {MAX_RESOLUTION} (papers: 48-192)")
+    if not 1 <= args.resolution <= procgen_hd.MAX_RESOLUTION:
+        utils.fail(f"--resolution {args.resolution} cannot be drawn; choose a side from 1 to {procgen_hd.MAX_RESOLUTION} "
+                   "(papers: 48-192)")
     for flag in ("width", "dense_scale", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_num_envs",
                  "total_timesteps", "learning_rate", "diag_batch_size"):
         utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
-    for flag in ("eval_every", "eval_episodes", "final_eval_episodes", "save_every", "diag_every", "start_level", "torch_threads"):
-        if getattr(args, flag) < 0:
-            utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be 0 or positive")
     if args.num_levels is None:
         args.num_levels = 200 if args.distribution_mode == "easy" else 500  # Procgen paper's protocol
-    utils.check_positive("num-levels", args.num_levels)
+    for flag in ("eval_every", "eval_episodes", "final_eval_episodes", "save_every", "diag_every", "start_level",
+                 "torch_threads", "num_levels"):
+        if getattr(args, flag) < 0:
+            utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be 0 or positive")
+    if args.start_level + args.num_levels > procgen_hd.INT32_MAX:
+        utils.fail(f"--start-level {args.start_level} + --num-levels {args.num_levels} must stay below 2**31 "
+                   "(Procgen's level seeds)")
+    if not 0 <= args.seed <= procgen_hd.INT32_MAX - 200_000:
+        utils.fail(f"--seed {args.seed} must be from 0 to {procgen_hd.INT32_MAX - 200_000} "
+                   "(the envs' seeds are seed, seed + 100,000 and seed + 200,000)")
     batch_size = args.num_envs * args.num_steps
     if args.num_minibatches > batch_size or batch_size % args.num_minibatches:
         utils.fail(f"--num-minibatches {args.num_minibatches} must divide the rollout of {batch_size} steps (num-envs x num-steps)")
@@ -432,6 +446,12 @@ def main():
     checkpoint = None
     if checkpoint_file:
         checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ["env_id", "pool", "width", "dense_scale", "resolution"])
+        if "env_states" not in checkpoint:
+            utils.fail(f"--resume {checkpoint_file!r} holds no game states (written before the Procgen-HD back end)")
+        saved = checkpoint["args"]
+        if (saved["num_envs"], saved["distribution_mode"]) != (args.num_envs, args.distribution_mode):
+            utils.fail(f"--resume {checkpoint_file!r} holds {saved['num_envs']} {saved['distribution_mode']} games, "
+                       f"this run asks for --num-envs {args.num_envs} --distribution-mode {args.distribution_mode}")
 
     # Set-up
     print(f"{SCRIPT}: " + ", ".join(f"{key}={value}" for key, value in sorted(asdict(args).items())))
@@ -445,24 +465,23 @@ def main():
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     global_step = checkpoint["global_step"] if checkpoint else 0
-    # Env states cannot be saved: a resumed run restarts its episodes, on a fresh level seed stream.
-    envs = make_envs(args, args.num_envs, args.num_levels, args.seed + global_step)
-    train_level_envs = make_envs(args, args.eval_num_envs, args.num_levels, args.seed + 100_000)
-    test_level_envs = make_envs(args, args.eval_num_envs, 0, args.seed + 200_000)  # the full distribution
-    rendered = args.resolution != PROCGEN_FRAME_SIDE
-    if rendered:
-        print(f"warning: --resolution {args.resolution} uses EnvPool's render, which in EnvPool 1.2.5 resizes the "
-              "64x64 frame bilinearly; it is not Procgen-HD's native re-render", file=sys.stderr)
-    num_actions = envs.action_space.n
+    envs = make_envs(args, args.num_envs, args.num_levels, args.seed)
+    num_actions = envs.num_actions
 
     agent = Agent(num_actions, args.resolution, args.pool, args.width, args.dense_scale).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=learning_rate, eps=1e-5)
     model = torch.compile(agent) if args.compile else agent
     reward_normalizer = new_reward_normalizer(args.num_envs, device)
-    if checkpoint:
+    next_obs_np, _ = envs.reset()
+    next_done = torch.zeros(args.num_envs, device=device)
+    episodes = {"return": np.zeros(args.num_envs), "length": np.zeros(args.num_envs, dtype=np.int64)}
+    if checkpoint:  # an exact continuation: the games, mid-episode, and every statistic that spans iterations
         agent.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         reward_normalizer.update({key: value.to(device) for key, value in checkpoint["reward_normalizer"].items()})
+        next_obs_np, _ = envs.set_state(checkpoint["env_states"])
+        next_done = checkpoint["next_done"].to(device)
+        episodes = {key: value.numpy().copy() for key, value in checkpoint["episodes"].items()}
         utils.set_rng_state(checkpoint["rng"])
         print(f"resumed from {checkpoint_file} at step {global_step}")
     params = parameter_counts(agent)
@@ -475,12 +494,18 @@ def main():
         return {
             "script": SCRIPT, "args": asdict(args), "global_step": global_step, "rng": utils.rng_state(),
             "model": agent.state_dict(), "optimizer": optimizer.state_dict(),
-            "reward_normalizer": {key: value.cpu() for key, value in reward_normalizer.items() if key != "discounted_return"},
+            "reward_normalizer": {key: value.cpu() for key, value in reward_normalizer.items()},
+            "env_states": envs.get_state(), "next_done": next_done.cpu(),
+            "episodes": {key: torch.from_numpy(value.copy()) for key, value in episodes.items()},
         }
 
     def run_evaluation(num_episodes: int):
-        for level_set, level_envs in (("train_levels", train_level_envs), ("test_levels", test_level_envs)):
-            returns, frames = evaluate(model, level_envs, num_episodes, rendered, device, args.capture_video)
+        # Fresh games with fixed seeds: every evaluation of a run plays the same levels, so checkpoints compare fairly
+        for level_set, num_levels, seed in (("train_levels", args.num_levels, args.seed + 100_000),
+                                            ("test_levels", 0, args.seed + 200_000)):  # test: the full distribution
+            level_envs = make_envs(args, args.eval_num_envs, num_levels, seed)
+            returns, frames = evaluate(model, level_envs, num_episodes, seed, device, args.capture_video)
+            level_envs.close()
             score = utils.procgen_normalized_score(args.env_id, args.distribution_mode, returns.mean())
             writer.add_scalar(f"eval/{level_set}/return", returns.mean(), global_step)
             writer.add_scalar(f"eval/{level_set}/normalized_score", score, global_step)
@@ -490,10 +515,7 @@ def main():
                 utils.save_video(os.path.join(run_dir, "videos", f"{level_set}_step{global_step}.gif"), frames)
 
     rollout = allocate_rollout(args.num_steps, args.num_envs, args.resolution, device)
-    next_obs_np, info = envs.reset()
-    next_obs = observe(envs, next_obs_np, info, rendered, device)
-    next_done = torch.zeros(args.num_envs, device=device)
-    episode_return = np.zeros(args.num_envs)
+    next_obs = torch.from_numpy(next_obs_np).to(device)
     start_iteration = global_step // batch_size + 1
     start_time, start_step = time.time(), global_step
 
@@ -502,30 +524,11 @@ def main():
         last_good = copy.deepcopy(checkpoint_payload())
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * learning_rate
-        finished_returns, finished_lengths = [], []
-
-        # Rollout: one host transfer of actions per step, everything else stays on the device
-        for step in range(args.num_steps):
-            global_step += args.num_envs
-            rollout["obs"][step] = next_obs
-            rollout["dones"][step] = next_done
-            with torch.no_grad():
-                action, logprob, _, value = get_action_and_value(model, next_obs)
-            rollout["actions"][step], rollout["logprobs"][step], rollout["values"][step] = action, logprob, value
-            next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-            done = terminated | truncated
-            # EnvPool's step after an episode's end only resets (its action is ignored): not a real transition
-            valid = 1.0 - next_done
-            next_done = torch.as_tensor(done, dtype=torch.float32).to(device)
-            rollout["rewards"][step] = normalize_reward(
-                reward_normalizer, torch.as_tensor(reward).to(device), next_done, valid, args.gamma, args.reward_clip
-            )
-            next_obs = observe(envs, next_obs_np, info, rendered, device)
-            episode_return += reward
-            if done.any():
-                finished_returns += episode_return[done].tolist()
-                finished_lengths += info["elapsed_step"][done].tolist()
-                episode_return[done] = 0.0
+        # Rollout, then the episodes it finished
+        next_obs, next_done, finished_returns, finished_lengths = collect_rollout(
+            model, envs, rollout, next_obs, next_done, reward_normalizer, episodes, args.gamma, args.reward_clip
+        )
+        global_step += batch_size
         if finished_returns:
             writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
             writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
@@ -537,11 +540,10 @@ def main():
                 rollout["rewards"], rollout["values"], rollout["dones"], next_value, next_done, args.gamma, args.gae_lambda
             )
 
-        # Flatten the batch; a step taken from a finished episode's last frame gets no weight
+        # Flatten the batch
         b_obs = rollout["obs"].reshape((-1, 3, args.resolution, args.resolution))
         b_logprobs, b_actions = rollout["logprobs"].reshape(-1), rollout["actions"].reshape(-1)
         b_advantages, b_returns, b_values = advantages.reshape(-1), returns.reshape(-1), rollout["values"].reshape(-1)
-        b_valid = 1.0 - rollout["dones"].reshape(-1)
 
         # Optimise the policy and value network
         totals = torch.zeros(7, device=device)  # policy, value, entropy losses, old kl, kl, clipfrac, minibatches
@@ -550,35 +552,31 @@ def main():
             b_inds = torch.randperm(batch_size, device=device)
             for start in range(0, batch_size, minibatch_size):
                 mb_inds = b_inds[start : start + minibatch_size]
-                mb_valid = b_valid[mb_inds]
-                mb_count = mb_valid.sum().clamp(min=1)
                 _, newlogprob, entropy, newvalue = get_action_and_value(model, b_obs[mb_inds], b_actions[mb_inds])
                 logratio = newlogprob - b_logprobs[mb_inds]
                 ratio = logratio.exp()
                 with torch.no_grad():
-                    old_approx_kl = (-logratio * mb_valid).sum() / mb_count
-                    approx_kl = (((ratio - 1) - logratio) * mb_valid).sum() / mb_count
-                    clipfrac = (((ratio - 1.0).abs() > args.clip_coef).float() * mb_valid).sum() / mb_count
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
 
                 mb_advantages = b_advantages[mb_inds]
                 if args.norm_adv:
-                    adv_mean = (mb_advantages * mb_valid).sum() / mb_count
-                    adv_std = torch.sqrt((mb_valid * (mb_advantages - adv_mean) ** 2).sum() / (mb_count - 1).clamp(min=1))
-                    mb_advantages = (mb_advantages - adv_mean) / (adv_std + 1e-8)
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
 
                 # Policy loss
                 pg_loss1 = -mb_advantages * ratio
                 pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = (torch.max(pg_loss1, pg_loss2) * mb_valid).sum() / mb_count
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
 
                 # Value loss (unclipped by default, as the Impoola / HD papers)
                 v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
                 if args.clip_vloss:
                     v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef)
                     v_loss_unclipped = torch.max(v_loss_unclipped, (v_clipped - b_returns[mb_inds]) ** 2)
-                v_loss = 0.5 * (v_loss_unclipped * mb_valid).sum() / mb_count
+                v_loss = 0.5 * v_loss_unclipped.mean()
 
-                entropy_loss = (entropy * mb_valid).sum() / mb_count
+                entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
 
                 optimizer.zero_grad()
@@ -591,16 +589,16 @@ def main():
             if args.target_kl is not None and approx_kl.item() > args.target_kl:
                 break
 
-        # One host sync per iteration: stop on a non-finite loss with the last good state on disk
+        # One host sync per iteration: stop on a non-finite loss, gradient or weight with the last good state on disk
+        finite &= torch.stack([torch.isfinite(p).all() for p in agent.parameters()]).all()
         if not bool(finite):
             path = utils.checkpoint_path(run_dir, last_good["global_step"])
             utils.save_checkpoint(path, last_good)
             writer.close()
-            sys.exit(f"error: non-finite loss or gradient at step {global_step}; the last good state is in {path}")
+            sys.exit(f"error: non-finite loss, gradient or weights at step {global_step}; the last good state is in {path}")
         means = (totals[:6] / totals[6]).tolist()
-        valid_values, valid_returns = b_values[b_valid > 0], b_returns[b_valid > 0]
-        var_returns = valid_returns.var()
-        explained_var = (1 - (valid_returns - valid_values).var() / var_returns).item() if var_returns > 0 else float("nan")
+        var_returns = b_returns.var()
+        explained_var = (1 - (b_returns - b_values).var() / var_returns).item() if var_returns > 0 else float("nan")
         sps = (global_step - start_step) / (time.time() - start_time)
 
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)

@@ -133,8 +133,8 @@ def compile_library(root: str, include: str, work: str) -> str:
     cmake_dir = os.path.join(work, "cmake")
     jobs = str(len(os.sched_getaffinity(0)))
     with open(log_path, "w") as log:
-        for command in (["cmake", "-S", os.path.join(root, "procgen"), "-B", cmake_dir, f"-DLIBENV_DIR={include}", *cmake_flags()],
-                        ["cmake", "--build", cmake_dir, "-j", jobs]):
+        configure = ["cmake", "-S", os.path.join(root, "procgen"), "-B", cmake_dir, f"-DLIBENV_DIR={include}", *cmake_flags()]
+        for command in (configure, ["cmake", "--build", cmake_dir, "-j", jobs]):
             if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
                 with open(log_path) as f:
                     needs_qt = "Qt5" in f.read()

@@ -34,18 +34,20 @@ def test_training_rate_reports_a_failing_run(tmp_path):
 
 
 @pytest.mark.parametrize("resolution", [64, 96])
-def test_procgen_env_rate_steps_the_scripts_envs_with_hd_rendering(resolution, monkeypatch):
-    calls = []
-    module = throughput.import_script("ppo_procgen_impoola")
-    original = module.observe
-    monkeypatch.setattr(module, "observe", lambda *a: calls.append(original(*a)) or calls[-1])
-    rate = throughput.env_rate("ppo_procgen_impoola", {"env-id": "bigfish", "resolution": resolution, "num-envs": 2}, 0.3)
-    assert rate > 0 and len(calls) > 5
-    assert tuple(calls[-1].shape) == (2, 3, resolution, resolution)  # what the network sees, re-rendered at 96
+def test_procgen_env_rate_steps_the_scripts_own_procgen_hd_envs_in_a_child_process(resolution):
+    """A child per measurement: Procgen-HD draws one size per process, so 64 and 96 cannot share one."""
+    flags = {"env-id": "bigfish", "resolution": resolution, "num-envs": 2}
+    rate = throughput.env_rate_in_child("ppo_procgen_impoola", flags, 0.3)
+    assert rate > 100
+
+
+def test_envpool_comparison_steps_and_renders():
+    assert throughput.envpool_procgen_rate("bigfish", 2, 96, 0.3) > 10
 
 
 def test_table_has_one_row_per_configuration_with_ratio_and_commands(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(throughput, "env_rate", lambda script, flags, seconds: 1000.0 * flags["resolution"] / 64)
+    monkeypatch.setattr(throughput, "env_rate_in_child", lambda script, flags, seconds: 1000.0 * flags["resolution"] / 64)
+    monkeypatch.setattr(throughput, "envpool_procgen_rate", lambda game, num_envs, resolution, seconds: 4000.0)
     monkeypatch.setattr(throughput, "training_rate", lambda command, runs_dir, on_gpu, timeout: (250.0, 200.0, None, 1.0))
     out = tmp_path / "table.md"
     throughput.main(["--scripts", "ppo_procgen_impoola", "--resolutions", "64,128", "--pools", "flatten,avg",
@@ -57,9 +59,18 @@ def test_table_has_one_row_per_configuration_with_ratio_and_commands(tmp_path, m
     assert "| ppo_procgen_impoola | bigfish | 64 | 1 | flatten | 1,000 | 250 | 0.25 | 200 | – |" in rows
     assert "- date: " in text and "- device: " in text and "Conditions: test" in text
     assert "python cleanrl_pool/ppo_procgen_impoola.py --env-id bigfish --resolution 128" in text
+    assert "| 128 | 2,000 | 4,000 | 0.5 |" in text  # Procgen-HD against EnvPool's step + render, 64 envs
 
 
-def test_unknown_script_is_refused_with_one_line(capsys):
+@pytest.mark.parametrize("flags,named", [
+    (["--scripts", "ppo_atari"], "--scripts"), (["--pools", "flatten,mean"], "--pools"),
+    (["--resolutions", "0"], "--resolutions"), (["--widths", "a"], "--widths"),
+    (["--env-seconds", "inf"], "--env-seconds"), (["--timeout", "nan"], "--timeout"),
+    (["--raw-num-envs", "-1"], "--raw-num-envs"),
+])
+def test_bad_input_is_refused_with_one_line_before_measuring(flags, named, capsys, monkeypatch):
+    monkeypatch.setattr(throughput, "env_rate_in_child", lambda *a: pytest.fail("measured before checking the input"))
     with pytest.raises(SystemExit) as exit_:
-        throughput.main(["--scripts", "ppo_atari"])
-    assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+        throughput.main(flags)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and named in err

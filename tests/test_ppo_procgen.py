@@ -62,20 +62,18 @@ def test_compute_gae_without_episode_ends_is_discounted_td_errors():
 
 
 # Reward normalisation
-def slow_normalize_rewards(reward_rows, done_rows, valid_rows, gamma, clip):
-    """gym 0.23 NormalizeReward + clip, RunningMeanStd over the valid envs of each step, in numpy."""
+def slow_normalize_rewards(reward_rows, done_rows, gamma, clip):
+    """gym 0.23 NormalizeReward + clip: RunningMeanStd of the discounted return over all envs, in numpy."""
     mean, var, count = 0.0, 1.0, 1e-4
     returns = np.zeros(len(reward_rows[0]))
     out = []
-    for reward, done, valid in zip(reward_rows, done_rows, valid_rows):
+    for reward, done in zip(reward_rows, done_rows):
         returns = returns * gamma + np.array(reward)
-        batch = returns[np.array(valid) > 0]
-        if len(batch):
-            batch_mean, batch_var, batch_count = batch.mean(), batch.var(), len(batch)
-            delta, total = batch_mean - mean, count + batch_count
-            new_mean = mean + delta * batch_count / total
-            var = (var * count + batch_var * batch_count + delta**2 * count * batch_count / total) / total
-            mean, count = new_mean, total
+        batch_mean, batch_var, batch_count = returns.mean(), returns.var(), len(returns)
+        delta, total = batch_mean - mean, count + batch_count
+        new_mean = mean + delta * batch_count / total
+        var = (var * count + batch_var * batch_count + delta**2 * count * batch_count / total) / total
+        mean, count = new_mean, total
         out.append(np.clip(np.array(reward) / np.sqrt(var + 1e-8), -clip, clip))
         returns[np.array(done) > 0] = 0.0
     return np.array(out), (mean, var, count)
@@ -86,14 +84,9 @@ def test_normalize_reward_matches_gym_running_return_variance():
     steps, num_envs = 12, 4
     rewards = rng.normal(0, 3, (steps, num_envs)).round(1)
     dones = (rng.random((steps, num_envs)) < 0.2).astype(float)
-    valid = 1.0 - np.vstack([np.zeros((1, num_envs)), dones[:-1]])  # the step after an end only resets
-    rewards[valid == 0] = 0.0
-    expected, (mean, var, count) = slow_normalize_rewards(rewards, dones, valid, 0.9, 2.0)
+    expected, (mean, var, count) = slow_normalize_rewards(rewards, dones, 0.9, 2.0)
     normalizer = ppo.new_reward_normalizer(num_envs, "cpu")
-    got = [
-        ppo.normalize_reward(normalizer, torch.tensor(r), torch.tensor(d), torch.tensor(v), 0.9, 2.0)
-        for r, d, v in zip(rewards, dones, valid)
-    ]
+    got = [ppo.normalize_reward(normalizer, torch.tensor(r), torch.tensor(d), 0.9, 2.0) for r, d in zip(rewards, dones)]
     assert np.allclose(torch.stack(got).numpy(), expected, atol=1e-5)
     assert np.allclose([normalizer["mean"].item(), normalizer["var"].item(), normalizer["count"].item()], [mean, var, count])
 
@@ -102,7 +95,7 @@ def test_normalize_reward_clips():
     reward = torch.zeros(1000)
     reward[:2] = torch.tensor([1e6, -1e6])  # about 22 standard deviations of the 1000 returns
     normalizer = ppo.new_reward_normalizer(1000, "cpu")
-    scaled = ppo.normalize_reward(normalizer, reward, torch.zeros(1000), torch.ones(1000), 0.99, 10.0)
+    scaled = ppo.normalize_reward(normalizer, reward, torch.zeros(1000), 0.99, 10.0)
     assert scaled[:3].tolist() == [10.0, -10.0, 0.0]
 
 
@@ -234,39 +227,71 @@ def test_compiled_network_matches_eager_on_cpu():
     assert torch.allclose(logits, expected_logits, atol=1e-5) and torch.allclose(value, expected_value, atol=1e-5)
 
 
-# Evaluation counts whole episodes, a fixed number per env
-class FakeEnvs:
-    """Env i's episodes last lengths[i] steps and return their length; the step after an end only
-    resets (reward 0), as EnvPool."""
+# Rollout and evaluation on scripted games with procgen's same-step reset
+class FakeProcgen:
+    """Env i's episodes last lengths[i] steps; step k of an episode (1-based) pays reward k, and its frame
+    shows k in every pixel. The step that ends an episode pays its last reward, says done and returns the
+    next episode's first frame (0), as procgen does."""
 
     def __init__(self, lengths):
         self.lengths = np.array(lengths)
-        self.all_env_ids = np.arange(len(lengths))
-        self.elapsed = np.zeros(len(lengths), dtype=int)
-        self.resetting = np.zeros(len(lengths), dtype=bool)
+        self.num_envs = len(lengths)
+        self.elapsed = np.zeros(self.num_envs, dtype=int)
 
-    def observation(self):
-        return np.zeros((len(self.lengths), 3, 64, 64), dtype=np.uint8), {"env_id": self.all_env_ids}
+    def frames(self):
+        return np.broadcast_to(self.elapsed[:, None, None, None], (self.num_envs, 3, 8, 8)).astype(np.uint8)
 
     def reset(self):
         self.elapsed[:] = 0
-        return self.observation()
+        return self.frames(), {}
 
     def step(self, action):
-        reward = np.zeros(len(self.lengths), dtype=np.float32)
-        self.elapsed[self.resetting] = 0
-        moving = ~self.resetting
-        self.elapsed[moving] += 1
-        done = moving & (self.elapsed == self.lengths)
-        reward[done] = self.lengths[done]
-        self.resetting = done
-        obs, info = self.observation()
-        return obs, reward, done, np.zeros_like(done), info
+        self.elapsed += 1
+        reward = self.elapsed.astype(np.float32)
+        done = self.elapsed == self.lengths
+        self.elapsed[done] = 0
+        return self.frames(), reward, done, {}
+
+
+class ConstantCritic(torch.nn.Module):
+    def forward(self, obs):
+        return torch.zeros(len(obs), 15), torch.full((len(obs),), 0.5)
+
+
+def test_rollout_keeps_each_episode_to_itself():
+    lengths, num_steps, gamma = [3, 5], 11, 0.9
+    envs, rollout = FakeProcgen(lengths), ppo.allocate_rollout(num_steps, 2, 8, "cpu")
+    normalizer = ppo.new_reward_normalizer(2, "cpu")
+    episodes = {"return": np.zeros(2), "length": np.zeros(2, dtype=np.int64)}
+    obs, _ = envs.reset()
+    next_obs, next_done, returns, episode_lengths = ppo.collect_rollout(
+        ConstantCritic(), envs, rollout, torch.from_numpy(obs), torch.zeros(2), normalizer, episodes, gamma, 10.0
+    )
+    # finished episodes: env 0 three of length 3 (return 1+2+3), env 1 two of length 5 (return 15)
+    assert sorted(zip(returns, episode_lengths)) == [(6.0, 3)] * 3 + [(15.0, 5)] * 2
+    assert episodes["return"].tolist() == [1 + 2, 1] and episodes["length"].tolist() == [2, 1]  # the ones still running
+    # dones[t] marks first frames: obs[t] shows 0 exactly where an episode ended at step t - 1
+    first_frames = rollout["obs"][:, :, 0, 0, 0] == 0
+    assert torch.equal(rollout["dones"].bool()[1:], first_frames[1:]) and rollout["dones"][0].sum() == 0
+    # rewards normalised with the discounted return restarting after each episode's last reward
+    raw = np.array([[t % 3 + 1, t % 5 + 1] for t in range(num_steps)], dtype=float)
+    ended = np.array([[t % 3 == 2, t % 5 == 4] for t in range(num_steps)], dtype=float)
+    expected, _ = slow_normalize_rewards(raw, ended, gamma, 10.0)
+    assert np.allclose(rollout["rewards"].numpy(), expected, atol=1e-5)
+    assert torch.equal(next_done, torch.from_numpy(ended[-1]).float())
+    # GAE as main() calls it: an episode's last step does not bootstrap from the next episode's first value
+    advantages, _ = ppo.compute_gae(rollout["rewards"], rollout["values"], rollout["dones"], torch.full((2,), 0.5),
+                                    next_done, gamma, 0.95)
+    expected_gae = slow_gae(rollout["rewards"].tolist(), rollout["values"].tolist(), rollout["dones"].tolist(),
+                            [0.5, 0.5], next_done.tolist(), gamma, 0.95)
+    assert torch.allclose(advantages, torch.tensor(expected_gae), atol=1e-5)
+    last_steps = ended.astype(bool)
+    assert torch.allclose(advantages[last_steps], rollout["rewards"][last_steps] - 0.5)
 
 
 def test_evaluate_takes_a_fixed_quota_of_whole_episodes_per_env():
-    agent = ppo.Agent(15, 64, "avg", width=1, dense_scale=1)
-    returns, frames = ppo.evaluate(agent, FakeEnvs([2, 9, 3]), 7, rendered=False, device="cpu", record_video=True)
-    # quotas 3, 2, 2: a race to 7 episodes would take mostly env 0's short ones
-    assert sorted(returns.tolist()) == [2, 2, 2, 3, 3, 9, 9]
-    assert len(frames) == 2 and frames[0].shape == (64, 64, 3)  # env 0's first episode
+    agent = ppo.Agent(15, 8, "avg", width=1, dense_scale=1)
+    returns, frames = ppo.evaluate(agent, FakeProcgen([2, 9, 3]), 7, seed=0, device="cpu", record_video=True)
+    # quotas 3, 2, 2: a race to 7 episodes would take mostly env 0's short ones; returns 1+2, 1+...+9, 1+2+3
+    assert sorted(returns.tolist()) == [3, 3, 3, 6, 6, 45, 45]
+    assert len(frames) == 2 and frames[0].shape == (8, 8, 3)  # env 0's first episode

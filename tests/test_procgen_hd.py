@@ -41,7 +41,8 @@ def played(tmp_path_factory):
 @pytest.mark.parametrize("game", ["bigfish", "coinrun", "starpilot", "maze", "heist"])
 def test_frame_at_64_equals_envpool_procgen_for_the_same_level(game):
     envs = procgen_hd.ProcgenHDEnv(game, 2, 64, num_levels=1, start_level=7)
-    reference = envpool.make(f"{game.capitalize()}Easy-v0", env_type="gymnasium", num_envs=2, seed=0, num_levels=1, start_level=7)
+    reference = envpool.make(f"{game.capitalize()}Easy-v0", env_type="gymnasium", num_envs=2, seed=0,
+                             num_levels=1, start_level=7)
     obs, info = envs.reset()
     assert obs.shape == (2, 3, 64, 64) and obs.dtype == np.uint8
     assert np.array_equal(obs, reference.reset()[0])

@@ -49,7 +49,8 @@ def test_a_changed_source_file_is_refused(unpacked, tmp_path, monkeypatch):
 
 def test_a_source_that_is_no_fork_is_refused(tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("hello")
-    for source, message in ((tmp_path, "holds no procgen/CMakeLists.txt"), (tmp_path / "notes.txt", "neither a folder nor a tarball")):
+    cases = ((tmp_path, "holds no procgen/CMakeLists.txt"), (tmp_path / "notes.txt", "neither a folder nor a tarball"))
+    for source, message in cases:
         monkeypatch.setenv("PROCGEN_HD_SOURCE", str(source))
         with pytest.raises(build_libenv.BuildError, match=message):
             build_libenv.fetch_source(str(tmp_path))

@@ -93,7 +93,8 @@ def check_options(game: str, resolution: int, num_levels: int, start_level: int,
     if distribution_mode not in DISTRIBUTION_MODES:
         raise ValueError(f"distribution_mode {distribution_mode!r} is unknown; choose one of: {', '.join(DISTRIBUTION_MODES)}")
     if game not in DISTRIBUTION_MODES[distribution_mode][1]:
-        raise ValueError(f"{game} has no {distribution_mode} mode; it is in: {', '.join(DISTRIBUTION_MODES[distribution_mode][1])}")
+        games = ", ".join(DISTRIBUTION_MODES[distribution_mode][1])
+        raise ValueError(f"{game} has no {distribution_mode} mode; it is in: {games}")
     if not isinstance(resolution, int) or not 1 <= resolution <= MAX_RESOLUTION:
         raise ValueError(f"resolution {resolution!r} cannot be drawn; choose a side from 1 to {MAX_RESOLUTION}")
     for name, value, low in (("num_levels", num_levels, 0), ("start_level", start_level, 0), ("seed", seed, 0),
@@ -135,7 +136,8 @@ class ProcgenHDEnv:
         self._make(num_threads, seed)
 
     def _make(self, num_threads: int, seed: int):
-        items = [("env_name", UINT8, self.game.encode()), ("resource_root", UINT8, (os.path.join(PACKAGE_DIR, "assets") + os.sep).encode()),
+        assets = (os.path.join(PACKAGE_DIR, "assets") + os.sep).encode()  # libenv wants the trailing separator
+        items = [("env_name", UINT8, self.game.encode()), ("resource_root", UINT8, assets),
                  ("num_levels", INT32, self.num_levels), ("start_level", INT32, self.start_level),
                  ("distribution_mode", INT32, DISTRIBUTION_MODES[self.distribution_mode][0]),
                  ("num_actions", INT32, NUM_ACTIONS), ("rand_seed", INT32, seed), ("num_threads", INT32, num_threads),
@@ -167,8 +169,9 @@ class ProcgenHDEnv:
         def row_pointers(*arrays):
             return (ctypes.c_void_p * (n * len(arrays)))(*[a.ctypes.data + i * a.strides[0] for a in arrays for i in range(n)])
 
+        infos = [self._infos[t.name.decode()] for t in info_types]
         self._buffers = _Buffers(row_pointers(self._obs), self._rewards.ctypes.data, self._firsts.ctypes.data,
-                                 row_pointers(*[self._infos[t.name.decode()] for t in info_types]), row_pointers(self._actions))
+                                 row_pointers(*infos), row_pointers(self._actions))
         _lib.libenv_set_buffers(self._handle, ctypes.byref(self._buffers))
 
     def _observation(self):
