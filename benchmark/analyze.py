@@ -5,9 +5,12 @@ learning curves, score-vs-flag and score-vs-parameters plots (PNG), a Markdown s
     python benchmark/analyze.py runs --out analysis
 
 Every run folder under the root (any depth) that holds config.json and TensorBoard event files
-is read with TensorBoard's own reader. Scores are normalised here from the raw returns and the
-run's config (Procgen: min-max by distribution mode; Atari: human-normalised; anything else:
+is read with TensorBoard's own record reader. Scores are normalised here from the raw returns and
+the run's config (Procgen: min-max by distribution mode; Atari: human-normalised; anything else:
 raw), with the tables of cleanrl_pool/utils.py, so every script's runs go through one computation.
+A folder that cannot be scored (no config.json, a bad one, unreadable events, unfinished) and a run
+without the evaluation its siblings are scored by (a truncated event file) are left out and listed,
+with the reason, in summary.md and on stderr.
 """
 
 import argparse
@@ -116,21 +119,45 @@ def performance_profile(scores_by_task, thresholds, reps: int, seed: int):
 
 
 # Reading run folders
-def read_event_scalars(run_dir: str) -> dict:
+def read_event_file(path: str):
+    """({tag: [(step, value)]}, None) from one event file, read record by record with TensorBoard's own
+    reader; a damaged record (a truncated file, a failed checksum, garbage) ends the reading and its
+    reason comes back instead of None, with the points read before it."""
+    from google.protobuf.message import DecodeError
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.compat.tensorflow_stub import errors, pywrap_tensorflow
+
+    points, records = defaultdict(list), 0
+    try:
+        reader = pywrap_tensorflow.PyRecordReader_New(path)
+        while True:
+            reader.GetNext()
+            event = event_pb2.Event.FromString(reader.record())
+            records += 1
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    points[value.tag].append((event.step, value.simple_value))
+    except errors.OutOfRangeError:  # the end of a complete file
+        return points, None
+    except (errors.OpError, DecodeError, OSError) as error:
+        return points, f"{os.path.basename(path)} is damaged after {records} events ({str(error).replace(path, 'it')})"
+
+
+def read_event_scalars(run_dir: str, problems=None) -> dict:
     """{tag: (steps, values)} from every event file of a run folder, oldest file first. A resumed
     run re-logs the steps after its last checkpoint: points of a later file replace the earlier
-    points at or after that file's first step for the same tag."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+    points at or after that file's first step for the same tag. Damage that loses points goes to
+    `problems`: the newest file damaged, or an older one with no event readable (an older file
+    that ends in a partial record is what a kill leaves before a resume)."""
     merged = {}
-    for path in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")), key=event_file_time):
-        accumulator = EventAccumulator(path, size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            points = [(event.step, event.value) for event in accumulator.Scalars(tag)]
-            if points:
-                first_step = points[0][0]
-                merged[tag] = [p for p in merged.get(tag, []) if p[0] < first_step] + points
+    paths = sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")), key=event_file_time)
+    for index, path in enumerate(paths):
+        points_by_tag, damage = read_event_file(path)
+        if damage and problems is not None and (index == len(paths) - 1 or not points_by_tag):
+            problems.append(damage)
+        for tag, points in points_by_tag.items():
+            first_step = points[0][0]
+            merged[tag] = [p for p in merged.get(tag, []) if p[0] < first_step] + points
     return {tag: (np.array([p[0] for p in points]), np.array([p[1] for p in points], dtype=np.float64))
             for tag, points in merged.items()}
 
@@ -142,8 +169,25 @@ def event_file_time(path: str):
 
 
 def find_run_dirs(root: str):
-    return sorted(os.path.dirname(path) for path in glob.glob(os.path.join(root, "**", "config.json"), recursive=True)
-                  if glob.glob(os.path.join(os.path.dirname(path), "events.out.tfevents.*")))
+    """Every folder under root that holds config.json or event files: a run folder, or what is left of one."""
+    markers = glob.glob(os.path.join(root, "**", "config.json"), recursive=True)
+    markers += glob.glob(os.path.join(root, "**", "events.out.tfevents.*"), recursive=True)
+    return sorted({os.path.dirname(path) for path in markers})
+
+
+def read_config(run_dir: str):
+    """(config, None), or (None, why the run folder's config.json cannot be used)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return None, "no config.json (every script writes one when it starts)"
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as error:
+        return None, f"config.json is not readable JSON ({error})"
+    if not isinstance(config, dict) or not isinstance(config.get("env_id"), str):
+        return None, "config.json is not a JSON object with a string env_id"
+    return config, None
 
 
 def score_normalizer(config: dict):
@@ -161,16 +205,23 @@ def score_normalizer(config: dict):
 
 
 def load_run(run_dir: str, last_episodes: int) -> dict:
-    """One run folder -> its config, final scores per split, learning curves and parameter count."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        config = json.load(f)
-    scalars = read_event_scalars(run_dir)
+    """One run folder -> its config, final scores per split, learning curves and parameter count;
+    "skip" says why the folder cannot be scored at all (None when it can)."""
+    config, problem = read_config(run_dir)
+    if problem:
+        return {"dir": run_dir, "skip": problem}
+    if not glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
+        return {"dir": run_dir, "skip": "no TensorBoard event file"}
+    damage = []
+    scalars = read_event_scalars(run_dir, damage)
+    if not scalars and damage:
+        return {"dir": run_dir, "skip": "no event readable: " + "; ".join(damage)}
     normalization, normalize = score_normalizer(config)
     is_procgen = normalization.startswith("Procgen")
     run = {
-        "dir": run_dir, "config": config, "env_id": str(config.get("env_id")), "seed": config.get("seed"),
+        "dir": run_dir, "skip": None, "config": config, "env_id": config["env_id"], "seed": config.get("seed"),
         "finished": os.path.isfile(os.path.join(run_dir, "final.pt")), "normalization": normalization,
-        "final": {}, "curves": {}, "warnings": [],
+        "final": {}, "curves": {}, "warnings": [f"{run_dir}: {problem}: later points are lost" for problem in damage],
         "parameters": sum(scalars[tag][1][0] for tag in PARAMETER_TAGS) if all(t in scalars for t in PARAMETER_TAGS) else None,
     }
     if normalization == "raw return" and "frame_skip" in config:  # an Atari run (DQN, Rainbow) of a game not in the table
@@ -182,7 +233,7 @@ def load_run(run_dir: str, last_episodes: int) -> dict:
             scores = np.array([normalize(r) for r in returns], dtype=np.float64)
             run["curves"][split] = (steps, scores)
             run["final"][split] = {"step": int(steps[-1]), "return": float(returns[-1]), "score": float(scores[-1]),
-                                   "source": f"last {tag}"}
+                                   "source": f"last {tag}", "evaluated": True}
             logged = scalars.get(LOGGED_NORMALIZED_TAGS.get(split, ""))
             if logged is not None and normalization != "raw return" and not math.isclose(logged[1][-1], scores[-1], rel_tol=1e-4, abs_tol=1e-4):
                 run["warnings"].append(f"{run_dir}: logged {LOGGED_NORMALIZED_TAGS[split]} {logged[1][-1]:.4f} "
@@ -195,8 +246,77 @@ def load_run(run_dir: str, last_episodes: int) -> dict:
         scores = np.array([normalize(r) for r in window], dtype=np.float64)
         run["curves"][split] = (steps, scores)
         run["final"][split] = {"step": int(steps[-1]), "return": float(window[-1]), "score": float(scores[-1]),
-                               "source": f"mean of last {min(last_episodes, len(returns))} charts/episodic_return"}
+                               "source": f"mean of last {min(last_episodes, len(returns))} charts/episodic_return",
+                               "evaluated": False}
     return run
+
+
+# Which runs can be scored, and by which statistic
+def training_config(run) -> str:
+    return json.dumps({key: value for key, value in run["config"].items() if key not in BOOKKEEPING_KEYS}, sort_keys=True)
+
+
+def drop_incomplete_scores(runs):
+    """Score a run by the statistic of its complete siblings or not at all. Within a partition, a split
+    that any run scores from an evaluation is dropped from each run without that evaluation (no
+    stand-in from training episodes), and a finished run whose last evaluation comes before its
+    siblings' (same game and training flags: a truncated event file) is dropped from that split; so is
+    a non-finite final score. Returns [(run folder, why)] for what was dropped."""
+    reports, non_finite = [], set()
+    for members in partition_runs(runs).values():
+        for run in members:
+            for split, final in list(run["final"].items()):
+                if not math.isfinite(final["score"]):
+                    reports.append((run["dir"], f"its {final['source']} is {final['return']}: split {split} not scored"))
+                    non_finite.add((run["dir"], split))
+                    del run["final"][split]
+                    del run["curves"][split]
+        evaluated = sorted({split for run in members for split, final in run["final"].items() if final["evaluated"]})
+        for run in members:
+            for split in evaluated:
+                final = run["final"].get(split)
+                if (final is None or not final["evaluated"]) and (run["dir"], split) not in non_finite:
+                    used_instead = f"; its {final['source']} is not used instead" if final else ""
+                    why = f"no {EVAL_RETURN_TAGS[split]}, which its siblings are scored by{used_instead}"
+                    reports.append((run["dir"], why))
+                    run["final"].pop(split, None)
+                    run["curves"].pop(split, None)
+        last_step = defaultdict(int)  # (split, game, training flags) -> the finished siblings' last evaluation step
+        for run in members:
+            for split, final in run["final"].items():
+                if run["finished"] and final["evaluated"]:
+                    key = (split, run["env_id"], training_config(run))
+                    last_step[key] = max(last_step[key], final["step"])
+        for run in members:
+            for split, final in list(run["final"].items()):
+                expected = last_step[(split, run["env_id"], training_config(run))]
+                if run["finished"] and final["evaluated"] and final["step"] < expected:
+                    why = (f"last {EVAL_RETURN_TAGS[split]} at step {final['step']}, its finished siblings' (same game "
+                           f"and flags) at {expected}: its events end early (a truncated event file?)")
+                    reports.append((run["dir"], why))
+                    del run["final"][split]
+                    del run["curves"][split]
+    return reports
+
+
+def collect_runs(root, last_episodes=10, include_unfinished=False) -> dict:
+    """Every run folder under root, loaded and screened: {"found", "runs" (to score), "unfinished",
+    "no_score", "left_out": [(run folder, why it is skipped or not scored completely)]}."""
+    run_dirs = find_run_dirs(root)
+    loaded = [load_run(run_dir, last_episodes) for run_dir in run_dirs]
+    left_out = [(run["dir"], run["skip"]) for run in loaded if run["skip"]]
+    runs = [run for run in loaded if not run["skip"]]
+    unfinished = [run for run in runs if not run["finished"]]
+    if not include_unfinished:
+        left_out += [(run["dir"], "unfinished (no final.pt); --include-unfinished uses it") for run in unfinished]
+        runs = [run for run in runs if run["finished"]]
+    no_score = [run for run in runs if not run["final"]]
+    left_out += [(run["dir"], "no return logged (no eval/.../return, charts/iteration_return or charts/episodic_return)")
+                 for run in no_score]
+    runs = [run for run in runs if run["final"]]
+    left_out += drop_incomplete_scores(runs)
+    return {"found": len(run_dirs), "runs": [run for run in runs if run["final"]], "unfinished": len(unfinished),
+            "no_score": len(no_score), "left_out": sorted(left_out)}
 
 
 # Grouping runs by the flags that vary
@@ -236,8 +356,13 @@ def group_runs(runs, keys):
     """{group (tuple of (key, value)): runs}, groups in sorted order of their values."""
     groups = defaultdict(list)
     for run in runs:
-        groups[tuple((key, run["config"].get(key)) for key in keys)].append(run)
+        groups[tuple((key, hashable(run["config"].get(key))) for key in keys)].append(run)
     return dict(sorted(groups.items(), key=lambda item: [sort_value(v) for _, v in item[0]]))
+
+
+def hashable(value):
+    """A config value as a group key: lists and objects (a tuple flag) as their JSON text."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
 
 
 def sort_value(value):
@@ -367,31 +492,29 @@ def markdown_table(header, rows):
 
 
 def analyze(root, out, reps=50_000, curve_reps=2_000, seed=0, last_episodes=10, include_unfinished=False,
-            group_by=None, curve_points=50):
-    """Read every run under `root`, write the PNGs, summary.md and scores.csv to `out`; return the
-    numbers as a dict (what the summary shows)."""
+            group_by=None, curve_points=50, collected=None):
+    """Read every run under `root` (or take `collect_runs`' answer), write the PNGs, summary.md and
+    scores.csv to `out`; return the numbers as a dict (what the summary shows)."""
+    collected = collected or collect_runs(root, last_episodes, include_unfinished)
     os.makedirs(out, exist_ok=True)
-    run_dirs = find_run_dirs(root)
-    runs = [load_run(run_dir, last_episodes) for run_dir in run_dirs]
-    unfinished = [run for run in runs if not run["finished"]]
-    if not include_unfinished:
-        runs = [run for run in runs if run["finished"]]
-    no_score = [run for run in runs if not run["final"]]
-    runs = [run for run in runs if run["final"]]
+    runs, unfinished, no_score = collected["runs"], collected["unfinished"], collected["no_score"]
     lines = [f"# Analysis of `{root}`", "",
-             " ".join([f"{len(run_dirs)} run folders found; {len(runs)} used."]
-                      + ([f"{len(unfinished)} unfinished (no final.pt) " + ("included." if include_unfinished else "left out.")] if unfinished else [])
-                      + ([f"{len(no_score)} without any return logged left out."] if no_score else [])),
+             " ".join([f"{collected['found']} run folders found; {len(runs)} used."]
+                      + ([f"{unfinished} unfinished (no final.pt) " + ("included." if include_unfinished else "left out.")] if unfinished else [])
+                      + ([f"{no_score} without any return logged left out."] if no_score else [])
+                      + ([f"{len(collected['left_out'])} skipped or not scored completely: see 'Runs left out'."]
+                         if collected["left_out"] else [])),
              "",
              "Final score of a run = its last evaluation (`eval/.../return`), normalised here from the config "
              "(Procgen min-max by distribution mode, Atari human-normalised, otherwise the raw return); "
              "split `iteration` (Rainbow, DER) = its last `charts/iteration_return`, the mean return of the training "
              "games of the last iteration, which is the score Dopamine and the GAP paper report; "
              f"a run without evaluation falls back to the mean of its last {last_episodes} training episodes "
-             "(`charts/episodic_return`), marked in scores.csv. Aggregates: IQM and optimality gap (γ = 1) over "
+             "(`charts/episodic_return`), marked in scores.csv, only when none of its partition is evaluated: a run is "
+             "scored by its siblings' statistic or left out. Aggregates: IQM and optimality gap (γ = 1) over "
              "all runs, median and mean over per-game means; 95 % stratified-bootstrap percentile intervals "
              f"({reps} resamples, seed {seed}). Learning curves: IQM at each step ({curve_reps} resamples).", ""]
-    results = {"partitions": {}, "warnings": [w for run in runs for w in run["warnings"]]}
+    results = {"partitions": {}, "warnings": [w for run in runs for w in run["warnings"]], "left_out": collected["left_out"]}
     csv_rows = []
     for name, members in partition_runs(runs).items():
         keys = varied_keys(members, group_by)
@@ -458,6 +581,9 @@ def analyze(root, out, reps=50_000, curve_reps=2_000, seed=0, last_episodes=10, 
                 csv_rows.append([name, group_label(tuple((k, run["config"].get(k)) for k in keys)), run["env_id"], run["seed"],
                                  split, final["step"], final["return"], final["score"], normalization, final["source"],
                                  run["parameters"], run["finished"], run["dir"]])
+    if collected["left_out"]:
+        lines += ["## Runs left out", "", "Skipped, or not scored on every split:", ""]
+        lines += [f"- `{run_dir}`: {why}" for run_dir, why in collected["left_out"]] + [""]
     if results["warnings"]:
         lines += ["## Warnings", ""] + [f"- {warning}" for warning in results["warnings"]] + [""]
     lines += ["Files: " + ", ".join(sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "*.png")))) + ", scores.csv.", ""]
@@ -488,27 +614,46 @@ def main(argv=None):
     parser.add_argument("--last-episodes", type=int, default=10, help="episodes averaged when a run has no evaluation")
     parser.add_argument("--include-unfinished", action="store_true", help="also use runs without final.pt")
     parser.add_argument("--group-by", default="", help="comma-separated config keys to group by (default: every key that varies)")
+    parser.error = utils.fail  # a wrong or unknown flag: one line, exit 2
     args = parser.parse_args(argv)
     if not os.path.isdir(args.root):
         utils.fail(f"RUNS_ROOT {args.root!r} is not a folder")
     for flag in ("reps", "curve_reps", "curve_points", "last_episodes"):
         utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
+    if args.seed < 0:
+        utils.fail(f"--seed {args.seed} must be 0 or more (numpy's default_rng)")
+    check_out_folder(args.out)
     run_dirs = find_run_dirs(args.root)
     if not run_dirs:
         utils.fail(f"RUNS_ROOT {args.root!r} holds no run folder (config.json + TensorBoard events)")
     group_by = [key.strip().replace("-", "_") for key in args.group_by.split(",") if key.strip()]
-    known_keys = set()
-    for run_dir in run_dirs:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            known_keys |= set(json.load(f))
+    known_keys = {key for run_dir in run_dirs for key in (read_config(run_dir)[0] or {})}
     for key in group_by:
         if key not in known_keys:
-            utils.fail(f"--group-by {key!r} is no config key of these runs; they have: {', '.join(sorted(known_keys))}")
+            utils.fail(f"--group-by {key!r} is no config key of these runs; "
+                       f"they have: {', '.join(sorted(known_keys)) or 'no readable config'}")
+    collected = collect_runs(args.root, args.last_episodes, args.include_unfinished)
+    if not collected["runs"]:
+        utils.fail(f"RUNS_ROOT {args.root!r} holds no run that can be scored: "
+                   + "; ".join(f"{os.path.relpath(run_dir, args.root)}: {why}" for run_dir, why in collected["left_out"]))
     results = analyze(args.root, args.out, args.reps, args.curve_reps, args.seed, args.last_episodes,
-                      args.include_unfinished, group_by, args.curve_points)
+                      args.include_unfinished, group_by, args.curve_points, collected)
+    for run_dir, why in results["left_out"]:
+        print(f"left out: {run_dir}: {why}", file=sys.stderr)
     for warning in results["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {os.path.join(args.out, 'summary.md')}")
+
+
+def check_out_folder(out: str):
+    """--out is a folder, or can be made one: its nearest existing ancestor is a writable folder."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        utils.fail(f"--out {out!r} is a file; give a folder for the PNGs, summary.md and scores.csv")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        utils.fail(f"--out {out!r} cannot be written: {existing} is not a writable folder")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -390,3 +391,165 @@ def test_rainbow_iteration_return_is_reported_as_its_own_split(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "### iteration: aggregates" in summary and "### eval: aggregates" in summary
     assert "iteration_steps" not in summary.split("Grouped by:")[1].split("\n")[0]
+
+
+# Runs skipped or not scored completely: reported, never re-scored from another statistic
+def run_main(capsys, *argv):
+    """analyze.main in this process: (exit status, stdout, stderr)."""
+    try:
+        status = analyze.main(list(argv))
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status or 0, out, err
+
+
+def cut_event_file(run_dir, nbytes=5):
+    """What a kill or a full disk leaves: the run's event file ends inside its last record."""
+    (path,) = [os.path.join(run_dir, name) for name in os.listdir(run_dir) if name.startswith("events.out.tfevents.")]
+    os.truncate(path, os.path.getsize(path) - nbytes)
+
+
+def write_pong_seeds(root, seeds, eval_points):
+    """Finished Pong runs: training episodes up to step 199, then the evaluations (written last)."""
+    episodes = [(step, -20.0) for step in range(20, 200, 20)]
+    return [write_run(root, "Pong", seed, {"exp_name": "dqn_atari_gap"},
+                      {"charts/episodic_return": episodes, "eval/return": eval_points}) for seed in seeds]
+
+
+def test_run_whose_truncated_events_lost_its_final_evaluation_is_left_out_not_rescored(tmp_path):
+    runs = write_pong_seeds(str(tmp_path), (1, 2, 3), [(600, 14.6)])
+    cut_event_file(runs[2])  # its only evaluation is the lost last record; its training episodes remain
+    collected = analyze.collect_runs(str(tmp_path))
+    assert sorted(run["dir"] for run in collected["runs"]) == runs[:2]
+    (left_out,) = collected["left_out"]
+    assert left_out[0] == runs[2] and "no eval/return, which its siblings are scored by" in left_out[1]
+    assert "mean of last 9 charts/episodic_return is not used instead" in left_out[1]
+
+
+def test_finished_run_whose_last_evaluation_comes_before_its_siblings_is_left_out(tmp_path):
+    runs = write_pong_seeds(str(tmp_path), (1, 2), [(300, 0.0), (600, 14.6)])
+    cut_event_file(runs[1])  # loses the step-600 evaluation, keeps the one at 300
+    collected = analyze.collect_runs(str(tmp_path))
+    assert [run["dir"] for run in collected["runs"]] == runs[:1]
+    assert collected["left_out"] == [(runs[1], "last eval/return at step 300, its finished siblings' (same game and flags) "
+                                               "at 600: its events end early (a truncated event file?)")]
+
+
+def test_training_episodes_still_score_a_partition_that_no_run_evaluates(tmp_path):
+    for seed in (1, 2):
+        write_run(str(tmp_path), "cheetah-run", seed, {"exp_name": "sac_dmc_gap"}, {"charts/episodic_return": [(10, 5.0)]})
+    collected = analyze.collect_runs(str(tmp_path))
+    assert len(collected["runs"]) == 2 and collected["left_out"] == []
+
+
+def test_truncated_newest_event_file_is_warned_about_when_the_run_is_still_scored(tmp_path):
+    run_dir = write_run(str(tmp_path), "Pong", 1, {"exp_name": "dqn_atari_gap"},
+                        {"eval/return": [(600, 14.6)], "charts/SPS": [(600, 100.0)]})
+    cut_event_file(run_dir)  # loses the last charts/SPS point only
+    run = analyze.load_run(run_dir, 10)
+    assert run["final"]["eval"]["step"] == 600 and len(run["warnings"]) == 1
+    assert "is damaged after 2 events" in run["warnings"][0]  # the file version and the evaluation
+    assert "later points are lost" in run["warnings"][0]
+
+
+def test_older_event_file_ending_in_a_partial_record_before_a_resume_is_not_warned_about(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = write_run(str(tmp_path), "Pong", 1, {"exp_name": "dqn_atari_gap"}, {"eval/return": [(100, 1.0), (200, 2.0)]})
+    cut_event_file(run_dir)  # killed while writing step 200
+    writer = SummaryWriter(run_dir, filename_suffix=".resumed")
+    writer.add_scalar("eval/return", 3.0, 200)
+    writer.close()
+    run = analyze.load_run(run_dir, 10)
+    assert run["warnings"] == [] and run["curves"]["eval"][0].tolist() == [100, 200]
+
+
+def test_garbage_event_file_is_reported_as_unreadable(tmp_path):
+    good = write_run(str(tmp_path), "Pong", 1, {"exp_name": "dqn_atari_gap"}, {"eval/return": [(600, 14.6)]})
+    garbage = os.path.join(str(tmp_path), "Pong__dqn_atari_gap__2__1700000000")
+    os.makedirs(garbage)
+    shutil.copy(os.path.join(good, "config.json"), garbage)
+    with open(os.path.join(garbage, "events.out.tfevents.1700000000.host"), "wb") as f:
+        f.write(b"this is not a TensorBoard event file" * 10)
+    open(os.path.join(garbage, "final.pt"), "wb").close()
+    collected = analyze.collect_runs(str(tmp_path))
+    assert [run["dir"] for run in collected["runs"]] == [good]
+    assert collected["left_out"][0][0] == garbage
+    assert collected["left_out"][0][1].startswith("no event readable: events.out.tfevents.1700000000.host is damaged after 0 events")
+
+
+def test_run_folder_without_config_json_is_reported(tmp_path):
+    good, bare = write_pong_seeds(str(tmp_path), (1, 2), [(600, 14.6)])
+    os.remove(os.path.join(bare, "config.json"))
+    assert analyze.collect_runs(str(tmp_path))["left_out"] == [(bare, "no config.json (every script writes one when it starts)")]
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"seed": 1}'])
+def test_bad_config_json_is_reported_without_a_traceback(tmp_path, capsys, text):
+    good, bad = write_pong_seeds(str(tmp_path), (1, 2), [(600, 14.6)])
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        f.write(text)
+    status, out, err = run_main(capsys, str(tmp_path), "--out", str(tmp_path / "out"), "--reps", "50", "--curve-reps", "10",
+                                "--group-by", "pool")
+    assert status == 0 and "Traceback" not in err
+    assert f"left out: {bad}: config.json is not" in err
+    assert f"`{bad}`: config.json is not" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_each_left_out_run_is_listed_in_the_summary_and_on_stderr(analysis):
+    result, out = analysis
+    summary = open(os.path.join(out, "summary.md")).read()
+    line = next(line for line in summary.splitlines() if "bigfish__ppo_procgen_impoola-pool_avg__9__" in line)
+    assert line.startswith("- `") and line.endswith("unfinished (no final.pt); --include-unfinished uses it")
+    assert "1 skipped or not scored completely: see 'Runs left out'." in summary
+    assert result.stderr.count("left out: ") == 1
+
+
+def test_non_finite_final_score_is_left_out(tmp_path):
+    write_pong_seeds(str(tmp_path), (1, 2), [(600, 14.6)])
+    write_run(str(tmp_path), "Pong", 3, {"exp_name": "dqn_atari_gap"}, {"eval/return": [(600, float("nan"))]})
+    collected = analyze.collect_runs(str(tmp_path))
+    assert len(collected["runs"]) == 2
+    assert [why for _, why in collected["left_out"]] == ["its last eval/return is nan: split eval not scored"]
+
+
+def test_root_where_no_run_can_be_scored_is_refused_with_one_line(tmp_path, capsys):
+    (run_dir,) = write_pong_seeds(str(tmp_path), (1,), [(600, 14.6)])
+    os.remove(os.path.join(run_dir, "config.json"))
+    status, out, err = run_main(capsys, str(tmp_path), "--out", str(tmp_path / "out"))
+    assert status == 2 and err.count("\n") == 1 and "holds no run that can be scored" in err and "no config.json" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--bogus"], "unrecognized arguments: --bogus"), (["--reps", "a"], "--reps"), (["--reps", "0"], "--reps"),
+    (["--seed", "-1"], "--seed"), (["--curve-points", "-3"], "--curve-points"),
+])
+def test_bad_flag_is_refused_with_one_line_before_reading_runs(tmp_path, capsys, monkeypatch, flags, named):
+    write_pong_seeds(str(tmp_path), (1,), [(600, 14.6)])
+    monkeypatch.setattr(analyze, "collect_runs", lambda *a: pytest.fail("read the runs before checking the flags"))
+    status, out, err = run_main(capsys, str(tmp_path), *flags)
+    assert status == 2 and err.count("\n") == 1 and named in err
+
+
+def test_out_that_is_a_file_is_refused_with_one_line(tmp_path, capsys):
+    write_pong_seeds(str(tmp_path / "runs"), (1,), [(600, 14.6)])
+    (tmp_path / "taken").write_text("")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "below"):
+        status, _, err = run_main(capsys, str(tmp_path / "runs"), "--out", str(out))
+        assert status == 2 and err.count("\n") == 1 and f"--out {str(out)!r}" in err
+
+
+def test_root_that_is_a_file_is_refused_with_one_line(tmp_path, capsys):
+    (tmp_path / "runs").write_text("")
+    status, _, err = run_main(capsys, str(tmp_path / "runs"))
+    assert status == 2 and err.count("\n") == 1 and "is not a folder" in err
+
+
+def test_list_valued_config_key_can_group_runs(tmp_path):
+    for seed, channels in ((1, [16, 32]), (2, [32, 64])):
+        write_run(str(tmp_path), "Pong", seed, {"exp_name": "dqn_atari_gap", "channels": channels}, {"eval/return": [(1, 0.0)]})
+    results = analyze.analyze(str(tmp_path), str(tmp_path / "out"), reps=50, curve_reps=10)
+    assert list(results["partitions"]["dqn_atari_gap"]["splits"]["eval"]["per_game"]) == [
+        (("channels", "[16, 32]"),), (("channels", "[32, 64]"),)]
