@@ -476,13 +476,15 @@ def test_garbage_event_file_is_reported_as_unreadable(tmp_path):
     collected = analyze.collect_runs(str(tmp_path))
     assert [run["dir"] for run in collected["runs"]] == [good]
     assert collected["left_out"][0][0] == garbage
-    assert collected["left_out"][0][1].startswith("no event readable: events.out.tfevents.1700000000.host is damaged after 0 events")
+    assert collected["left_out"][0][1].startswith(
+        "no event readable: events.out.tfevents.1700000000.host is damaged after 0 events")
 
 
 def test_run_folder_without_config_json_is_reported(tmp_path):
     good, bare = write_pong_seeds(str(tmp_path), (1, 2), [(600, 14.6)])
     os.remove(os.path.join(bare, "config.json"))
-    assert analyze.collect_runs(str(tmp_path))["left_out"] == [(bare, "no config.json (every script writes one when it starts)")]
+    why = "no config.json (every script writes one when it starts)"
+    assert analyze.collect_runs(str(tmp_path))["left_out"] == [(bare, why)]
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"seed": 1}'])
@@ -549,7 +551,8 @@ def test_root_that_is_a_file_is_refused_with_one_line(tmp_path, capsys):
 
 def test_list_valued_config_key_can_group_runs(tmp_path):
     for seed, channels in ((1, [16, 32]), (2, [32, 64])):
-        write_run(str(tmp_path), "Pong", seed, {"exp_name": "dqn_atari_gap", "channels": channels}, {"eval/return": [(1, 0.0)]})
+        config = {"exp_name": "dqn_atari_gap", "channels": channels}
+        write_run(str(tmp_path), "Pong", seed, config, {"eval/return": [(1, 0.0)]})
     results = analyze.analyze(str(tmp_path), str(tmp_path / "out"), reps=50, curve_reps=10)
     assert list(results["partitions"]["dqn_atari_gap"]["splits"]["eval"]["per_game"]) == [
         (("channels", "[16, 32]"),), (("channels", "[32, 64]"),)]
