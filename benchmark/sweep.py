@@ -9,15 +9,23 @@ Every run gets a deterministic `--exp-name` ({script}-{flag}_{value}-...) from t
 varies and the `--set` overrides, so a run folder `{env_id}__{exp_name}__{seed}__{time}` says
 which grid point it is. A run whose folder holds final.pt is skipped; every other run is started
 with `--resume auto`, which continues an unfinished one from its latest checkpoint.
+
+Before anything starts, every flag of the grid, `--only` and `--set` is checked against the fields of
+the script's `Args` dataclass (read from its source: no import, so a login node needs no simulator),
+with the field's type, and each env id is spelled as the script spells it for its run folder
+(`Breakout-v5` -> `Breakout`), so a finished run is found whichever spelling the grid uses.
 """
 
 import argparse
+import ast
+import difflib
 import glob
 import itertools
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -29,38 +37,125 @@ import utils  # noqa: E402
 from grids import GRIDS  # noqa: E402
 
 
+SWEEP_FLAGS = ("exp-name", "runs-dir", "resume")  # every command gets these from the sweep itself
+GRID_KEYS = ("script", "fixed", "vary", "about")
+
+
 # Grid -> runs
 def load_grid(name_or_path: str) -> dict:
     if name_or_path in GRIDS:
-        return dict(GRIDS[name_or_path], name=name_or_path)
-    if not name_or_path.endswith(".json") or not os.path.isfile(name_or_path):
-        utils.fail(f"--grid {name_or_path!r} is neither a ready-made grid ({', '.join(GRIDS)}) nor a .json file")
-    with open(name_or_path) as f:
-        try:
-            grid = json.load(f)
-        except json.JSONDecodeError as error:
-            utils.fail(f"--grid {name_or_path!r} is not valid JSON ({error})")
-    if not isinstance(grid, dict) or "script" not in grid or "vary" not in grid:
-        utils.fail(f"--grid {name_or_path!r} needs the keys 'script' and 'vary' (and optionally 'fixed')")
-    return dict(grid, name=os.path.splitext(os.path.basename(name_or_path))[0])
+        grid = dict(GRIDS[name_or_path], name=name_or_path)
+    else:
+        if not name_or_path.endswith(".json") or not os.path.isfile(name_or_path):
+            utils.fail(f"--grid {name_or_path!r} is neither a ready-made grid ({', '.join(GRIDS)}) nor a .json file")
+        with open(name_or_path) as f:
+            try:
+                grid = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                utils.fail(f"--grid {name_or_path!r} is not valid JSON ({error})")
+        if not isinstance(grid, dict) or "script" not in grid or "vary" not in grid:
+            utils.fail(f"--grid {name_or_path!r} needs the keys 'script' and 'vary' (and optionally 'fixed')")
+        grid = dict(grid, name=os.path.splitext(os.path.basename(name_or_path))[0])
+    check_grid(grid)
+    return grid
+
+
+def check_grid(grid):
+    """The grid's shape: a script name, `fixed` a dict of flag -> value, `vary` a dict (or a non-empty
+    list of dicts) of flag -> non-empty list of values; values are strings, numbers or booleans."""
+    unknown = sorted(set(grid) - set(GRID_KEYS) - {"name"})
+    if unknown:
+        utils.fail(f"--grid: unknown key {unknown[0]!r}; a grid has: {', '.join(GRID_KEYS)}")
+    if not isinstance(grid["script"], str) or not grid["script"].strip():
+        utils.fail(f"--grid: 'script' must be a script of cleanrl_pool/ or a path, not {grid['script']!r}")
+    if not isinstance(grid.get("fixed", {}), dict):
+        utils.fail(f"--grid: 'fixed' must be an object of flag: value, not {grid['fixed']!r}")
+    subgrids = grid["vary"] if isinstance(grid["vary"], list) else [grid["vary"]]
+    if not subgrids or not all(isinstance(subgrid, dict) for subgrid in subgrids):
+        utils.fail(f"--grid: 'vary' must be an object of flag: [values] or a non-empty list of them, not {grid['vary']!r}")
+    for flag, value in grid.get("fixed", {}).items():
+        check_value("--grid: 'fixed'", flag, value)
+    for subgrid in subgrids:
+        for flag, values in subgrid.items():
+            if not isinstance(values, list) or not values:
+                utils.fail(f"--grid: 'vary' {flag!r} must be a non-empty list of values, not {values!r}")
+            for value in values:
+                check_value("--grid: 'vary'", flag, value)
+
+
+def check_value(where: str, flag, value):
+    if not isinstance(flag, str) or not flag.strip("-"):
+        utils.fail(f"{where}: {flag!r} is not a flag name")
+    if not isinstance(value, (str, int, float, bool)):
+        utils.fail(f"{where} {flag!r}: {value!r} is not a string, number or boolean")
+
+
+def flag_name(flag: str) -> str:
+    """'--total_timesteps' -> 'total-timesteps': one spelling (tyro's) everywhere."""
+    return flag.strip().lstrip("-").replace("_", "-")
+
+
+def script_arguments(script: str):
+    """({flag: type name ("int", "float", "bool", "str") or None}, env-id spelling function) of a script,
+    from its source: the fields of its `Args` dataclass, and the function it applies to `args.env_id`
+    before naming its run folder (`args.env_id = atari_game(args.env_id)`), or the identity."""
+    with open(script) as f:
+        tree = ast.parse(f.read(), script)
+    fields, functions = None, {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Args":
+            fields = {flag_name(item.target.id): item.annotation.id if isinstance(item.annotation, ast.Name) else None
+                      for item in node.body if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)}
+    if fields is None:
+        utils.fail(f"--grid: {script} has no `Args` dataclass to check the grid's flags against")
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Attribute)
+                and node.targets[0].attr == "env_id" and isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Name) and node.value.func.id in functions):
+            namespace = {}  # the script's own function, alone (it must need nothing but builtins)
+            exec(compile(ast.Module(body=[functions[node.value.func.id]], type_ignores=[]), script, "exec"), namespace)
+            return fields, namespace[node.value.func.id]
+    return fields, lambda env_id: env_id
+
+
+def check_flags(runs, fields: dict, script: str):
+    """Every flag of every run is a field of the script's Args, with a value of the field's type."""
+    for run in runs:
+        for flag, value in run["flags"].items():
+            if flag in SWEEP_FLAGS:
+                utils.fail(f"--grid/--set {flag!r}: the sweep sets it for every run (--exp-suffix, --runs-dir)")
+            if flag not in fields:
+                close = difflib.get_close_matches(flag, fields, n=1)
+                utils.fail(f"--grid/--set {flag!r} is no flag of {os.path.basename(script)}"
+                           + (f" (did you mean {close[0]!r}?)" if close else "") + f"; it has: {', '.join(sorted(fields))}")
+            kind = fields[flag]
+            wrong = ((kind == "bool" and not isinstance(value, bool))
+                     or (kind == "int" and (isinstance(value, bool) or not isinstance(value, int)))
+                     or (kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float)))))
+            if wrong:
+                utils.fail(f"--grid/--set {flag} {value!r}: {os.path.basename(script)} takes a {kind} there")
 
 
 def parse_value(text: str):
     """'64' -> 64, '0.5' -> 0.5, 'true' -> True, anything else stays a string (as JSON reads it)."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
         return text
+    return value if isinstance(value, (str, int, float, bool)) else text
 
 
-def parse_assignments(items, flag):
-    """['pool=avg,flatten', ...] -> {'pool': ['avg', 'flatten']}"""
+def parse_assignments(items, flag, single=False):
+    """['pool=avg,flatten', ...] -> {'pool': ['avg', 'flatten']}; a flag given twice gets both lists."""
     result = {}
     for item in items:
         key, sep, values = item.partition("=")
-        if not sep or not key:
-            utils.fail(f"--{flag} {item!r} must look like FLAG=VALUE[,VALUE...]")
-        result[key.lstrip("-")] = [parse_value(v) for v in values.split(",")]
+        if not sep or not flag_name(key):
+            utils.fail(f"--{flag} {item!r} must look like FLAG=VALUE" + ("" if single else "[,VALUE...]"))
+        if single and "," in values:
+            utils.fail(f"--{flag} {item!r}: one value per flag (pick several of a varied flag with --only)")
+        parsed = [values] if single else values.split(",")
+        result.setdefault(flag_name(key), []).extend(parse_value(v) for v in parsed)
     return result
 
 
@@ -77,22 +172,33 @@ def exp_name_of(stem: str, named_flags: dict, suffix: str) -> str:
     return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_.+-]", "_", name))
 
 
-def expand_grid(grid, only=None, overrides=None, exp_suffix=""):
-    """Every run of the grid as {"flags": {flag: value}, "exp_name": str}, in a fixed order."""
-    only, overrides = only or {}, overrides or {}
+def expand_grid(grid, only=None, overrides=None, exp_suffix="", spell_env_id=None):
+    """Every run of the grid as {"flags": {flag: value}, "exp_name": str}, in a fixed order; flags spelled
+    with dashes, env ids as `spell_env_id` (the script's own spelling) writes them."""
+    spell = spell_env_id or (lambda env_id: env_id)
+
+    def spelled(flag, values):
+        return [spell(v) if flag == "env-id" and isinstance(v, str) else v for v in values]
+
+    only = {flag: spelled(flag, values) for flag, values in (only or {}).items()}
+    overrides = {flag: spelled(flag, values) for flag, values in (overrides or {}).items()}
+    fixed = {flag_name(flag): spelled(flag_name(flag), [value])[0] for flag, value in grid.get("fixed", {}).items()}
     stem = os.path.splitext(os.path.basename(grid["script"]))[0]
-    subgrids = grid["vary"] if isinstance(grid["vary"], list) else [grid["vary"]]
+    subgrids = [{flag_name(flag): spelled(flag_name(flag), values) for flag, values in subgrid.items()}
+                for subgrid in (grid["vary"] if isinstance(grid["vary"], list) else [grid["vary"]])]
     varied_flags = sorted({flag for subgrid in subgrids for flag in subgrid})
     for subgrid in subgrids:
-        if "env-id" not in subgrid and "env-id" not in grid.get("fixed", {}):
+        if "env-id" not in subgrid and "env-id" not in fixed and "env-id" not in overrides:
             utils.fail("--grid: every run needs an env-id (in 'fixed' or 'vary'): the run folder is named after it")
-        for flag, values in subgrid.items():
-            if not isinstance(values, list) or not values:
-                utils.fail(f"--grid: 'vary' {flag!r} must be a non-empty list of values, not {values!r}")
-    for flag in only:
+    for flag, wanted in only.items():
         if flag not in varied_flags:
             utils.fail(f"--only {flag!r}: the grid does not vary it; it varies {', '.join(varied_flags)}")
-    runs = []
+        values = [v for subgrid in subgrids for v in subgrid.get(flag, [])]
+        for value in wanted:
+            if not any(value == v or str(value) == str(v) for v in values):
+                utils.fail(f"--only {flag}={value}: not a value of the grid; "
+                           f"it has {', '.join(map(str, dict.fromkeys(values)))}")
+    runs, seen = [], {}
     for subgrid in subgrids:
         axes = {flag: [v for v in values if flag not in only or v in only[flag] or str(v) in map(str, only[flag])]
                 for flag, values in subgrid.items()}
@@ -101,10 +207,16 @@ def expand_grid(grid, only=None, overrides=None, exp_suffix=""):
             for flag in overrides:
                 if flag in varied:
                     utils.fail(f"--set {flag!r}: the grid varies it; pick its values with --only {flag}=...")
-            flags = {**grid.get("fixed", {}), **{f: v[0] for f, v in overrides.items()}, **varied}
+            flags = {**fixed, **{f: v[0] for f, v in overrides.items()}, **varied}
             named = {f: v for f, v in varied.items() if f not in ("env-id", "seed")}
             named.update({f: v[0] for f, v in overrides.items()})
-            runs.append({"flags": flags, "exp_name": exp_name_of(stem, named, exp_suffix)})
+            run = {"flags": flags, "exp_name": exp_name_of(stem, named, exp_suffix)}
+            folder = f"{flags['env-id']}__{run['exp_name']}__{flags.get('seed', 1)}"
+            if folder in seen:
+                utils.fail(f"--grid: runs {seen[folder]} and {len(runs)} are the same run ({folder}): "
+                           "a value listed twice, or one game spelled two ways")
+            seen[folder] = len(runs)
+            runs.append(run)
     return runs
 
 
@@ -222,6 +334,37 @@ def slurm_script(todo, args, grid_name: str, log_dir: str) -> str:
     return "\n".join(lines)
 
 
+def check_sweep_args(args):
+    """The sweep's own flags, before the grid is read: one line and exit 2 for a bad one."""
+    for flag in ("jobs_per_gpu", "jobs", "slurm_max_parallel", "slurm_max_array", "slurm_gpus", "slurm_cpus"):
+        utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
+    gpu_ids = [] if args.gpus is None else [g.strip() for g in args.gpus.split(",") if g.strip()]
+    if not all(g.isascii() and g.isdigit() for g in gpu_ids):
+        utils.fail(f"--gpus {args.gpus!r} must be comma-separated GPU ids (0, 1, ...), or empty for none")
+    if not re.fullmatch(r"(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2}|UNLIMITED|INFINITE)", args.slurm_time):
+        utils.fail(f"--slurm-time {args.slurm_time!r} is not a Slurm time: MINUTES, HH:MM:SS, D-HH, D-HH:MM:SS, ...")
+    if not re.fullmatch(r"\d+[KMGT]?", args.slurm_mem, re.IGNORECASE):
+        utils.fail(f"--slurm-mem {args.slurm_mem!r} is not a Slurm memory size: a number with K, M, G or T (32G)")
+    if re.search(r"\s", args.slurm_partition):
+        utils.fail(f"--slurm-partition {args.slurm_partition!r} must be one partition name (no spaces)")
+    for line in args.sbatch_line:
+        if "\n" in line or "\r" in line or not line.strip("- "):
+            utils.fail(f"--sbatch-line {line!r} must be one #SBATCH option on one line (account=abc)")
+    if args.slurm_script and os.path.isdir(args.slurm_script):
+        utils.fail(f"--slurm-script {args.slurm_script!r} is a folder; give the file to write")
+
+
+def check_writable_folder(flag: str, path: str):
+    """A folder, or one that can be made: its nearest existing ancestor is a writable folder."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        utils.fail(f"--{flag} {path!r} is a file, not a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        utils.fail(f"--{flag} {path!r} cannot be written: {existing} is not a writable folder")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="ready-made grids:\n" + "\n".join(f"  {name}: {g['about']}" for name, g in GRIDS.items()))
@@ -245,18 +388,27 @@ def main(argv=None):
     parser.add_argument("--slurm-mem", default="32G", help="memory per run")
     parser.add_argument("--slurm-partition", default="", help="partition (default: the cluster's)")
     parser.add_argument("--sbatch-line", action="append", default=[], help="extra #SBATCH option, e.g. account=abc (repeatable)")
+    parser.error = utils.fail  # a wrong or unknown flag: one line, exit 2
     args = parser.parse_args(argv)
-    for flag in ("jobs_per_gpu", "jobs", "slurm_max_parallel", "slurm_max_array", "slurm_gpus", "slurm_cpus"):
-        utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
+    check_sweep_args(args)
 
     grid = load_grid(args.grid)
     script = script_path(grid)
     if not os.path.isfile(script):
         utils.fail(f"--grid {args.grid!r} runs {grid['script']!r}, which is not at {script}")
+    fields, spell_env_id = script_arguments(script)
     runs_dir = os.path.abspath(args.runs_dir)
-    runs = expand_grid(grid, parse_assignments(args.only, "only"), parse_assignments(args.set, "set"), args.exp_suffix)
+    runs = expand_grid(grid, parse_assignments(args.only, "only"), parse_assignments(args.set, "set", single=True),
+                       args.exp_suffix, spell_env_id)
     if not runs:
         utils.fail("--only leaves no run of the grid")
+    check_flags(runs, fields, script)
+    if not args.dry_run:  # what runs here needs this machine's interpreter and a writable runs folder
+        if not shutil.which(args.python):
+            utils.fail(f"--python {args.python!r} is not an executable on this machine")
+        check_writable_folder("runs-dir", args.runs_dir)
+    elif os.path.exists(args.runs_dir) and not os.path.isdir(args.runs_dir):
+        utils.fail(f"--runs-dir {args.runs_dir!r} is a file, not a folder")
     todo, counts = [], {"finished": 0, "unfinished": 0, "new": 0, "conflict": 0}
     for index, run in enumerate(runs):
         status, folder, message = run_status(run, runs_dir)
@@ -296,7 +448,7 @@ def main(argv=None):
         for index, run, command in todo:
             print(f"{index}: {shlex.join(command)}")
         return 0
-    gpus = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]
+    gpus = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]  # checked above
     slots = gpu_slots(gpus, args.jobs_per_gpu, args.jobs)
     statuses = run_local(todo, slots, log_dir)
     failed = [index for index, status in statuses.items() if status != 0]

@@ -257,3 +257,139 @@ def test_every_ready_made_grid_point_parses_with_its_script(grid_name, monkeypat
         for flag, value in run["flags"].items():
             assert getattr(args, flag.replace("-", "_")) == value, flag
         assert (args.exp_name, args.resume) == (run["exp_name"], "auto")
+
+
+# Bad input: one line and exit 2 before anything is launched
+@pytest.fixture
+def no_launch(monkeypatch):
+    monkeypatch.setattr(sweep, "run_local", lambda *a, **k: pytest.fail("launched before checking the input"))
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: pytest.fail("submitted before checking the input"))
+
+
+def assert_refused(capsys, named, *flags):
+    status, out, err = run_sweep(capsys, *flags)
+    assert status == 2 and err.count("\n") == 1 and named in err, err
+    return err
+
+
+def test_grid_flag_that_the_script_does_not_have_is_refused_before_launching(tmp_path, capsys, no_launch):
+    grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1], "poool": ["avg"]})
+    err = assert_refused(capsys, "'poool' is no flag of fake_script.py (did you mean 'pool'?)", "--grid", grid,
+                         "--runs-dir", str(tmp_path / "runs"), "--slurm")
+    assert "total-timesteps" in err  # the script's flags, read from its Args
+    assert not (tmp_path / "runs").exists()
+
+
+def test_set_flag_that_the_script_does_not_have_is_refused(tmp_path, capsys, no_launch):
+    grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1]})
+    assert_refused(capsys, "'learning-rate' is no flag of fake_script.py", "--grid", grid, "--set", "learning-rate=1e-4",
+                   "--runs-dir", str(tmp_path / "runs"))
+
+
+@pytest.mark.parametrize("assignment,named", [
+    ("width=abc", "width 'abc': fake_script.py takes a int there"), ("width=1.5", "width 1.5"),
+    ("total-timesteps=true", "total-timesteps True"),
+    ("exp-name=x", "the sweep sets it"), ("resume=auto", "the sweep sets it"),
+])
+def test_set_value_the_script_cannot_take_is_refused(tmp_path, capsys, no_launch, assignment, named):
+    grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1]})
+    assert_refused(capsys, named, "--grid", grid, "--set", assignment, "--runs-dir", str(tmp_path / "runs"))
+
+
+def test_real_scripts_boolean_flag_takes_only_a_boolean(tmp_path, capsys, no_launch):
+    assert_refused(capsys, "cuda 1: ppo_procgen_impoola.py takes a bool there", "--grid", "procgen_hd", "--set", "cuda=1",
+                   "--runs-dir", str(tmp_path / "runs"))
+
+
+@pytest.mark.parametrize("grid,named", [
+    ({"script": "dqn_atari_gap.py", "vary": 5}, "'vary' must be an object"),
+    ({"script": "dqn_atari_gap.py", "vary": []}, "'vary' must be an object"),
+    ({"script": "dqn_atari_gap.py", "vary": [5]}, "'vary' must be an object"),
+    ({"script": "dqn_atari_gap.py", "vary": {"env-id": [["Pong"]]}}, "['Pong'] is not a string, number or boolean"),
+    ({"script": "dqn_atari_gap.py", "vary": {"env-id": ["Pong"], "seed": [None]}}, "None is not a string, number or boolean"),
+    ({"script": "dqn_atari_gap.py", "fixed": 3, "vary": {"env-id": ["Pong"]}}, "'fixed' must be an object"),
+    ({"script": 3, "vary": {"env-id": ["Pong"]}}, "'script' must be"),
+    ({"script": "dqn_atari_gap.py", "fix": {"seed": 1}, "vary": {"env-id": ["Pong"]}}, "unknown key 'fix'"),
+])
+def test_malformed_grid_is_refused_with_one_line(tmp_path, capsys, no_launch, grid, named):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(grid))
+    assert_refused(capsys, named, "--grid", str(path), "--dry-run")
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--only", "seed"], "must look like FLAG=VALUE"), (["--only", "=1"], "must look like FLAG=VALUE"),
+    (["--only", "seed=9"], "--only seed=9: not a value of the grid; it has 1, 2"),
+    (["--only", "seed=1,9"], "--only seed=9"), (["--set", "width=1,2"], "one value per flag"),
+])
+def test_malformed_only_or_set_is_refused_with_one_line(tmp_path, capsys, no_launch, flags, named):
+    grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1, 2]})
+    assert_refused(capsys, named, "--grid", grid, "--dry-run", *flags)
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--gpus", "a"], "--gpus 'a'"), (["--gpus", "0,-1"], "--gpus '0,-1'"),
+    (["--jobs", "a"], "--jobs"), (["--jobs", "0"], "--jobs"),
+    (["--bogus"], "unrecognized arguments: --bogus"), (["--slurm-time", "1h"], "--slurm-time '1h'"),
+    (["--slurm-mem", "32GB"], "--slurm-mem '32GB'"), (["--sbatch-line", "account=a\nmem=1G"], "--sbatch-line"),
+    (["--slurm-partition", "gpu a100"], "--slurm-partition"), (["--python", "/no/such/python"], "--python '/no/such/python'"),
+])
+def test_bad_sweep_flag_is_refused_with_one_line(tmp_path, capsys, no_launch, flags, named):
+    grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1]})
+    assert_refused(capsys, named, "--grid", grid, "--runs-dir", str(tmp_path / "runs"), *flags)
+
+
+def test_runs_dir_or_slurm_script_of_the_wrong_kind_is_refused(tmp_path, capsys, no_launch):
+    grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1]})
+    (tmp_path / "file").write_text("")
+    assert_refused(capsys, "--runs-dir", "--grid", grid, "--runs-dir", str(tmp_path / "file"))
+    assert_refused(capsys, "--runs-dir", "--grid", grid, "--runs-dir", str(tmp_path / "file" / "runs"))
+    assert_refused(capsys, "--slurm-script", "--grid", grid, "--slurm", "--slurm-script", str(tmp_path))
+
+
+def test_every_ready_made_grid_passes_the_flag_check_of_its_script():
+    for name in GRIDS:
+        grid = sweep.load_grid(name)
+        fields, spell_env_id = sweep.script_arguments(sweep.script_path(grid))
+        sweep.check_flags(sweep.expand_grid(grid, spell_env_id=spell_env_id), fields, grid["script"])  # no SystemExit
+
+
+def test_grid_flags_spelled_with_underscores_are_passed_with_dashes():
+    grid = {"script": "x.py", "fixed": {"total_timesteps": 10}, "vary": {"env_id": ["Pong"], "--dense_scale": [1]}}
+    (run,) = sweep.expand_grid(grid)
+    assert run["flags"] == {"total-timesteps": 10, "env-id": "Pong", "dense-scale": 1} and run["exp_name"] == "x-dense_scale_1"
+
+
+# Game spellings: the run folder is named after the script's own spelling
+def test_env_id_spelling_is_read_from_each_scripts_source():
+    spelling = {name: sweep.script_arguments(os.path.join(REPO, "cleanrl_pool", name + ".py"))[1]
+                for name in ("dqn_atari_gap", "rainbow_atari_gap", "ppo_procgen_impoola", "sac_dmc_gap")}
+    assert spelling["dqn_atari_gap"]("Breakout-v5") == spelling["rainbow_atari_gap"]("Breakout-v5") == "Breakout"
+    assert spelling["dqn_atari_gap"]("Breakout") == "Breakout"
+    assert spelling["ppo_procgen_impoola"]("bigfish") == "bigfish" and spelling["sac_dmc_gap"]("cheetah-run") == "cheetah-run"
+
+
+def test_grid_spelling_a_game_with_v5_skips_the_finished_run_of_its_plain_name(tmp_path, capsys, no_launch):
+    runs_dir = tmp_path / "runs"
+    finished = runs_dir / "Breakout__dqn_atari_gap__1__100"  # what dqn_atari_gap.py --env-id Breakout-v5 writes
+    finished.mkdir(parents=True)
+    (finished / "final.pt").write_bytes(b"")
+    (finished / "config.json").write_text(json.dumps({"env_id": "Breakout", "seed": 1, "total_timesteps": 1000}))
+    grid = tmp_path / "g.json"
+    grid.write_text(json.dumps({"script": "dqn_atari_gap.py", "fixed": {"total-timesteps": 1000},
+                                "vary": {"env-id": ["Breakout-v5", "Pong-v5"], "seed": [1]}}))
+    status, out, err = run_sweep(capsys, "--grid", str(grid), "--runs-dir", str(runs_dir), "--dry-run")
+    assert status == 0 and "2 runs; 1 finished (skipped), 0 to resume, 1 new" in out, out + err
+    assert "--env-id Pong --seed 1" in out and "Breakout" not in out.split("new")[1]
+
+
+def test_one_game_spelled_two_ways_is_refused_as_the_same_run(tmp_path, capsys, no_launch):
+    grid = tmp_path / "g.json"
+    grid.write_text(json.dumps({"script": "dqn_atari_gap.py", "vary": {"env-id": ["Breakout", "Breakout-v5"]}}))
+    assert_refused(capsys, "are the same run (Breakout__dqn_atari_gap__1)", "--grid", str(grid), "--dry-run")
+
+
+def test_only_accepts_the_scripts_other_spelling_of_a_game(capsys):
+    status, out, err = run_sweep(capsys, "--grid", "gap_atari", "--only", "env-id=Breakout-v5", "--only", "seed=1",
+                                 "--only", "pool=avg", "--only", "dense-scale=1", "--dry-run")
+    assert status == 0 and "1 runs;" in out and "--env-id Breakout --seed 1" in out, err
