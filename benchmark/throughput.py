@@ -120,7 +120,10 @@ def env_rate_in_child(script: str, flags: dict, seconds: float) -> float:
     inherits another's threads or memory."""
     code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import throughput; "
             f"print(throughput.env_rate({script!r}, json.loads({json.dumps(flags)!r}), {seconds!r}))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds + 600)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"raw rate of {script} took over {seconds + 600:g} s") from None
     if result.returncode != 0:
         raise RuntimeError(f"raw rate of {script} failed: {result.stderr.strip().splitlines()[-1:]}")
     return float(result.stdout.split()[-1])
@@ -210,6 +213,19 @@ def rate_text(rate: float) -> str:
     return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
 
 
+def check_out_file(out: str):
+    """--out is a file that can be written: not a folder, and in a folder that exists or can be made."""
+    if os.path.isdir(out):
+        utils.fail(f"--out {out!r} is a folder; give the Markdown file to write")
+    existing = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        utils.fail(f"--out {out!r} cannot be written: {existing} is not a writable folder")
+    if os.path.exists(out) and not os.access(out, os.W_OK):
+        utils.fail(f"--out {out!r} is not writable")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scripts", default=",".join(RECIPES), help="comma-separated scripts to measure")
@@ -222,22 +238,24 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds a training run may take at most")
     parser.add_argument("--out", default="", help="the Markdown file (default: benchmark/results/throughput_{preset}.md)")
     parser.add_argument("--note", default="", help="a line about the conditions (other load, ...) put under the table")
+    parser.error = utils.fail  # a wrong or unknown flag: one line, exit 2
     args = parser.parse_args(argv)
-    import torch
-
-    on_gpu = torch.cuda.is_available()
-    preset = args.preset or ("gpu" if on_gpu else "cpu")
-    utils.check_choice("preset", preset, ["cpu", "gpu"])
+    if args.preset:
+        utils.check_choice("preset", args.preset, ["cpu", "gpu"])
     scripts = [s.strip().removesuffix(".py") for s in args.scripts.split(",") if s.strip()]
+    if not scripts:
+        utils.fail(f"--scripts {args.scripts!r} names no script; choose from: {', '.join(RECIPES)}")
     for script in scripts:
         utils.check_choice("scripts", script, list(RECIPES))
         if not os.path.isfile(os.path.join(REPO, "cleanrl_pool", script + ".py")):
             utils.fail(f"--scripts {script!r}: cleanrl_pool/{script}.py does not exist yet")
-    for flag in ("env_seconds", "timeout"):
-        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) > 0):
-            utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be a positive, finite number of seconds")
-    if args.raw_num_envs < 0:
-        utils.fail(f"--raw-num-envs {args.raw_num_envs} must be 0 (no comparison) or positive")
+    for flag, most in (("env_seconds", 3600), ("timeout", 7 * 86400)):
+        if not (math.isfinite(getattr(args, flag)) and 0 < getattr(args, flag) <= most):
+            utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be a number of seconds above 0, at most {most}")
+    if not 0 <= args.raw_num_envs <= 4096:
+        utils.fail(f"--raw-num-envs {args.raw_num_envs} must be 0 (no comparison) or from 1 to 4096")
+    if "\n" in args.note or "\r" in args.note:
+        utils.fail("--note must be one line (it goes under the table)")
 
     def int_list(flag: str, text: str, low: int, high: int) -> list:
         try:
@@ -246,6 +264,8 @@ def main(argv=None):
             utils.fail(f"--{flag} {text!r} must be comma-separated integers")
         if not all(low <= value <= high for value in values):
             utils.fail(f"--{flag} {text!r}: each value must be from {low} to {high}")
+        if len(set(values)) != len(values):
+            utils.fail(f"--{flag} {text!r} names a value twice")
         return values
 
     widths = int_list("widths", args.widths, 1, 64)
@@ -254,7 +274,15 @@ def main(argv=None):
     pools = [p.strip() for p in args.pools.split(",")]
     for pool in pools:
         utils.check_choice("pools", pool, ["flatten", "avg", "max"])
+    for flag, values in (("scripts", scripts), ("pools", pools)):
+        if len(set(values)) != len(values):
+            utils.fail(f"--{flag} {','.join(values)!r} names a value twice")
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    preset = args.preset or ("gpu" if on_gpu else "cpu")
     out = args.out or os.path.join(REPO, "benchmark", "results", f"throughput_{preset}.md")
+    check_out_file(out)
 
     rows, commands, load_before = [], [], os.getloadavg()[0]
     native_rows = []  # Procgen-HD against EnvPool's step + render, per resolution
@@ -289,13 +317,26 @@ def main(argv=None):
         recipe = RECIPES[script]
         for resolution in resolution_lists[script]:
             base = {"env-id": recipe["env_id"], "resolution": resolution, **recipe[preset], **recipe["quiet"]}
-            raw = env_rate_in_child(script, base, args.env_seconds)
+            try:
+                raw = env_rate_in_child(script, base, args.env_seconds)
+            except RuntimeError as error:  # a size the back end refuses, a missing simulator: a row that says so
+                print(f"{script} r{resolution} raw env failed: {error}", file=sys.stderr, flush=True)
+                rows += [[script, recipe["env_id"], resolution, width, pool, "failed", "–", "–", "–", "–"]
+                         for width in widths for pool in pools]
+                write_table()
+                continue
             print(f"{script} {recipe['env_id']} {resolution}: raw env {raw:,.0f} steps/s", flush=True)
             if script == "ppo_procgen_impoola" and args.raw_num_envs:
-                native = env_rate_in_child(script, {**base, "num-envs": args.raw_num_envs}, args.env_seconds)
-                resized = envpool_procgen_rate(recipe["env_id"], args.raw_num_envs, resolution, args.env_seconds)
-                native_rows.append([resolution, rate_text(native), rate_text(resized), f"{native / resized:.3g}"])
-                print(f"  {args.raw_num_envs} envs: Procgen-HD {native:,.0f}, EnvPool step + render {resized:,.0f} steps/s", flush=True)
+                try:
+                    native = env_rate_in_child(script, {**base, "num-envs": args.raw_num_envs}, args.env_seconds)
+                    resized = envpool_procgen_rate(recipe["env_id"], args.raw_num_envs, resolution, args.env_seconds)
+                except Exception as error:  # EnvPool's Procgen can be missing or refuse a size: the comparison says failed
+                    print(f"  {args.raw_num_envs} envs: comparison failed: {error}", file=sys.stderr, flush=True)
+                    native_rows.append([resolution, "failed", "–", "–"])
+                else:
+                    native_rows.append([resolution, rate_text(native), rate_text(resized), f"{native / resized:.3g}"])
+                    print(f"  {args.raw_num_envs} envs: Procgen-HD {native:,.0f}, "
+                          f"EnvPool step + render {resized:,.0f} steps/s", flush=True)
             for width in widths:
                 for pool in pools:
                     flags = {**base, "width": width, "pool": pool}

@@ -66,7 +66,12 @@ def test_table_has_one_row_per_configuration_with_ratio_and_commands(tmp_path, m
     (["--scripts", "ppo_atari"], "--scripts"), (["--pools", "flatten,mean"], "--pools"),
     (["--resolutions", "0"], "--resolutions"), (["--widths", "a"], "--widths"),
     (["--env-seconds", "inf"], "--env-seconds"), (["--timeout", "nan"], "--timeout"),
-    (["--raw-num-envs", "-1"], "--raw-num-envs"),
+    (["--raw-num-envs", "-1"], "--raw-num-envs"), (["--scripts", ""], "--scripts ''"), (["--scripts", " , "], "--scripts"),
+    (["--preset", "tpu"], "--preset 'tpu'"), (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--timeout", "abc"], "--timeout"), (["--env-seconds", "1e9"], "--env-seconds"),
+    (["--raw-num-envs", "100000"], "--raw-num-envs"),
+    (["--widths", "1,1"], "names a value twice"), (["--pools", "avg,avg"], "names a value twice"),
+    (["--note", "two\nlines"], "--note"),
 ])
 def test_bad_input_is_refused_with_one_line_before_measuring(flags, named, capsys, monkeypatch):
     monkeypatch.setattr(throughput, "env_rate_in_child", lambda *a: pytest.fail("measured before checking the input"))
@@ -74,3 +79,30 @@ def test_bad_input_is_refused_with_one_line_before_measuring(flags, named, capsy
         throughput.main(flags)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and named in err
+
+
+def test_out_that_is_a_folder_or_below_a_file_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(throughput, "env_rate_in_child", lambda *a: pytest.fail("measured before checking the input"))
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path, tmp_path / "file" / "table.md"):
+        with pytest.raises(SystemExit) as exit_:
+            throughput.main(["--scripts", "ppo_procgen_impoola", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and f"--out {str(out)!r}" in err
+
+
+def test_raw_rate_that_fails_is_a_failed_row_not_a_traceback(tmp_path, monkeypatch, capsys):
+    def raw_rate(script, flags, seconds):
+        if flags["resolution"] == 128:
+            raise RuntimeError("raw rate of ppo_procgen_impoola failed: ['ValueError: resolution 128 refused']")
+        return 1000.0
+
+    monkeypatch.setattr(throughput, "env_rate_in_child", raw_rate)
+    monkeypatch.setattr(throughput, "training_rate", lambda command, runs_dir, on_gpu, timeout: (250.0, 200.0, None, 1.0))
+    out = tmp_path / "table.md"
+    throughput.main(["--scripts", "ppo_procgen_impoola", "--resolutions", "64,128", "--pools", "avg", "--raw-num-envs", "0",
+                     "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ppo_procgen_impoola |")]
+    assert rows == ["| ppo_procgen_impoola | bigfish | 64 | 1 | avg | 1,000 | 250 | 0.25 | 200 | – |",
+                    "| ppo_procgen_impoola | bigfish | 128 | 1 | avg | failed | – | – | – | – |"]
+    assert "resolution 128 refused" in capsys.readouterr().err
