@@ -140,7 +140,8 @@ def read_event_file(path: str):
     except errors.OutOfRangeError:  # the end of a complete file
         return points, None
     except (errors.OpError, DecodeError, OSError) as error:
-        return points, f"{os.path.basename(path)} is damaged after {records} events ({str(error).replace(path, 'it')})"
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).replace(path, "the file")
+        return points, f"{os.path.basename(path)} is damaged after {records} events ({reason})"
 
 
 def read_event_scalars(run_dir: str, problems=None) -> dict:
@@ -620,6 +621,9 @@ def main(argv=None):
         utils.fail(f"RUNS_ROOT {args.root!r} is not a folder")
     for flag in ("reps", "curve_reps", "curve_points", "last_episodes"):
         utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
+    for flag, most in (("reps", 1_000_000), ("curve_reps", 1_000_000), ("curve_points", 10_000)):  # resamples are held at once
+        if getattr(args, flag) > most:
+            utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at most {most:,}")
     if args.seed < 0:
         utils.fail(f"--seed {args.seed} must be 0 or more (numpy's default_rng)")
     check_out_folder(args.out)

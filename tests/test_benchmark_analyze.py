@@ -526,7 +526,7 @@ def test_root_where_no_run_can_be_scored_is_refused_with_one_line(tmp_path, caps
 
 @pytest.mark.parametrize("flags,named", [
     (["--bogus"], "unrecognized arguments: --bogus"), (["--reps", "a"], "--reps"), (["--reps", "0"], "--reps"),
-    (["--seed", "-1"], "--seed"), (["--curve-points", "-3"], "--curve-points"),
+    (["--seed", "-1"], "--seed"), (["--curve-points", "-3"], "--curve-points"), (["--reps", "2000000"], "at most 1,000,000"),
 ])
 def test_bad_flag_is_refused_with_one_line_before_reading_runs(tmp_path, capsys, monkeypatch, flags, named):
     write_pong_seeds(str(tmp_path), (1,), [(600, 14.6)])
