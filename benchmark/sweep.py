@@ -99,8 +99,11 @@ def script_arguments(script: str):
     """({flag: type name ("int", "float", "bool", "str") or None}, env-id spelling function) of a script,
     from its source: the fields of its `Args` dataclass, and the function it applies to `args.env_id`
     before naming its run folder (`args.env_id = atari_game(args.env_id)`), or the identity."""
-    with open(script) as f:
-        tree = ast.parse(f.read(), script)
+    try:
+        with open(script) as f:
+            tree = ast.parse(f.read(), script)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as error:
+        utils.fail(f"--grid: {script} cannot be read as Python ({error})")
     fields, functions = None, {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "Args":
@@ -112,9 +115,18 @@ def script_arguments(script: str):
         if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Attribute)
                 and node.targets[0].attr == "env_id" and isinstance(node.value, ast.Call)
                 and isinstance(node.value.func, ast.Name) and node.value.func.id in functions):
-            namespace = {}  # the script's own function, alone (it must need nothing but builtins)
-            exec(compile(ast.Module(body=[functions[node.value.func.id]], type_ignores=[]), script, "exec"), namespace)
-            return fields, namespace[node.value.func.id]
+            name, namespace = node.value.func.id, {}  # the script's own function, alone: it needs nothing but builtins
+            try:
+                exec(compile(ast.Module(body=[functions[name]], type_ignores=[]), script, "exec"), namespace)
+            except Exception as error:
+                utils.fail(f"--grid: {script}'s env-id spelling {name}() cannot be read alone ({error!r})")
+
+            def spell_env_id(env_id):
+                try:
+                    return namespace[name](env_id)
+                except Exception as error:
+                    utils.fail(f"--grid: {os.path.basename(script)}'s {name}({env_id!r}) fails ({error!r})")
+            return fields, spell_env_id
     return fields, lambda env_id: env_id
 
 

@@ -393,3 +393,11 @@ def test_only_accepts_the_scripts_other_spelling_of_a_game(capsys):
     status, out, err = run_sweep(capsys, "--grid", "gap_atari", "--only", "env-id=Breakout-v5", "--only", "seed=1",
                                  "--only", "pool=avg", "--only", "dense-scale=1", "--dry-run")
     assert status == 0 and "1 runs;" in out and "--env-id Breakout --seed 1" in out, err
+
+
+def test_script_that_is_not_python_is_refused_with_one_line(tmp_path, capsys, no_launch):
+    script = tmp_path / "broken.py"
+    script.write_text("def f(:\n")
+    grid = tmp_path / "g.json"
+    grid.write_text(json.dumps({"script": str(script), "vary": {"env-id": ["Pong"]}}))
+    assert_refused(capsys, "cannot be read as Python", "--grid", str(grid), "--dry-run")
