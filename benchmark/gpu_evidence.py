@@ -226,18 +226,18 @@ def launch(command, log_path: str, env: dict, cores) -> dict:
     return {"process": process, "log": log, "log_path": log_path, "start": time.time(), "timed_out": False}
 
 
-def stop(job: dict):
-    """SIGINT (Python unwinds), then SIGKILL after 15 s, to the child's whole process group."""
-    for sig, grace in ((signal.SIGINT, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(job["process"].pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            job["process"].wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def stop(jobs):
+    """SIGINT (Python unwinds) to each child's whole process group, SIGKILL to those still there 15 s later."""
+    for sig, grace in ((signal.SIGINT, 15.0), (signal.SIGKILL, 5.0)):
+        running = [job for job in jobs if job["process"].poll() is None]
+        for job in running:
+            try:
+                os.killpg(job["process"].pid, sig)
+            except ProcessLookupError:
+                pass
+        end = time.time() + grace
+        while any(job["process"].poll() is None for job in running) and time.time() < end:
+            time.sleep(0.2)
 
 
 def wait_all(jobs: dict, deadline: float, progress_every: float = 60.0):
@@ -248,11 +248,11 @@ def wait_all(jobs: dict, deadline: float, progress_every: float = 60.0):
             if job["process"].poll() is not None:
                 job.setdefault("end", time.time())
         if time.time() > deadline:
-            for name, job in jobs.items():
-                if job["process"].poll() is None:
-                    print(f"timeout: stopping {name} at its wall-clock limit", flush=True)
-                    job["timed_out"] = True
-                    stop(job)
+            late = [name for name, job in jobs.items() if job["process"].poll() is None]
+            print(f"timeout: stopping {', '.join(late)} at the wall-clock limit", flush=True)
+            for name in late:
+                jobs[name]["timed_out"] = True
+            stop([jobs[name] for name in late])
             break
         if time.time() > next_progress:
             next_progress += progress_every
@@ -274,9 +274,10 @@ def last_line(path: str) -> str:
 
 
 # Random-policy returns, with the scripts' own environment construction (run as a child: --random-policy)
-def random_policy_returns(size: str) -> dict:
-    """{kind: (mean return, episodes)} of a uniformly random policy: PPO's evaluation of the full level
-    distribution with uniform logits, DQN's whole-game evaluation at epsilon 1, SAC's env with uniform actions."""
+def random_policy_returns(size: str, path: str):
+    """Write {kind: (mean return, episodes)} of a uniformly random policy to `path` after each kind (SAC's EGL,
+    last, can kill the process): PPO's evaluation of the full level distribution with uniform logits, DQN's
+    whole-game evaluation at epsilon 1, SAC's env with uniform actions."""
     import tempfile
 
     import numpy as np
@@ -295,11 +296,13 @@ def random_policy_returns(size: str) -> dict:
     returns, _ = ppo.evaluate(uniform, envs, sizes["ppo_episodes"], seed, cpu)
     envs.close()
     results["ppo"] = (float(returns.mean()), len(returns))
+    write_json(path, results)
     dqn_args = dqn.Args(env_id="Breakout", eval_epsilon=1.0)
     envs = dqn.make_env(dqn_args, sizes["dqn_games"], seed)
     returns, _ = dqn.evaluate(None, envs, dqn_args, envs.action_space.n, cpu, False)  # epsilon 1 never calls the network
     envs.close()
     results["dqn"] = (float(returns.mean()), len(returns))
+    write_json(path, results)
     sac.make_egl_visible()
     sac_args = sac.Args(env_id="cartpole-swingup", resolution=sizes["sac_resolution"], frame_stack=1)
     sac_args.action_repeat = sac.DMC_TASKS[sac_args.env_id][1]
@@ -311,7 +314,13 @@ def random_policy_returns(size: str) -> dict:
             actions = rng.uniform(space.low, space.high, (sizes["sac_envs"], *space.shape)).astype(np.float32)
             returns += sac.step_env(env, actions, sac_args.action_repeat)[1]
     results["sac"] = (float(returns.mean()), len(returns))
-    return results
+    write_json(path, results)
+
+
+def write_json(path: str, data):
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 # The table and the curves, from the event files
@@ -441,10 +450,14 @@ def parse_args(argv):
     return args
 
 
+def run_flags(args, name: str, kind: str, total: int, phase: str, extra_flags: dict, threads: int) -> dict:
+    """A child's flags: the kind's, the run's, the size's, then the phase's (the last one wins)."""
+    return {**KIND_FLAGS[kind], "--torch-threads": threads, **RUNS_BY_NAME[name][3], **SIZES[args.size][kind]["flags"],
+            "--runs-dir": os.path.join(args.out, phase, name), "--total-timesteps": total, **extra_flags}
+
+
 def run_command(args, name: str, kind: str, total: int, phase: str, extra_flags: dict, threads: int) -> list:
-    """The child's argv: the kind's flags, the run's, the size's, then the phase's (last wins)."""
-    flags = {**KIND_FLAGS[kind], "--torch-threads": threads, **dict(RUNS_BY_NAME[name][3]), **SIZES[args.size][kind]["flags"],
-             "--runs-dir": os.path.join(args.out, phase, name), "--total-timesteps": total, **extra_flags}
+    flags = run_flags(args, name, kind, total, phase, extra_flags, threads)
     return [sys.executable, os.path.join(SCRIPTS_DIR, SCRIPTS[kind]), *flag_list(flags)]
 
 
@@ -471,7 +484,8 @@ def calibrate(args, jobs: dict) -> dict:
         rate = training_rate(points.get("charts/SPS", []), SIZES[args.size][kind]["calibration"][2])
         first_wall = min((p[0][1] for p in points.values() if p), default=None)
         startup = first_wall - job["start"] if first_wall else job["seconds"]
-        ok = job["process"].returncode == 0 or job["timed_out"]  # stopped by us is no failure: the floor is planned
+        # stopped by us while training is no failure (its floor is planned); a crash or a hang before any step is
+        ok = job["process"].returncode == 0 or (job["timed_out"] and rate is not None)
         measured[name] = {"kind": kind, "rate": rate, "startup_s": startup, "ok": ok}
         print(f"calibration {name}: start-up {startup:.0f} s, {rate or 0:.1f} steps/s"
               + ("" if ok else f" -> skipped; see {job['log_path']}"), flush=True)
@@ -497,8 +511,7 @@ def plan_runs(args, measured: dict, seconds_left: float) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     if args.random_policy:
-        with open(args.random_policy, "w") as f:
-            json.dump(random_policy_returns(args.size), f)
+        random_policy_returns(args.size, args.random_policy)
         return
     start, size = time.time(), SIZES[args.size]
     deadline = start + 60 * args.minutes - size["reserve_s"]  # every run ends by then; analysis and table after
