@@ -48,8 +48,8 @@ RUNS = [  # (name, kind, CPU share, flags)
 ]
 KIND_FLAGS = {
     "ppo": {"--env-id": "bigfish", "--distribution-mode": "easy", "--width": 2, "--resolution": 64, "--save-every": 0},
-    "dqn": {"--env-id": "Breakout", "--save-every": 0, "--exploration-fraction": 0.2},
-    "sac": {"--env-id": "cartpole-swingup", "--save-every": 0},
+    "dqn": {"--env-id": "Breakout", "--save-every": 0, "--no-save-buffer": None, "--exploration-fraction": 0.2},
+    "sac": {"--env-id": "cartpole-swingup", "--save-every": 0, "--no-save-buffer": None},  # a replay is GBs to write
 }
 RUNS_BY_NAME = {run[0]: run for run in RUNS}
 PREFLIGHT = ("import sys, torch, envpool, gymnasium, tyro, procgen_hd; print('python', sys.version.split()[0], 'torch', "

@@ -72,7 +72,8 @@ def test_every_flag_parses_with_its_script_and_passes_its_checks(size, name, mon
         monkeypatch.setattr(sys, "argv", gpu_evidence.run_command(args, name, kind, total, phase, extra, threads=3)[1:])
         parsed = module.parse_args() if hasattr(module, "parse_args") else module.tyro.cli(module.Args)
         for flag, value in flags.items():
-            assert getattr(parsed, flag[2:].replace("-", "_")) == (True if value is None else value), flag
+            field, expected = (flag[5:], False) if flag.startswith("--no-") else (flag[2:], True if value is None else value)
+            assert getattr(parsed, field.replace("-", "_")) == expected, flag
         assert parsed.total_timesteps == total and parsed.pool == gpu_evidence.RUNS_BY_NAME[name][3]["--pool"]
         if hasattr(module, "check_args"):
             module.check_args(parsed)
