@@ -145,7 +145,8 @@ def check_flags(runs, fields: dict, script: str):
                      or (kind == "int" and (isinstance(value, bool) or not isinstance(value, int)))
                      or (kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float)))))
             if wrong:
-                utils.fail(f"--grid/--set {flag} {value!r}: {os.path.basename(script)} takes a {kind} there")
+                field = flag.replace("-", "_")
+                utils.fail(f"--grid/--set {flag} {value!r}: {os.path.basename(script)} declares {field}: {kind}")
 
 
 def parse_value(text: str):
@@ -415,10 +416,12 @@ def main(argv=None):
     if not runs:
         utils.fail("--only leaves no run of the grid")
     check_flags(runs, fields, script)
-    if not args.dry_run:  # what runs here needs this machine's interpreter and a writable runs folder
-        if not shutil.which(args.python):
-            utils.fail(f"--python {args.python!r} is not an executable on this machine")
+    if not args.dry_run and not shutil.which(args.python):
+        utils.fail(f"--python {args.python!r} is not an executable on this machine")
+    if not args.dry_run or args.slurm:  # runs write to the runs folder; --slurm writes its script there (or at --slurm-script)
         check_writable_folder("runs-dir", args.runs_dir)
+        if args.slurm_script:
+            check_writable_folder("slurm-script", os.path.dirname(os.path.abspath(args.slurm_script)))
     elif os.path.exists(args.runs_dir) and not os.path.isdir(args.runs_dir):
         utils.fail(f"--runs-dir {args.runs_dir!r} is a file, not a folder")
     todo, counts = [], {"finished": 0, "unfinished": 0, "new": 0, "conflict": 0}

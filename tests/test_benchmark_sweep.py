@@ -287,7 +287,7 @@ def test_set_flag_that_the_script_does_not_have_is_refused(tmp_path, capsys, no_
 
 
 @pytest.mark.parametrize("assignment,named", [
-    ("width=abc", "width 'abc': fake_script.py takes a int there"), ("width=1.5", "width 1.5"),
+    ("width=abc", "width 'abc': fake_script.py declares width: int"), ("width=1.5", "width 1.5"),
     ("total-timesteps=true", "total-timesteps True"),
     ("exp-name=x", "the sweep sets it"), ("resume=auto", "the sweep sets it"),
 ])
@@ -297,7 +297,7 @@ def test_set_value_the_script_cannot_take_is_refused(tmp_path, capsys, no_launch
 
 
 def test_real_scripts_boolean_flag_takes_only_a_boolean(tmp_path, capsys, no_launch):
-    assert_refused(capsys, "cuda 1: ppo_procgen_impoola.py takes a bool there", "--grid", "procgen_hd", "--set", "cuda=1",
+    assert_refused(capsys, "cuda 1: ppo_procgen_impoola.py declares cuda: bool", "--grid", "procgen_hd", "--set", "cuda=1",
                    "--runs-dir", str(tmp_path / "runs"))
 
 
@@ -345,6 +345,8 @@ def test_runs_dir_or_slurm_script_of_the_wrong_kind_is_refused(tmp_path, capsys,
     assert_refused(capsys, "--runs-dir", "--grid", grid, "--runs-dir", str(tmp_path / "file"))
     assert_refused(capsys, "--runs-dir", "--grid", grid, "--runs-dir", str(tmp_path / "file" / "runs"))
     assert_refused(capsys, "--slurm-script", "--grid", grid, "--slurm", "--slurm-script", str(tmp_path))
+    assert_refused(capsys, "--slurm-script", "--grid", grid, "--slurm", "--dry-run", "--runs-dir", str(tmp_path / "runs"),
+                   "--slurm-script", str(tmp_path / "file" / "x.sbatch"))
 
 
 def test_every_ready_made_grid_passes_the_flag_check_of_its_script():
