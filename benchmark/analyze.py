@@ -170,10 +170,12 @@ def event_file_time(path: str):
 
 
 def find_run_dirs(root: str):
-    """Every folder under root that holds config.json or event files: a run folder, or what is left of one."""
-    markers = glob.glob(os.path.join(root, "**", "config.json"), recursive=True)
-    markers += glob.glob(os.path.join(root, "**", "events.out.tfevents.*"), recursive=True)
-    return sorted({os.path.dirname(path) for path in markers})
+    """Every folder under root that holds event files, or config.json under a run folder's name
+    ({env_id}__{exp_name}__{seed}__{time}): a run folder, or what is left of one."""
+    events = glob.glob(os.path.join(root, "**", "events.out.tfevents.*"), recursive=True)
+    configs = [path for path in glob.glob(os.path.join(root, "**", "config.json"), recursive=True)
+               if len(os.path.basename(os.path.dirname(path)).split("__")) == 4]
+    return sorted({os.path.dirname(path) for path in events + configs})
 
 
 def read_config(run_dir: str):

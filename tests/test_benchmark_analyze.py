@@ -556,3 +556,12 @@ def test_list_valued_config_key_can_group_runs(tmp_path):
     results = analyze.analyze(str(tmp_path), str(tmp_path / "out"), reps=50, curve_reps=10)
     assert list(results["partitions"]["dqn_atari_gap"]["splits"]["eval"]["per_game"]) == [
         (("channels", "[16, 32]"),), (("channels", "[32, 64]"),)]
+
+
+def test_config_json_outside_a_run_folder_without_events_is_not_a_run(tmp_path):
+    (run_dir,) = write_pong_seeds(str(tmp_path), (1,), [(600, 14.6)])
+    os.makedirs(tmp_path / "tools")
+    (tmp_path / "tools" / "config.json").write_text("{}")  # some other program's config
+    os.makedirs(tmp_path / "Pong__dqn_atari_gap__2__1700000001")  # a run folder that died before its first event
+    shutil.copy(os.path.join(run_dir, "config.json"), tmp_path / "Pong__dqn_atari_gap__2__1700000001")
+    assert analyze.find_run_dirs(str(tmp_path)) == [run_dir, str(tmp_path / "Pong__dqn_atari_gap__2__1700000001")]
