@@ -653,6 +653,8 @@ def main(argv=None):
 
 def check_out_folder(out: str):
     """--out is a folder, or can be made one: its nearest existing ancestor is a writable folder."""
+    if not out.strip():
+        utils.fail("--out '' names no folder; give one for the PNGs, summary.md and scores.csv")
     if os.path.exists(out) and not os.path.isdir(out):
         utils.fail(f"--out {out!r} is a file; give a folder for the PNGs, summary.md and scores.csv")
     existing = os.path.abspath(out)

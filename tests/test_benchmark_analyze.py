@@ -535,10 +535,10 @@ def test_bad_flag_is_refused_with_one_line_before_reading_runs(tmp_path, capsys,
     assert status == 2 and err.count("\n") == 1 and named in err
 
 
-def test_out_that_is_a_file_is_refused_with_one_line(tmp_path, capsys):
+def test_out_that_is_a_file_or_empty_is_refused_with_one_line(tmp_path, capsys):
     write_pong_seeds(str(tmp_path / "runs"), (1,), [(600, 14.6)])
     (tmp_path / "taken").write_text("")
-    for out in (tmp_path / "taken", tmp_path / "taken" / "below"):
+    for out in (tmp_path / "taken", tmp_path / "taken" / "below", ""):
         status, _, err = run_main(capsys, str(tmp_path / "runs"), "--out", str(out))
         assert status == 2 and err.count("\n") == 1 and f"--out {str(out)!r}" in err
 
