@@ -13,7 +13,7 @@ matplotlib, but no envpool, gymnasium, tyro, Qt or registry. The bundle holds:
   debs/   Debian's libglvnd loaders (libegl1, ...) that the NVIDIA EGL needs (device README)
   MANIFEST.json   every file with its size, per part
 
-Downloads (pip, apt-get) are cached in .carry/cache, so a rerun is offline. The bundle and the tracked
+Downloads (pip, apt-get) are cached in ~/.cache/cleanrl_pool_carry, so a rerun is offline. The bundle and the tracked
 files must stay under the 64 MiB that travel: the script fails loudly otherwise.
 """
 
@@ -229,7 +229,8 @@ def summary_lines(manifest: dict) -> list:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(REPO, ".carry", "bundle.tar.xz"), help="the bundle to write")
-    parser.add_argument("--cache", default=os.path.join(REPO, ".carry", "cache"), help="where downloads are kept")
+    parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "cleanrl_pool_carry"),
+                        help="where downloads are kept (outside .carry, which travels whole)")
     parser.add_argument("--limit-mib", type=float, default=TRAVEL_LIMIT_MIB, help="bundle + tracked files must fit")
     args = parser.parse_args(argv)
     if not args.out.endswith(".tar.xz"):
