@@ -447,6 +447,9 @@ def parse_args(argv):
         fail(f"--out {args.out!r} cannot be written by this user")
     if args.pack and os.path.abspath(args.pack).startswith(args.out + os.sep):
         fail(f"--pack {args.pack!r} must not lie inside --out")
+    if args.pack and (os.path.exists(args.pack) and not os.path.isdir(args.pack) or not os.access(
+            args.pack if os.path.isdir(args.pack) else os.path.dirname(os.path.abspath(args.pack)), os.W_OK)):
+        fail(f"--pack {args.pack!r} is no folder this user can write")
     return args
 
 

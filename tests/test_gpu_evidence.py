@@ -199,6 +199,14 @@ def test_bad_input_is_refused_with_one_line(flags, named, tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and named in result.stderr, result.stderr
 
 
+def test_a_pack_target_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmark", "gpu_evidence.py"), "--smoke",
+                             "--out", str(tmp_path / "out"), "--pack", str(tmp_path / "file")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--pack" in result.stderr, result.stderr
+
+
 def test_an_out_folder_it_did_not_make_is_refused_and_left_alone(tmp_path):
     (tmp_path / "mine.txt").write_text("keep")
     result = subprocess.run([sys.executable, os.path.join(REPO, "benchmark", "gpu_evidence.py"), "--smoke",
