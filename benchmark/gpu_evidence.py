@@ -284,12 +284,12 @@ def random_policy_returns(size: str, path: str):
     import torch
 
     sys.path.insert(0, SCRIPTS_DIR)
-    import dqn_atari_gap as dqn
-    import ppo_procgen_impoola as ppo
-    import sac_dmc_gap as sac
-
     sizes, cpu, seed = SIZES[size]["random"], torch.device("cpu"), 12345
     results = {}
+
+    # PPO: uniform logits through its own evaluation (each script imported just before its game: PPO needs no EnvPool)
+    import ppo_procgen_impoola as ppo
+
     ppo_args = ppo.Args(env_id="bigfish", distribution_mode="easy", resolution=64)
     envs = ppo.make_envs(ppo_args, sizes["ppo_envs"], 0, seed)
     uniform = lambda obs: (torch.zeros(len(obs), envs.num_actions), None)  # noqa: E731  (logits, value)
@@ -297,12 +297,20 @@ def random_policy_returns(size: str, path: str):
     envs.close()
     results["ppo"] = (float(returns.mean()), len(returns))
     write_json(path, results)
+
+    # DQN: its whole-game evaluation at epsilon 1
+    import dqn_atari_gap as dqn
+
     dqn_args = dqn.Args(env_id="Breakout", eval_epsilon=1.0)
     envs = dqn.make_env(dqn_args, sizes["dqn_games"], seed)
     returns, _ = dqn.evaluate(None, envs, dqn_args, envs.action_space.n, cpu, False)  # epsilon 1 never calls the network
     envs.close()
     results["dqn"] = (float(returns.mean()), len(returns))
     write_json(path, results)
+
+    # SAC: its pixel env and reward twin, uniform actions, one episode per env
+    import sac_dmc_gap as sac
+
     sac.make_egl_visible()
     sac_args = sac.Args(env_id="cartpole-swingup", resolution=sizes["sac_resolution"], frame_stack=1)
     sac_args.action_repeat = sac.DMC_TASKS[sac_args.env_id][1]
