@@ -438,6 +438,8 @@ def parse_args(argv):
                         "here (default $OUT when set)")
     parser.add_argument("--bundle", default="", help="gpu_carry.py's bundle to unpack first (the lent GPU machine)")
     parser.add_argument("--prefix", default="/tmp/cleanrl_pool_carry", help="where --bundle is unpacked")
+    parser.add_argument("--check", action="store_true", help="only unpack, import and play each game with a random "
+                        "policy (a minute), to try a fresh machine before the long command")
     parser.add_argument("--random-policy", default="", help=argparse.SUPPRESS)  # internal: write random returns as JSON
     args = parser.parse_args(argv)
     args.size = "smoke" if args.smoke else "gpu"
@@ -546,6 +548,12 @@ def main(argv=None):
     random_job = launch([sys.executable, os.path.abspath(__file__), "--random-policy", random_path, "--out", args.out]
                         + (["--smoke"] if args.smoke else []), os.path.join(args.out, "logs", "random_policy.log"),
                         child_environment(extra, 1), available)
+    if args.check:  # every game made and played by the scripts' own code, then stop
+        wait_all({"random_policy": random_job}, time.time() + 240)
+        print(open(random_job["log_path"]).read()[-3000:], flush=True)
+        found = json.load(open(random_path)) if os.path.isfile(random_path) else {}
+        print(f"check: random-policy returns {found}; {'ok' if len(found) == 3 else 'FAILED'}", flush=True)
+        sys.exit(0 if len(found) == 3 else 1)
     calibration = {name: {"kind": kind, "total": size[kind]["calibration"][0], "flags": size[kind]["calibration"][1]}
                    for name, kind, _, _ in RUNS}
     calibration_deadline = min(deadline, time.time() + size["calibration_timeout_s"])

@@ -214,6 +214,15 @@ def test_an_out_folder_it_did_not_make_is_refused_and_left_alone(tmp_path):
     assert result.returncode == 2 and "--out" in result.stderr and (tmp_path / "mine.txt").read_text() == "keep"
 
 
+def test_check_plays_every_game_with_a_random_policy_and_stops(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmark", "gpu_evidence.py"), "--smoke", "--check",
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OUT=""))
+    assert result.returncode == 0 and result.stdout.rstrip().endswith("ok"), result.stdout[-2000:] + result.stderr[-2000:]
+    assert set(json.loads((tmp_path / "out" / "random_policy.json").read_text())) == {"ppo", "dqn", "sac"}
+    assert not os.listdir(tmp_path / "out" / "runs")
+
+
 # The whole pipeline, tiny, for real (about 75 s on 2 cores)
 @pytest.mark.slow
 def test_smoke_pipeline_writes_table_png_runs_and_pack(tmp_path):
