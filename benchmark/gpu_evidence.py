@@ -1,6 +1,7 @@
 """First learning evidence on one GPU in one short lease (issue 14): four runs side by side, then the analysis.
 
     python3 benchmark/gpu_evidence.py --bundle .carry/bundle.tar.xz      # on the lent GPU (16 cores), about 9 minutes
+    python3 benchmark/gpu_evidence.py --bundle .carry/bundle.tar.xz --check  # there, first: every game plays (a minute)
     .venv/bin/python benchmark/gpu_evidence.py --smoke                   # the same pipeline, tiny, on a CPU
 
 Runs, concurrently, each pinned to its own share of the CPU cores: PPO on Procgen-HD bigfish (easy, width 2,
