@@ -57,8 +57,8 @@ class Args:
     runs_dir: str = "runs"
     """the folder that holds the run folders"""
     resume: str = ""
-    """a checkpoint to continue from (the games too: an exact continuation), or `auto` (the newest of this env id,
-    exp name and seed)"""
+    """a checkpoint to continue from (the games too: an exact continuation), or `auto`: the newest of this env id,
+    experiment and seed with the same training configuration (else a new run)"""
 
     # Environment (Procgen generalisation protocol: train on a fixed set of levels, test on all)
     env_id: str = "bigfish"
@@ -129,12 +129,29 @@ class Args:
     """the number of parallel environments of each evaluation level set"""
     save_every: int = 1_000_000
     """write a checkpoint every this many steps (0: only final.pt)"""
+    keep_checkpoints: int = 3
+    """how many of the newest periodic checkpoints stay on disk (older ones are deleted)"""
     diag_every: int = 250_000
     """log dormant fractions, feature norm and saliency every this many steps (0: never)"""
     diag_batch_size: int = 256
     """the number of recent observations the diagnostics look at"""
     dormant_threshold: float = 0.025
     """a neuron is dormant when its normalised mean activation is at most this (Sokar et al. 2023)"""
+
+
+# The valid range of every numeric flag, checked before any work (utils.check_ranges)
+FLAG_RANGES = {
+    "seed": f"[0, {procgen_hd.INT32_MAX - 200_000}]",  # the envs' seeds are seed, seed + 100,000 and seed + 200,000
+    "torch_threads": "[0, inf)", "num_levels": f"[0, {procgen_hd.INT32_MAX}]", "start_level": f"[0, {procgen_hd.INT32_MAX}]",
+    "resolution": f"[1, {procgen_hd.MAX_RESOLUTION}]", "num_envs": "[1, inf)",
+    "width": "[1, inf)", "dense_scale": "[1, inf)",
+    "total_timesteps": "[1, inf)", "learning_rate": "(0, inf)", "num_steps": "[1, inf)", "gamma": "[0, 1]",
+    "gae_lambda": "[0, 1]", "num_minibatches": "[1, inf)", "update_epochs": "[1, inf)", "clip_coef": "(0, inf)",
+    "ent_coef": "[0, inf)", "vf_coef": "[0, inf)", "max_grad_norm": "(0, inf)", "target_kl": "(0, inf)", "reward_clip": "(0, inf)",
+    "eval_every": "[0, inf)", "eval_episodes": "[0, inf)", "final_eval_episodes": "[0, inf)", "eval_num_envs": "[1, inf)",
+    "save_every": "[0, inf)", "keep_checkpoints": "[1, inf)", "diag_every": "[0, inf)", "diag_batch_size": "[1, inf)",
+    "dormant_threshold": "[0, 1]",
+}
 
 
 # Environment construction: Procgen-HD, drawn natively at R x R, reset in the step that ends an episode
@@ -405,24 +422,14 @@ def main():
     utils.check_choice("env-id", args.env_id, PROCGEN_GAMES)
     utils.check_choice("distribution-mode", args.distribution_mode, ["easy", "hard"])
     utils.check_choice("pool", args.pool, ["flatten", "avg", "max"])
-    if not 1 <= args.resolution <= procgen_hd.MAX_RESOLUTION:
-        utils.fail(f"--resolution {args.resolution} cannot be drawn; choose a side from 1 to {procgen_hd.MAX_RESOLUTION} "
-                   "(papers: 48-192)")
-    for flag in ("width", "dense_scale", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_num_envs",
-                 "total_timesteps", "learning_rate", "diag_batch_size"):
-        utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
     if args.num_levels is None:
         args.num_levels = 200 if args.distribution_mode == "easy" else 500  # Procgen paper's protocol
-    for flag in ("eval_every", "eval_episodes", "final_eval_episodes", "save_every", "diag_every", "start_level",
-                 "torch_threads", "num_levels"):
-        if getattr(args, flag) < 0:
-            utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be 0 or positive")
+    utils.check_ranges(args, FLAG_RANGES)
     if args.start_level + args.num_levels > procgen_hd.INT32_MAX:
         utils.fail(f"--start-level {args.start_level} + --num-levels {args.num_levels} must stay below 2**31 "
                    "(Procgen's level seeds)")
-    if not 0 <= args.seed <= procgen_hd.INT32_MAX - 200_000:
-        utils.fail(f"--seed {args.seed} must be from 0 to {procgen_hd.INT32_MAX - 200_000} "
-                   "(the envs' seeds are seed, seed + 100,000 and seed + 200,000)")
+    if args.eval_every and not args.eval_episodes:
+        utils.fail(f"--eval-episodes 0 with --eval-every {args.eval_every}: evaluate some episodes, or --eval-every 0")
     batch_size = args.num_envs * args.num_steps
     if args.num_minibatches > batch_size or batch_size % args.num_minibatches:
         utils.fail(f"--num-minibatches {args.num_minibatches} must divide the rollout of {batch_size} steps (num-envs x num-steps)")
@@ -445,13 +452,10 @@ def main():
     run_dir, checkpoint_file = utils.resolve_run(args)
     checkpoint = None
     if checkpoint_file:
-        checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ["env_id", "pool", "width", "dense_scale", "resolution"])
+        checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ["env_id", "pool", "width", "dense_scale", "resolution",
+                                                                           "num_envs", "distribution_mode"])
         if "env_states" not in checkpoint:
             utils.fail(f"--resume {checkpoint_file!r} holds no game states (written before the Procgen-HD back end)")
-        saved = checkpoint["args"]
-        if (saved["num_envs"], saved["distribution_mode"]) != (args.num_envs, args.distribution_mode):
-            utils.fail(f"--resume {checkpoint_file!r} holds {saved['num_envs']} {saved['distribution_mode']} games, "
-                       f"this run asks for --num-envs {args.num_envs} --distribution-mode {args.distribution_mode}")
 
     # Set-up
     print(f"{SCRIPT}: " + ", ".join(f"{key}={value}" for key, value in sorted(asdict(args).items())))
@@ -460,7 +464,7 @@ def main():
     if args.track:
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=asdict(args), name=os.path.basename(run_dir), save_code=True)
-    writer = utils.start_run(args, run_dir)
+    writer = utils.start_run(args, run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
     utils.seed_everything(args.seed, args.torch_deterministic)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -590,12 +594,13 @@ def main():
                 break
 
         # One host sync per iteration: stop on a non-finite loss, gradient or weight with the last good state on disk
-        finite &= torch.stack([torch.isfinite(p).all() for p in agent.parameters()]).all()
-        if not bool(finite):
+        if not (bool(finite) and utils.finite_state(agent, optimizer)):
             path = utils.checkpoint_path(run_dir, last_good["global_step"])
             utils.save_checkpoint(path, last_good)
             writer.close()
-            sys.exit(f"error: non-finite loss, gradient or weights at step {global_step}; the last good state is in {path}")
+            print(f"error: non-finite loss, gradient or weights at step {global_step}; the last good state is in {path}. "
+                  "Try a lower --learning-rate.", file=sys.stderr, flush=True)
+            raise SystemExit(1)
         means = (totals[:6] / totals[6]).tolist()
         var_returns = b_returns.var()
         explained_var = (1 - (b_returns - b_values).var() / var_returns).item() if var_returns > 0 else float("nan")
@@ -621,7 +626,7 @@ def main():
         if args.eval_every and iteration < num_iterations and global_step // args.eval_every > previous_step // args.eval_every:
             run_evaluation(args.eval_episodes)
         if args.save_every and global_step // args.save_every > previous_step // args.save_every:
-            utils.save_checkpoint(utils.checkpoint_path(run_dir, global_step), checkpoint_payload())
+            utils.save_periodic_checkpoint(run_dir, global_step, checkpoint_payload(), args.keep_checkpoints)
 
     # Final evaluation and saving
     if args.final_eval_episodes:

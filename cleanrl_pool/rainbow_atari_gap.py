@@ -15,6 +15,7 @@ import argparse
 import copy
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -139,10 +140,14 @@ class Args:
     """agent steps per Dopamine iteration; `charts/iteration_return`: mean return of the games ended in each (DER 10k)"""
     save_every: int = 1_000_000
     """agent steps between checkpoints; 0 saves only `final.pt`"""
-    save_buffer: bool = False
-    """if toggled, checkpoints also hold the replay buffer and its priorities (large: about buffer_size x resolution^2 bytes)"""
+    save_buffer: bool = True
+    """the newest checkpoint's replay and priorities are saved beside it (checkpoints/replay.pt, about buffer_size x
+    resolution^2 bytes), so a resumed run does not repeat its warm-up; --no-save-buffer saves disk"""
+    keep_checkpoints: int = 3
+    """how many of the newest periodic checkpoints stay on disk (older ones are deleted)"""
     resume: str = ""
-    """a checkpoint to continue from, or `auto` for the newest one of this env id, experiment and seed"""
+    """a checkpoint to continue from, or `auto`: the newest of this env id, experiment and seed with the same training
+    configuration (else a new run)"""
     diag_every: int = 250_000
     """agent steps between diagnostics (dormant neurons, feature norm, saliency); 0 turns them off"""
     dormant_threshold: float = 0.025
@@ -734,6 +739,21 @@ def evaluate(q_network, eval_envs, args, num_actions: int, device, support, capt
     return returns, video
 
 
+# The valid range of every numeric flag (utils.check_ranges), checked before any work
+FLAG_RANGES = {
+    "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "num_envs": "[1, inf)", "resolution": "[1, 4096]",
+    "frame_stack": "[1, inf)", "frame_skip": "[1, inf)", "max_episode_steps": "[1, inf)", "width": "[1, inf)",
+    "dense_scale": "[1, inf)", "learning_rate": "(0, inf)", "buffer_size": "[1, inf)", "gamma": "[0, 1]",
+    "target_network_frequency": "[1, inf)", "batch_size": "[1, inf)", "start_e": "[0, 1]", "end_e": "[0, 1]",
+    "learning_starts": "[0, inf)", "train_frequency": "[1, inf)", "n_step": "[1, inf)", "eval_every": "[0, inf)",
+    "eval_episodes": "[1, inf)", "eval_epsilon": "[0, 1]", "save_every": "[0, inf)", "diag_every": "[0, inf)",
+    "dormant_threshold": "[0, 1]", "log_every": "[1, inf)", "torch_threads": "[0, inf)",
+    "repeat_action_probability": "[0, 1)", "num_atoms": "[2, inf)", "v_min": "(-inf, inf)", "v_max": "(-inf, inf)",
+    "noisy_std": "(0, inf)", "adam_eps": "(0, inf)", "epsilon_decay_steps": "[1, inf)", "priority_exponent": "[0, inf)",
+    "importance_exponent": "[0, inf)", "iteration_steps": "[1, inf)", "keep_checkpoints": "[1, inf)",
+}
+
+
 def check_args(args):
     """Refuse bad input with one line (exit 2) before any work."""
     if atari_game(args.env_id) not in atari_games():
@@ -741,25 +761,16 @@ def check_args(args):
     utils.check_choice("encoder", args.encoder, ("nature", "impala"))
     utils.check_choice("pool", args.pool, ("flatten", "avg", "max"))
     utils.check_choice("init", args.init, ("dopamine", "torch"))
-    for flag in ("total_timesteps", "num_envs", "resolution", "frame_stack", "frame_skip", "max_episode_steps", "width",
-                 "dense_scale", "learning_rate", "adam_eps", "buffer_size", "target_network_frequency", "batch_size",
-                 "train_frequency", "n_step", "eval_episodes", "log_every", "epsilon_decay_steps", "noisy_std",
-                 "iteration_steps"):
-        utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
-    for flag in ("eval_every", "save_every", "diag_every", "learning_starts", "torch_threads", "priority_exponent", "importance_exponent"):
-        if getattr(args, flag) < 0:
-            utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)!r} must be 0 or more")
-    for flag in ("gamma", "start_e", "end_e", "eval_epsilon"):
-        if not 0.0 <= getattr(args, flag) <= 1.0:
-            utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)!r} must be in [0, 1]")
-    if not 0.0 <= args.repeat_action_probability < 1.0:
-        utils.fail(f"--repeat-action-probability {args.repeat_action_probability!r} must be in [0, 1)")
-    if args.num_atoms < 2 or not args.v_min < args.v_max:
-        utils.fail(f"--num-atoms {args.num_atoms} must be at least 2 and --v-min {args.v_min} below --v-max {args.v_max}")
+    utils.check_ranges(args, FLAG_RANGES)
+    if not args.v_min < args.v_max:
+        utils.fail(f"--v-min {args.v_min} must be below --v-max {args.v_max}")
     if args.batch_size > args.buffer_size:
         utils.fail(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
     if args.learning_starts < args.batch_size:
         utils.fail(f"--learning-starts {args.learning_starts} must be at least --batch-size {args.batch_size}")
+    if args.learning_starts >= args.total_timesteps:
+        utils.fail(f"--learning-starts {args.learning_starts} must be below --total-timesteps {args.total_timesteps} "
+                   "(else the run ends before its first update)")
     if args.buffer_size // args.num_envs < args.frame_stack + args.n_step + 1:
         utils.fail(f"--buffer-size {args.buffer_size} leaves {args.buffer_size // args.num_envs} slots per environment; "
                    f"--num-envs {args.num_envs} needs at least {args.frame_stack + args.n_step + 1} each")
@@ -778,19 +789,21 @@ def main():
     replay_capacity = args.buffer_size // args.num_envs  # slots per environment
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     replay_bytes = args.num_envs * replay_capacity * args.resolution**2
-    if device.type == "cuda" and replay_bytes > utils.free_memory_bytes(device):
+    if replay_bytes > 0.8 * utils.free_memory_bytes(device):  # on a CPU too: an OOM kill after set-up helps nobody
         utils.fail(f"--buffer-size {args.buffer_size} at --resolution {args.resolution} needs "
-                   f"{replay_bytes / 2**30:.1f} GiB of replay, more than the GPU has free")
+                   f"{replay_bytes / 2**30:.1f} GiB of replay, more than 80 % of the free {device.type} memory")
 
     last_good = None  # (step, checkpoint) of the last state whose losses were checked finite
     run_dir, checkpoint_file = utils.resolve_run(args)
     checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
+    if checkpoint:  # the replay saved beside the newest checkpoint, if this is it
+        checkpoint.update(utils.load_replay(checkpoint_file, checkpoint["global_step"]) or {})
     if checkpoint and "replay" in checkpoint and tuple(checkpoint["replay"]["valid"].shape) != (args.num_envs, replay_capacity):
         utils.fail(f"--resume {checkpoint_file!r} holds a replay of {tuple(checkpoint['replay']['valid'].shape)} "
                    f"(envs, slots); this run asks for {(args.num_envs, replay_capacity)}: keep --num-envs and --buffer-size")
     print("config:\n" + "\n".join(f"  {key} = {value}" for key, value in asdict(args).items()), flush=True)
     print(f"run folder: {run_dir}; device: {device}; replay: {replay_bytes / 2**30:.2f} GiB of uint8 frames", flush=True)
-    writer = utils.start_run(args, run_dir)
+    writer = utils.start_run(args, run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
     if args.track:
         import wandb
 
@@ -844,24 +857,24 @@ def main():
             "optimizer": optimizer.state_dict(), "update_count": update_count, "update_credit": update_credit,
             "iteration_returns": list(iteration_returns),
         }
-        if args.save_buffer:
-            payload["replay"], payload["buffer_time"] = replay, buffer_time
         return payload
 
     def stop_if_nonfinite(step):
         """One host sync: stop if any loss since the last check was not finite, leaving the last good state."""
         nonlocal last_good
-        if nonfinite.item():
+        # the weights and Adam's moments too: the interval's last step may have broken them after its loss was checked
+        if nonfinite.item() or not utils.finite_state(q_network, optimizer):
             if last_good is None:
                 where = "no finite state was checked yet, so no checkpoint was written"
             else:
                 good_step, good_state = last_good
                 utils.save_checkpoint(utils.checkpoint_path(run_dir, good_step), good_state)
                 where = f"the last good state is {utils.checkpoint_path(run_dir, good_step)}"
-            print(f"error: non-finite loss before step {step}; stopping ({where}). Try a lower --learning-rate.", flush=True)
+            print(f"error: non-finite loss or weights before step {step}; stopping ({where}). Try a lower --learning-rate.",
+                  file=sys.stderr, flush=True)
             writer.close()
             raise SystemExit(1)
-        last_good = (step, copy.deepcopy({key: value for key, value in checkpoint_payload(step).items() if key != "replay"}))
+        last_good = (step, copy.deepcopy(checkpoint_payload(step)))
 
     def run_evaluation(step):
         returns, video = evaluate(q_forward, eval_envs, args, num_actions, device, support, args.capture_video)
@@ -964,7 +977,9 @@ def main():
             run_evaluation(global_step)
         if args.save_every and global_step // args.save_every > previous_step // args.save_every:
             stop_if_nonfinite(global_step)
-            utils.save_checkpoint(utils.checkpoint_path(run_dir, global_step), checkpoint_payload(global_step))
+            saved_replay = {"replay": replay, "buffer_time": buffer_time} if args.save_buffer else None
+            utils.save_periodic_checkpoint(run_dir, global_step, checkpoint_payload(global_step), args.keep_checkpoints,
+                                           saved_replay)
 
     # evaluation and saving at the end
     stop_if_nonfinite(global_step)

@@ -22,6 +22,7 @@ import ctypes.util
 import glob
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -141,10 +142,14 @@ class Args:
     """episodes per evaluation with the mean action, one per evaluation environment (DrQ: 10)"""
     save_every: int = 50_000
     """agent steps between checkpoints; 0 saves only `final.pt`"""
-    save_buffer: bool = False
-    """if toggled, checkpoints also hold the replay buffer (large: about buffer_size x 12 x resolution^2 bytes)"""
+    save_buffer: bool = True
+    """the newest checkpoint's replay is saved beside it (checkpoints/replay.pt, about buffer_size x 12 x resolution^2
+    bytes), so a resumed run does not repeat its warm-up; --no-save-buffer saves disk"""
+    keep_checkpoints: int = 3
+    """how many of the newest periodic checkpoints stay on disk (older ones are deleted)"""
     resume: str = ""
-    """a checkpoint to continue from, or `auto` for the newest one of this env id, experiment and seed"""
+    """a checkpoint to continue from, or `auto`: the newest of this env id, experiment and seed with the same training
+    configuration (else a new run)"""
     diag_every: int = 10_000
     """agent steps between diagnostics (dormant neurons, feature norm, saliency); 0 turns them off"""
     dormant_threshold: float = 0.025
@@ -626,6 +631,20 @@ def evaluate(encoder, actor, eval_env, action_repeat: int, device, capture_video
     return returns, (np.stack(frames) if capture_video else None)
 
 
+# The valid range of every numeric flag (utils.check_ranges), checked before any work
+FLAG_RANGES = {
+    "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "num_envs": "[1, inf)",
+    "resolution": f"[{MIN_RESOLUTION}, {MAX_RESOLUTION}]", "frame_stack": "[1, inf)", "action_repeat": "[0, inf)",
+    "width": "[1, inf)", "dense_scale": "[1, inf)", "feature_dim": "[1, inf)", "hidden_dim": "[1, inf)",
+    "learning_rate": "(0, inf)", "buffer_size": "[1, inf)", "batch_size": "[1, inf)", "gamma": "[0, 1]",
+    "reward_scale": "(0, inf)", "tau": "(0, 1]", "init_temperature": "(0, inf)", "target_entropy_scale": "(0, inf)",
+    "learning_starts": "[0, inf)", "update_to_data": "[1, inf)", "actor_update_frequency": "[1, inf)",
+    "target_update_frequency": "[1, inf)", "log_std_min": "(-inf, inf)", "log_std_max": "(-inf, inf)", "image_pad": "[0, inf)",
+    "eval_every": "[0, inf)", "eval_episodes": "[1, inf)", "save_every": "[0, inf)", "diag_every": "[0, inf)",
+    "dormant_threshold": "[0, 1]", "log_every": "[1, inf)", "torch_threads": "[0, inf)", "keep_checkpoints": "[1, inf)",
+}
+
+
 def check_args(args):
     """Refuse bad input with one line (exit 2) before any work."""
     utils.check_choice("env-id", args.env_id, tuple(DMC_TASKS))
@@ -634,25 +653,13 @@ def check_args(args):
     utils.check_choice("alpha-loss-on", args.alpha_loss_on, ("alpha", "log_alpha"))
     utils.check_choice("target-next-action", args.target_next_action, ("online_sample", "target_mean"))
     utils.check_choice("init", args.init, ("drq", "dopamine"))
-    for flag in ("total_timesteps", "num_envs", "frame_stack", "width", "dense_scale", "feature_dim", "hidden_dim",
-                 "learning_rate", "buffer_size", "batch_size", "update_to_data", "actor_update_frequency",
-                 "target_update_frequency", "eval_episodes", "log_every", "init_temperature", "reward_scale",
-                 "target_entropy_scale"):
-        utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
-    for flag in ("eval_every", "save_every", "diag_every", "learning_starts", "image_pad", "action_repeat", "torch_threads"):
-        if getattr(args, flag) < 0:
-            utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)!r} must be 0 or more")
-    if not MIN_RESOLUTION <= args.resolution <= MAX_RESOLUTION:
-        utils.fail(f"--resolution {args.resolution} cannot be used: the encoder needs {MIN_RESOLUTION} to "
-                   f"{MAX_RESOLUTION} pixels (the largest size rendered in our tests)")
+    utils.check_ranges(args, FLAG_RANGES)
     if args.action_repeat and CONTROL_STEPS_PER_EPISODE % args.action_repeat:
         utils.fail(f"--action-repeat {args.action_repeat} must divide the {CONTROL_STEPS_PER_EPISODE} control steps of "
                    f"an episode (e.g. 1, 2, 4, 5, 8); 0 takes the task's default")
-    for flag in ("gamma", "tau"):
-        if not 0.0 <= getattr(args, flag) <= 1.0:
-            utils.fail(f"--{flag} {getattr(args, flag)!r} must be in [0, 1]")
-    if not math.isfinite(args.target_entropy_scale):
-        utils.fail(f"--target-entropy-scale {args.target_entropy_scale!r} must be a finite positive number")
+    if args.learning_starts >= args.total_timesteps:
+        utils.fail(f"--learning-starts {args.learning_starts} must be below --total-timesteps {args.total_timesteps} "
+                   "(else the run ends before its first update)")
     if args.combined_loss and args.actor_update_frequency != 1:
         utils.fail(f"--combined-loss updates the actor at every step; "
                    f"--actor-update-frequency {args.actor_update_frequency} must be 1")
@@ -689,6 +696,8 @@ def main():
 
     run_dir, checkpoint_file = utils.resolve_run(args)
     checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
+    if checkpoint:  # the replay saved beside the newest checkpoint, if this is it
+        checkpoint.update(utils.load_replay(checkpoint_file, checkpoint["global_step"]) or {})
     if checkpoint and "replay" in checkpoint and len(checkpoint["replay"]["rewards"]) != args.buffer_size:
         utils.fail(f"--buffer-size {args.buffer_size} differs from the {len(checkpoint['replay']['rewards'])} transitions "
                    f"of the replay saved in {checkpoint_file}; resume with that --buffer-size")
@@ -698,7 +707,7 @@ def main():
           f"replay: {replay_bytes / 2**30:.2f} GiB of uint8 frames", flush=True)
     if args.cheap_visuals_for_tests:
         print("warning: --cheap-visuals-for-tests renders without shadows and anti-aliasing; not the benchmark's pictures", flush=True)
-    writer = utils.start_run(args, run_dir)
+    writer = utils.start_run(args, run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
     if args.track:
         import wandb
 
@@ -765,12 +774,6 @@ def main():
                  "update_count": update_count, "log_alpha": log_alpha.detach()}
         state.update({name: module.state_dict() for name, module in modules.items()})
         return state
-
-    def save(path, step):
-        payload = training_state(step)
-        if args.save_buffer:
-            payload.update(replay=replay, replay_position=replay_position, replay_size=replay_size)
-        utils.save_checkpoint(path, payload)
 
     def run_evaluation(step):
         returns, video = evaluate(encoder, actor, eval_env, args.action_repeat, device, args.capture_video)
@@ -861,10 +864,9 @@ def main():
 
         # logging, and the non-finite check (one host sync per log interval)
         if global_step // args.log_every > previous_step // args.log_every:
-            # the weights too: the interval's last optimiser step may have broken them after its loss was checked
-            weights = [p for network in (encoder, actor, critic) for p in network.parameters()] + [log_alpha]
-            nonfinite |= ~torch.stack([torch.isfinite(w).all() for w in weights]).all()
-            if nonfinite.item():
+            # the weights and Adam's moments too: the interval's last step may have broken them after its loss was checked
+            if nonfinite.item() or not utils.finite_state(encoder, actor, critic, log_alpha, critic_optimizer,
+                                                          actor_optimizer, alpha_optimizer):
                 if last_good is not None:
                     good_step, good_state = last_good
                     utils.save_checkpoint(utils.checkpoint_path(run_dir, good_step), good_state)
@@ -872,7 +874,7 @@ def main():
                 else:
                     where = "no good state was checked yet, so no checkpoint was written"
                 print(f"error: non-finite loss or weights between steps {previous_step - args.log_every} and {global_step}; "
-                      f"stopping ({where}). Try a lower --learning-rate.", flush=True)
+                      f"stopping ({where}). Try a lower --learning-rate.", file=sys.stderr, flush=True)
                 writer.close()
                 raise SystemExit(1)
             if critic_updates_since_log or last_good is None:  # a copy of every weight: only when they changed
@@ -905,11 +907,15 @@ def main():
         if args.eval_every and global_step // args.eval_every > previous_step // args.eval_every and global_step < args.total_timesteps:
             run_evaluation(global_step)
         if args.save_every and global_step // args.save_every > previous_step // args.save_every:
-            save(utils.checkpoint_path(run_dir, global_step), global_step)
+            saved_replay = None
+            if args.save_buffer:
+                saved_replay = {"replay": replay, "replay_position": replay_position, "replay_size": replay_size}
+            utils.save_periodic_checkpoint(run_dir, global_step, training_state(global_step), args.keep_checkpoints,
+                                           saved_replay)
 
     # evaluation and saving at the end
     run_evaluation(global_step)
-    save(os.path.join(run_dir, "final.pt"), global_step)
+    utils.save_checkpoint(os.path.join(run_dir, "final.pt"), training_state(global_step))
     for simulator in (*env, *eval_env):
         simulator.close()
     writer.close()

@@ -31,6 +31,21 @@ def check_positive(flag: str, value):
         fail(f"--{flag} {value!r} must be positive")
 
 
+def check_ranges(args, ranges: dict):
+    """Refuse any flag outside its range, written as an interval: "[0, 1]", "(0, inf)", "[1, 4096]" (square
+    brackets include the end). NaN is in no range and inf only in one that names it with "]"; None (an
+    optional flag left unset) and flags not listed pass."""
+    for name, interval in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        low, high = (float(end.strip(" [()]")) for end in interval.split(","))
+        above = value >= low if interval.startswith("[") else value > low
+        below = value <= high if interval.endswith("]") else value < high
+        if not (above and below):
+            fail(f"--{name.replace('_', '-')} {value!r} is outside {interval}")
+
+
 # Seeding and RNG state
 def seed_everything(seed: int, torch_deterministic: bool):
     random.seed(seed)
@@ -61,7 +76,16 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# Run folder: runs/{env_id}__{exp_name}__{seed}__{unix_time}/
+# Run folder: runs/{env_id}__{exp_name}__{seed}__{unix_time}/, one training process at a time
+# Flags that do not change what is trained: a run continued with other values of these is the same run.
+RUN_NEUTRAL_FLAGS = frozenset({
+    "resume", "runs_dir", "track", "wandb_project_name", "wandb_entity", "capture_video", "torch_threads", "compile", "cuda",
+    "eval_every", "eval_episodes", "final_eval_episodes", "eval_num_envs", "save_every", "save_buffer", "keep_checkpoints",
+    "diag_every", "diag_batch_size", "dormant_threshold", "log_every", "iteration_steps",
+})
+_run_lock = None  # the open lock file of this process's run folder: the OS releases it when the process ends
+
+
 def run_prefix(args) -> str:
     return os.path.join(args.runs_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__")
 
@@ -72,27 +96,64 @@ def checkpoint_path(run_dir: str, global_step: int) -> str:
 
 def latest_checkpoint(run_dir: str):
     """The newest periodic checkpoint of a run folder, or None."""
-    paths = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")))
+    paths = sorted(glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", "step_*.pt")))
     return paths[-1] if paths else None
+
+
+def training_config(config: dict) -> dict:
+    """The resolved flags that decide what is trained (JSON-normalised, bookkeeping flags left out)."""
+    return {key: value for key, value in json.loads(json.dumps(config)).items() if key not in RUN_NEUTRAL_FLAGS}
+
+
+def run_folder_of(checkpoint_file: str) -> str:
+    """The folder a checkpoint file lies in: run_dir for final.pt, run_dir for checkpoints/step_*.pt."""
+    folder = os.path.dirname(os.path.abspath(checkpoint_file))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+
+
+def recorded_run_name(checkpoint_file: str):
+    """The run folder name a checkpoint was written in (None for one from before it was recorded), read
+    memory-mapped so that a checkpoint holding a replay is not read whole twice."""
+    try:
+        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        fail(f"--resume {checkpoint_file!r} is not a readable checkpoint ({type(error).__name__})")
+    return checkpoint.get("run_name") if isinstance(checkpoint, dict) else None
 
 
 def resolve_run(args):
     """Pick the run folder and the checkpoint to resume from (None for a fresh run).
 
-    `--resume PATH` continues in the folder that holds PATH; `--resume auto` continues the newest
-    folder of the same env id, experiment name and seed that has a checkpoint, else starts fresh.
+    `--resume PATH` continues in the run folder the checkpoint was written in, when the file still lies
+    in it (a run folder moved as a whole continues where it is); a checkpoint copied elsewhere starts a
+    new run folder under --runs-dir. `--resume auto` continues the newest run folder of the same env id,
+    experiment name and seed that has a checkpoint and the same training configuration (config.json,
+    RUN_NEUTRAL_FLAGS aside); else it starts fresh, reusing a folder of that configuration that a kill
+    left without any checkpoint.
     """
+    fresh = run_prefix(args) + str(int(time.time()))
     if args.resume == "auto":
-        for run_dir in sorted(glob.glob(run_prefix(args) + "*"), reverse=True):
+        wanted, orphan = training_config(asdict(args)), None
+        for run_dir in sorted(glob.glob(glob.escape(run_prefix(args)) + "*"), reverse=True):
+            try:
+                with open(os.path.join(run_dir, "config.json")) as f:
+                    same = training_config(json.load(f)) == wanted
+            except (OSError, ValueError):
+                continue
             checkpoint = latest_checkpoint(run_dir)
-            if checkpoint is not None:
+            if same and checkpoint is not None:
                 return run_dir, checkpoint
+            if same and orphan is None and not os.path.exists(os.path.join(run_dir, "final.pt")):
+                orphan = run_dir
         args.resume = ""
+        return orphan or fresh, None
     if args.resume:
         if not os.path.isfile(args.resume):
             fail(f"--resume {args.resume!r}: no such checkpoint file")
-        return os.path.dirname(os.path.dirname(os.path.abspath(args.resume))), args.resume
-    return run_prefix(args) + str(int(time.time())), None
+        folder, name = run_folder_of(args.resume), recorded_run_name(args.resume)
+        in_place = os.path.isfile(os.path.join(folder, "config.json")) and name in (None, os.path.basename(folder))
+        return (folder if in_place else fresh), args.resume
+    return fresh, None
 
 
 def write_json(path: str, data):
@@ -103,13 +164,33 @@ def write_json(path: str, data):
     os.replace(tmp_path, path)
 
 
-def start_run(args, run_dir: str):
-    """Create the run folder, write config.json and open the TensorBoard writer."""
+def start_run(args, run_dir: str, purge_step=None):
+    """Create (or take over) the run folder, lock it for this process, write config.json and open the
+    TensorBoard writer. A resumed run passes its step as `purge_step`: events a killed process logged
+    after its last checkpoint are then hidden, as they are logged again."""
+    import fcntl
+
     from torch.utils.tensorboard import SummaryWriter
 
-    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    global _run_lock
+    try:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        lock = open(os.path.join(run_dir, ".lock"), "w")
+    except OSError as error:
+        fail(f"--runs-dir {args.runs_dir!r} cannot hold the run folder {run_dir!r} ({error.strerror})")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"the run folder {run_dir!r} is in use by another process; wait for it, or start a new run")
+    _run_lock = lock
+    # Leftovers of a killed process: half-written files, and an orphan's event files (no checkpoint to continue)
+    for stale in glob.glob(os.path.join(glob.escape(run_dir), "**", "*.tmp"), recursive=True):
+        os.remove(stale)
+    if purge_step is None:
+        for stale in glob.glob(os.path.join(glob.escape(run_dir), "events.out.tfevents.*")):
+            os.remove(stale)
     write_json(os.path.join(run_dir, "config.json"), asdict(args))
-    writer = SummaryWriter(run_dir)
+    writer = SummaryWriter(run_dir, purge_step=purge_step)
     table = "\n".join(f"|{key}|{value}|" for key, value in sorted(asdict(args).items()))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     return writer
@@ -117,10 +198,37 @@ def start_run(args, run_dir: str):
 
 # Checkpoints: one torch.save dict, written atomically, read as data only
 def save_checkpoint(path: str, payload: dict):
+    """Write atomically, recording the run folder's name (`--resume PATH` continues there)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp_path = path + ".tmp"
-    torch.save(payload, tmp_path)
+    torch.save(dict(payload, run_name=os.path.basename(run_folder_of(path))), tmp_path)
     os.replace(tmp_path, path)
+
+
+def save_periodic_checkpoint(run_dir: str, step: int, payload: dict, keep: int, replay: dict = None):
+    """checkpoints/step_*.pt, of which the newest `keep` stay. An off-policy run's `replay` goes beside the
+    newest one only (checkpoints/replay.pt, recording its step, written after it): a resumed run skips
+    its warm-up, and a run's disk holds one replay, not one per checkpoint."""
+    save_checkpoint(checkpoint_path(run_dir, step), payload)
+    if replay is not None:
+        save_checkpoint(os.path.join(run_dir, "checkpoints", "replay.pt"), dict(replay, global_step=step))
+    for old in sorted(glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", "step_*.pt")))[:-keep]:
+        os.remove(old)
+
+
+def load_replay(checkpoint_file: str, step: int):
+    """The replay saved beside the checkpoint of `step` (memory-mapped), or None when the newest replay
+    belongs to another checkpoint or none was saved (the run then fills its replay again)."""
+    path = os.path.join(run_folder_of(checkpoint_file), "checkpoints", "replay.pt")
+    if not os.path.isfile(path):
+        return None
+    try:
+        replay = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        fail(f"--resume {checkpoint_file!r}: its replay {path!r} is not readable ({type(error).__name__})")
+    if replay.get("global_step") != step:
+        return None
+    return {key: value for key, value in replay.items() if key not in ("global_step", "run_name")}
 
 
 def load_checkpoint(path: str, script: str, args, architecture_flags) -> dict:
@@ -132,10 +240,12 @@ def load_checkpoint(path: str, script: str, args, architecture_flags) -> dict:
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
         found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
         fail(f"--resume {path!r} was written by {found!r}, not by {script}")
+    if not isinstance(checkpoint.get("args"), dict) or "global_step" not in checkpoint:
+        fail(f"--resume {path!r} lacks the resolved arguments or the step it was written at")
     for flag in architecture_flags:
-        saved, asked = checkpoint["args"][flag], getattr(args, flag)
+        saved, asked = checkpoint["args"].get(flag), getattr(args, flag)
         if saved != asked:
-            fail(f"--resume {path!r} holds a network with --{flag.replace('_', '-')} {saved!r}, this run asks for {asked!r}")
+            fail(f"--resume {path!r} was trained with --{flag.replace('_', '-')} {saved!r}, this run asks for {asked!r}")
     return checkpoint
 
 
@@ -222,6 +332,24 @@ def save_video(path: str, frames, fps: int = 30):
     tmp_path = path + ".tmp"
     images[0].save(tmp_path, format="GIF", save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
     os.replace(tmp_path, path)
+
+
+def floating_tensors(value) -> list:
+    """Every floating-point tensor in a (nested) state dict, list or tensor."""
+    if isinstance(value, torch.Tensor):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in floating_tensors(item)]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in floating_tensors(item)]
+    return []
+
+
+def finite_state(*parts) -> bool:
+    """Whether every floating-point tensor of these modules, optimisers (their moments too) and tensors
+    is finite: the test a "last good" state must pass. One host sync."""
+    found = [t for part in parts for t in floating_tensors(part if isinstance(part, torch.Tensor) else part.state_dict())]
+    return bool(torch.stack([torch.isfinite(t).all() for t in found]).all()) if found else True
 
 
 def parameter_count(*modules) -> int:

@@ -63,13 +63,16 @@ def test_parameter_counts_are_printed(smoke):
     assert "parameters: encoder 77,984, bottleneck 33,280, head 2,052" in result.stdout
 
 
-def test_checkpoints_load_as_plain_data_with_the_replay_behind_the_flag(smoke):
+def test_checkpoints_load_as_plain_data_with_the_replay_beside_the_newest(smoke):
     _, run_dir, _ = smoke
-    assert os.path.basename(glob.glob(os.path.join(run_dir, "checkpoints", "*.pt"))[0]) == "step_000000000200.pt"
+    names = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert names == ["replay.pt", "step_000000000200.pt", "step_000000000400.pt"]
     checkpoint = torch.load(os.path.join(run_dir, "checkpoints", "step_000000000200.pt"), weights_only=True)
     assert checkpoint["script"] == SCRIPT and checkpoint["global_step"] == 200
-    assert {"q_network", "target_network", "optimizer", "rng", "args", "replay", "buffer_time"} <= set(checkpoint)
-    assert checkpoint["replay"]["frames"].dtype == torch.uint8 and checkpoint["replay"]["frames"].shape == (2, 200, 84, 84)
+    assert {"q_network", "target_network", "optimizer", "rng", "args"} <= set(checkpoint) and "replay" not in checkpoint
+    saved = torch.load(os.path.join(run_dir, "checkpoints", "replay.pt"), weights_only=True)
+    assert saved["global_step"] == 400 and saved["buffer_time"] > 0  # beside the newest checkpoint only
+    assert saved["replay"]["frames"].dtype == torch.uint8 and saved["replay"]["frames"].shape == (2, 200, 84, 84)
     final = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)
     assert final["global_step"] == 400 and final["update_count"] == (400 - 100) // 4
 
@@ -79,13 +82,13 @@ def test_capture_video_writes_evaluation_gifs(smoke):
     assert len(glob.glob(os.path.join(run_dir, "videos", "*.gif"))) == 2
 
 
-def test_resume_continues_the_step_count_in_the_same_folder(smoke):
+def test_resume_continues_the_step_count_and_the_replay_in_the_same_folder(smoke):
     cwd, run_dir, _ = smoke
-    checkpoint = os.path.join(run_dir, "checkpoints", "step_000000000200.pt")
+    checkpoint = os.path.join(run_dir, "checkpoints", "step_000000000400.pt")  # the newest: its replay lies beside it
     result = run_script(SCRIPT, *TINY, "--total-timesteps", "600", "--eval-every", "0", "--diag-every", "0",
                         "--save-every", "200", "--n-step", "3", "--double", "--save-buffer", "--resume", checkpoint, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stdout and "at step 200" in result.stdout
+    assert "resumed from" in result.stdout and "at step 400" in result.stdout
     assert run_folders(cwd) == [run_dir]
     final = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)
     assert final["global_step"] == 600 and final["update_count"] == (600 - 100) // 4
@@ -122,7 +125,7 @@ def test_non_finite_loss_stops_with_a_message_and_a_checkpoint_of_the_last_good_
     result = run_script(SCRIPT, *TINY, "--total-timesteps", "2000", "--learning-rate", "1e30", "--eval-every", "0",
                         "--diag-every", "0", "--save-every", "0", "--log-every", "50", cwd=tmp_path)
     assert result.returncode == 1, result.stdout[-2000:]
-    assert "non-finite TD loss" in result.stdout
+    assert "non-finite TD loss" in result.stderr
     (run_dir,) = run_folders(tmp_path)
     (saved,) = glob.glob(os.path.join(run_dir, "checkpoints", "*.pt"))
     checkpoint = torch.load(saved, weights_only=True)

@@ -110,7 +110,9 @@ def test_a_stopped_and_resumed_run_equals_a_straight_one(run64, tmp_path_factory
     resumed_cwd = tmp_path_factory.mktemp("resumed")
     shutil.copytree(run64["cwd"] / "runs", resumed_cwd / "runs")
     (run_dir,) = glob.glob(str(resumed_cwd / "runs" / "*"))
-    resumed = run_ppo(*longer, "--capture-video", "--resume", "auto", cwd=resumed_cwd)
+    # --resume auto would start a new run: --total-timesteps 192 is another training configuration
+    checkpoint = os.path.join(run_dir, "checkpoints", "step_000000000128.pt")
+    resumed = run_ppo(*longer, "--capture-video", "--resume", checkpoint, cwd=resumed_cwd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 128" in resumed.stdout
     assert glob.glob(str(resumed_cwd / "runs" / "*")) == [run_dir]  # the same run folder

@@ -106,14 +106,16 @@ def test_parameter_counts_are_printed(smoke):
     assert "parameters: encoder 97,744, bottleneck 67,584, head 417,996" in result.stdout
 
 
-def test_checkpoints_load_as_plain_data_with_replay_and_priorities_behind_the_flag(smoke):
+def test_checkpoints_load_as_plain_data_with_replay_and_priorities_beside_the_newest(smoke):
     _, run_dir, _ = smoke
     checkpoint = torch.load(os.path.join(run_dir, "checkpoints", "step_000000000200.pt"), weights_only=True)
     assert checkpoint["script"] == SCRIPT and checkpoint["global_step"] == 200
-    assert {"q_network", "target_network", "optimizer", "rng", "args", "replay", "buffer_time"} <= set(checkpoint)
-    assert checkpoint["replay"]["frames"].dtype == torch.uint8 and checkpoint["replay"]["frames"].shape == (2, 200, 84, 84)
+    assert {"q_network", "target_network", "optimizer", "rng", "args"} <= set(checkpoint) and "replay" not in checkpoint
+    saved = torch.load(os.path.join(run_dir, "checkpoints", "replay.pt"), weights_only=True)
+    assert saved["global_step"] == 400 and saved["buffer_time"] > 0  # beside the newest checkpoint only
+    assert saved["replay"]["frames"].dtype == torch.uint8 and saved["replay"]["frames"].shape == (2, 200, 84, 84)
     # the updates wrote sqrt(cross-entropy) priorities (about 2 for 51 atoms), above the initial 1
-    assert checkpoint["replay"]["sum_tree"][1] > 0 and checkpoint["replay"]["max_priority"] > 1.5
+    assert saved["replay"]["sum_tree"][1] > 0 and saved["replay"]["max_priority"] > 1.5
     final = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)
     assert final["global_step"] == 400 and final["update_count"] == (400 - 100) // 4
 
@@ -125,17 +127,18 @@ def test_capture_video_writes_evaluation_gifs(smoke):
 
 def test_resume_continues_the_step_count_and_the_replay_in_the_same_folder(smoke):
     cwd, run_dir, _ = smoke
-    checkpoint = os.path.join(run_dir, "checkpoints", "step_000000000200.pt")
-    result = run_script(SCRIPT, *TINY, "--total-timesteps", "300", "--eval-every", "0", "--diag-every", "0",
-                        "--save-every", "300", "--save-buffer", "--resume", checkpoint, cwd=cwd)
+    checkpoint = os.path.join(run_dir, "checkpoints", "step_000000000400.pt")  # the newest: its replay lies beside it
+    result = run_script(SCRIPT, *TINY, "--total-timesteps", "500", "--eval-every", "0", "--diag-every", "0",
+                        "--save-every", "500", "--save-buffer", "--resume", checkpoint, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stdout and "at step 200" in result.stdout
+    assert "resumed from" in result.stdout and "at step 400" in result.stdout
     assert run_folders(cwd) == [run_dir]
     final = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)
     # the restored replay is warm: learning goes on at once, one update per 4 agent steps
-    assert final["global_step"] == 300 and final["update_count"] == (300 - 100) // 4
-    assert final["buffer_time"] == 100 + 1 + 50
-    assert [step for step, _ in read_scalars(run_dir)["charts/SPS"]][-1] == 300
+    assert final["global_step"] == 500 and final["update_count"] == (500 - 100) // 4
+    saved = torch.load(os.path.join(run_dir, "checkpoints", "replay.pt"), weights_only=True)  # beside step 500's checkpoint
+    assert saved["global_step"] == 500 and saved["buffer_time"] == 200 + 1 + 50  # 2 envs: 200 slots each, a reset, 50 more
+    assert [step for step, _ in read_scalars(run_dir)["charts/SPS"]][-1] == 500
 
 
 def test_resume_refuses_a_checkpoint_of_another_architecture(smoke):
@@ -191,7 +194,7 @@ def test_non_finite_loss_stops_with_a_message_and_a_checkpoint_of_the_last_good_
                         "--dense-scale", "1", "--eval-every", "0", "--diag-every", "0", "--save-every", "0",
                         "--log-every", "50", cwd=tmp_path)
     assert result.returncode == 1, result.stdout[-2000:]
-    assert "non-finite loss" in result.stdout
+    assert "non-finite loss" in result.stderr
     (run_dir,) = run_folders(tmp_path)
     (saved,) = glob.glob(os.path.join(run_dir, "checkpoints", "*.pt"))
     checkpoint = torch.load(saved, weights_only=True)

@@ -62,14 +62,16 @@ def test_checkpoints_final_and_video_are_written_and_load_as_data(smoke_run):
     checkpoint = torch.load(paths[-1], map_location="cpu", weights_only=True)
     assert checkpoint["script"] == SCRIPT and checkpoint["global_step"] == 250
     assert checkpoint["update_count"] == 51  # one update per agent step, from step 200 to 250 inclusive
-    assert checkpoint["replay_size"] == 250 and checkpoint["replay"]["observations"].dtype == torch.uint8
+    assert "replay" not in checkpoint
+    saved = torch.load(os.path.join(run_dir, "checkpoints", "replay.pt"), map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 250 and saved["replay"]["observations"].dtype == torch.uint8
     final = torch.load(os.path.join(run_dir, "final.pt"), map_location="cpu", weights_only=True)
-    assert final["global_step"] == 250 and "replay" in final
+    assert final["global_step"] == 250 and "replay" not in final
     # every DMC episode here ended by its time limit: none is stored as terminal, so targets bootstrap through them
-    assert final["replay_size"] == 250 and final["replay"]["terminated"][:250].sum().item() == 0
+    assert saved["replay_size"] == 250 and saved["replay"]["terminated"][:250].sum().item() == 0
     # --reward-scale 0.5: the replay holds half of each logged (raw) episode return
     returns = [value for _, value in read_scalars(run_dir)["charts/episodic_return"]]
-    stored = [final["replay"]["rewards"][:125].sum().item(), final["replay"]["rewards"][125:250].sum().item()]
+    stored = [saved["replay"]["rewards"][:125].sum().item(), saved["replay"]["rewards"][125:250].sum().item()]
     assert stored == pytest.approx([0.5 * r for r in returns], rel=1e-4, abs=1e-3) and max(returns) > 0
     assert {"encoder", "actor", "critic", "target_encoder", "target_critic", "log_alpha", "critic_optimizer",
             "actor_optimizer", "alpha_optimizer", "rng"} <= set(final)
@@ -87,7 +89,11 @@ def test_resume_continues_the_step_count_and_updates_in_the_same_folder(smoke_ru
     assert glob.glob(os.path.join(cwd, "runs", "*")) == [run_dir]
     resumed = torch.load(os.path.join(run_dir, "checkpoints", "step_000000000300.pt"), map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 300 and resumed["update_count"] == 101  # the stored replay lets updates go on
-    assert resumed["replay_size"] == 300
+    saved = torch.load(os.path.join(run_dir, "checkpoints", "replay.pt"), map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 300 and saved["replay_size"] == 300
+    # only the newest --keep-checkpoints (3) periodic checkpoints stay
+    kept = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")))
+    assert kept == ["step_000000000125.pt", "step_000000000250.pt", "step_000000000300.pt"]
     sps_steps = [step for step, _ in read_scalars(run_dir)["charts/SPS"]]
     assert max(sps_steps) == 300 and 250 in sps_steps
 
@@ -97,7 +103,7 @@ def test_a_non_finite_loss_stops_the_run_and_leaves_the_last_good_state(tmp_path
                         "--batch-size", "8", "--log-every", "25", "--eval-every", "0", "--diag-every", "0",
                         "--save-every", "0", "--learning-rate", "1e30", cwd=tmp_path)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "error: non-finite loss" in result.stdout
+    assert "error: non-finite loss" in result.stderr
     (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", "*"))
     (path,) = glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt"))
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -143,14 +149,14 @@ def test_dopamine_preset_runs_with_its_values_and_the_explicit_overrides(dopamin
 @pytest.mark.parametrize("flags, message", [
     (["--env-id", "pong-run"], "--env-id 'pong-run' is not allowed"),
     (["--pool", "mean"], "--pool 'mean' is not allowed"),
-    (["--resolution", "14"], "--resolution 14 cannot be used"),
+    (["--resolution", "14"], "--resolution 14 is outside [15, 2048]"),
     (["--action-repeat", "3"], "--action-repeat 3 must divide"),
     (["--batch-size", "1000", "--buffer-size", "100"], "--batch-size 1000 is larger than --buffer-size 100"),
-    (["--width", "0"], "--width 0 must be positive"),
+    (["--width", "0"], "--width 0 is outside [1, inf)"),
     (["--preset", "dreamer"], "--preset 'dreamer' is not allowed"),
     (["--padding", "full"], "--padding 'full' is not allowed"),
     (["--alpha-loss-on", "beta"], "--alpha-loss-on 'beta' is not allowed"),
-    (["--target-entropy-scale", "inf"], "--target-entropy-scale inf must be a finite positive number"),
+    (["--target-entropy-scale", "inf"], "--target-entropy-scale inf is outside (0, inf)"),
     (["--preset", "dopamine", "--actor-update-frequency", "2"], "--actor-update-frequency 2 must be 1"),
     (["--target-next-action", "mean"], "--target-next-action 'mean' is not allowed"),
     (["--init", "xavier"], "--init 'xavier' is not allowed"),
@@ -178,7 +184,7 @@ def test_resuming_another_network_or_another_script_is_refused(smoke_run, tmp_pa
 
 def test_resuming_a_saved_replay_with_another_buffer_size_is_refused(smoke_run, tmp_path):
     _, run_dir, _ = smoke_run
-    checkpoint = os.path.join(run_dir, "checkpoints", "step_000000000125.pt")
+    checkpoint = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")))[-1]  # the replay lies beside the newest
     result = run_script(SCRIPT, *TINY, "--pool", "avg", "--buffer-size", "500", "--resume", checkpoint, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "--buffer-size 500 differs from the 400 transitions" in result.stderr

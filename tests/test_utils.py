@@ -1,7 +1,11 @@
 """utils.py: dormant fraction, saliency, RNG state, checkpoints, run folders, score tables."""
+import dataclasses
+import glob
 import os
 import random
-import types
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -69,15 +73,38 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     assert not os.path.exists(path + ".tmp")
 
 
+@dataclasses.dataclass
+class FakeArgs:
+    runs_dir: str = "runs"
+    env_id: str = "game"
+    exp_name: str = "exp"
+    seed: int = 1
+    resume: str = ""
+    pool: str = "avg"
+    width: int = 2
+    learning_rate: float = 1e-3
+    eval_every: int = 100
+
+
 def args_like(tmp_path, **overrides):
-    fields = dict(runs_dir=str(tmp_path), env_id="game", exp_name="exp", seed=1, resume="", pool="avg", width=2)
-    fields.update(overrides)
-    return types.SimpleNamespace(**fields)
+    return FakeArgs(**dict(dict(runs_dir=str(tmp_path)), **overrides))
+
+
+def make_run(tmp_path, name, steps=(), final=False, **config):
+    """A run folder as a script leaves it: config.json, checkpoints of `steps`, maybe final.pt."""
+    run_dir = tmp_path / name
+    (run_dir / "checkpoints").mkdir(parents=True)
+    utils.write_json(str(run_dir / "config.json"), dataclasses.asdict(args_like(tmp_path, **config)))
+    for step in steps:
+        utils.save_checkpoint(utils.checkpoint_path(str(run_dir), step), {"global_step": step})
+    if final:
+        utils.save_checkpoint(str(run_dir / "final.pt"), {"global_step": max(steps, default=0)})
+    return str(run_dir)
 
 
 def test_load_checkpoint_refuses_other_script_and_other_network(tmp_path, capsys):
     path = str(tmp_path / "c.pt")
-    utils.save_checkpoint(path, {"script": "a.py", "args": {"pool": "avg", "width": 2}})
+    utils.save_checkpoint(path, {"script": "a.py", "args": {"pool": "avg", "width": 2}, "global_step": 0})
     assert utils.load_checkpoint(path, "a.py", args_like(tmp_path), ["pool", "width"])["script"] == "a.py"
     with pytest.raises(SystemExit) as exit_info:
         utils.load_checkpoint(path, "b.py", args_like(tmp_path), ["pool"])
@@ -88,18 +115,127 @@ def test_load_checkpoint_refuses_other_script_and_other_network(tmp_path, capsys
     assert "--pool" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_load_checkpoint_without_its_arguments_exits_2_with_one_line(tmp_path, capsys):
+    path = str(tmp_path / "c.pt")
+    utils.save_checkpoint(path, {"script": "a.py", "global_step": 3})
+    with pytest.raises(SystemExit) as exit_info:
+        utils.load_checkpoint(path, "a.py", args_like(tmp_path), ["pool"])
+    assert exit_info.value.code == 2 and "lacks the resolved arguments" in capsys.readouterr().err
+
+
 def test_resume_auto_finds_latest_checkpoint_else_starts_fresh(tmp_path):
     args = args_like(tmp_path, resume="auto")
     run_dir, checkpoint = utils.resolve_run(args)
     assert checkpoint is None and args.resume == ""
     assert os.path.basename(run_dir).startswith("game__exp__1__")
-    old = tmp_path / "game__exp__1__100" / "checkpoints"
-    old.mkdir(parents=True)
-    for step in (5, 10):
-        (old / f"step_{step:012d}.pt").write_bytes(b"")
+    old = make_run(tmp_path, "game__exp__1__100", steps=(5, 10))
     run_dir, checkpoint = utils.resolve_run(args_like(tmp_path, resume="auto"))
-    assert run_dir == str(tmp_path / "game__exp__1__100")
-    assert checkpoint.endswith("step_000000000010.pt")
+    assert run_dir == old and checkpoint.endswith("step_000000000010.pt")
+
+
+def test_resume_auto_continues_only_a_run_of_the_same_training_configuration(tmp_path):
+    same = make_run(tmp_path, "game__exp__1__100", steps=(5,))
+    make_run(tmp_path, "game__exp__1__200", steps=(5,), learning_rate=3e-4)  # newer, another experiment
+    assert utils.resolve_run(args_like(tmp_path, resume="auto"))[0] == same
+    # a bookkeeping flag (evaluation interval) does not make another experiment
+    assert utils.resolve_run(args_like(tmp_path, resume="auto", eval_every=7))[0] == same
+    run_dir, checkpoint = utils.resolve_run(args_like(tmp_path, resume="auto", learning_rate=5e-5))
+    assert checkpoint is None and run_dir not in (same, str(tmp_path / "game__exp__1__200"))
+
+
+def test_resume_auto_reuses_a_folder_a_kill_left_without_checkpoint(tmp_path):
+    orphan = make_run(tmp_path, "game__exp__1__100")
+    make_run(tmp_path, "game__exp__1__50", steps=(5,), final=False, learning_rate=3e-4)
+    make_run(tmp_path, "game__exp__1__60", steps=(5,), final=True, pool="flatten")
+    assert utils.resolve_run(args_like(tmp_path, resume="auto")) == (orphan, None)
+
+
+def test_resume_auto_handles_glob_characters_in_the_experiment_name(tmp_path):
+    run = make_run(tmp_path, "game__exp[1]__1__100", steps=(5,), exp_name="exp[1]")
+    assert utils.resolve_run(args_like(tmp_path, resume="auto", exp_name="exp[1]")) == (run, utils.latest_checkpoint(run))
+
+
+def test_resume_path_continues_in_the_run_folder_the_checkpoint_records(tmp_path):
+    run = make_run(tmp_path, "game__exp__1__100", steps=(5,), final=True)
+    for path in (utils.checkpoint_path(run, 5), os.path.join(run, "final.pt")):
+        assert utils.resolve_run(args_like(tmp_path, resume=path)) == (run, path)
+    moved = tmp_path / "elsewhere" / "game__exp__1__100"
+    shutil.copytree(run, moved)  # a run folder moved as a whole continues where it now is
+    path = os.path.join(moved, "final.pt")
+    assert utils.resolve_run(args_like(tmp_path, resume=path)) == (str(moved), path)
+
+
+def test_a_copied_checkpoint_starts_a_new_run_folder(tmp_path):
+    run = make_run(tmp_path, "game__exp__1__100", steps=(5,))
+    copied = str(tmp_path / "x.pt")
+    shutil.copy(utils.checkpoint_path(run, 5), copied)
+    run_dir, checkpoint = utils.resolve_run(args_like(tmp_path / "runs", resume=copied))
+    assert checkpoint == copied and os.path.dirname(run_dir) == str(tmp_path / "runs")
+    assert os.path.basename(run_dir).startswith("game__exp__1__")
+
+
+def test_one_process_per_run_folder(tmp_path):
+    run_dir = str(tmp_path / "game__exp__1__100")
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time; sys.path.insert(0, {os.path.dirname(utils.__file__)!r}); import utils, dataclasses
+@dataclasses.dataclass
+class A:
+    runs_dir: str = {str(tmp_path)!r}
+utils.start_run(A(), {run_dir!r}); print("locked", flush=True); time.sleep(30)
+"""], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    second = subprocess.run([sys.executable, "-c", f"""
+import sys; sys.path.insert(0, {os.path.dirname(utils.__file__)!r}); import utils, dataclasses
+@dataclasses.dataclass
+class A:
+    runs_dir: str = {str(tmp_path)!r}
+utils.start_run(A(), {run_dir!r})
+"""], capture_output=True, text=True, timeout=60)
+    holder.kill(), holder.wait()
+    assert second.returncode == 2 and second.stderr.count("\n") == 1 and "in use by another process" in second.stderr
+    utils.start_run(args_like(tmp_path), run_dir).close()  # a killed holder leaves no stale lock
+    utils._run_lock.close()
+
+
+def test_start_run_removes_what_a_killed_process_left(tmp_path):
+    run_dir = make_run(tmp_path, "game__exp__1__100", steps=(5,))
+    for leftover in ("config.json.tmp", "checkpoints/step_000000000010.pt.tmp"):
+        open(os.path.join(run_dir, leftover), "w").close()
+    utils.start_run(args_like(tmp_path), run_dir, purge_step=5).close()
+    utils._run_lock.close()
+    assert not glob.glob(os.path.join(run_dir, "**", "*.tmp"), recursive=True)
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_000000000005.pt"]
+
+
+def test_a_runs_dir_that_cannot_hold_folders_exits_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        utils.start_run(args_like(tmp_path / "file"), str(tmp_path / "file" / "game__exp__1__1"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "--runs-dir" in err
+
+
+def test_periodic_checkpoints_keep_the_newest_and_one_replay_beside_the_newest(tmp_path):
+    run_dir = make_run(tmp_path, "game__exp__1__100")
+    for step in (10, 20, 30, 40):
+        utils.save_periodic_checkpoint(run_dir, step, {"global_step": step}, keep=3, replay={"replay": torch.full((2,), step)})
+    names = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert names == ["replay.pt", "step_000000000020.pt", "step_000000000030.pt", "step_000000000040.pt"]
+    newest = utils.load_replay(utils.checkpoint_path(run_dir, 40), 40)
+    assert torch.equal(newest["replay"], torch.full((2,), 40)) and set(newest) == {"replay"}
+    assert utils.load_replay(utils.checkpoint_path(run_dir, 30), 30) is None  # an older checkpoint has no replay
+    assert utils.load_replay(str(tmp_path / "copied.pt"), 40) is None  # nor one copied out of its run folder
+
+
+def test_finite_state_looks_at_weights_and_optimiser_moments():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    assert utils.finite_state(model, optimizer, torch.zeros(2))
+    optimizer.state[model.weight]["exp_avg_sq"][0, 0] = float("nan")
+    assert not utils.finite_state(model, optimizer)
+    assert not utils.finite_state(model, torch.tensor([float("inf")]))
 
 
 def test_score_normalisation_tables():
