@@ -628,7 +628,7 @@ def main(argv=None):
             utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at most {most:,}")
     if args.seed < 0:
         utils.fail(f"--seed {args.seed} must be 0 or more (numpy's default_rng)")
-    check_out_folder(args.out)
+    utils.check_writable_folder("out", args.out)
     run_dirs = find_run_dirs(args.root)
     if not run_dirs:
         utils.fail(f"RUNS_ROOT {args.root!r} holds no run folder (config.json + TensorBoard events)")
@@ -649,19 +649,6 @@ def main(argv=None):
     for warning in results["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {os.path.join(args.out, 'summary.md')}")
-
-
-def check_out_folder(out: str):
-    """--out is a folder, or can be made one: its nearest existing ancestor is a writable folder."""
-    if not out.strip():
-        utils.fail("--out '' names no folder; give one for the PNGs, summary.md and scores.csv")
-    if os.path.exists(out) and not os.path.isdir(out):
-        utils.fail(f"--out {out!r} is a file; give a folder for the PNGs, summary.md and scores.csv")
-    existing = os.path.abspath(out)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        utils.fail(f"--out {out!r} cannot be written: {existing} is not a writable folder")
 
 
 if __name__ == "__main__":

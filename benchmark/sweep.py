@@ -367,17 +367,6 @@ def check_sweep_args(args):
         utils.fail(f"--slurm-script {args.slurm_script!r} is a folder; give the file to write")
 
 
-def check_writable_folder(flag: str, path: str):
-    """A folder, or one that can be made: its nearest existing ancestor is a writable folder."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        utils.fail(f"--{flag} {path!r} is a file, not a folder")
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        utils.fail(f"--{flag} {path!r} cannot be written: {existing} is not a writable folder")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="ready-made grids:\n" + "\n".join(f"  {name}: {g['about']}" for name, g in GRIDS.items()))
@@ -419,9 +408,9 @@ def main(argv=None):
     if not args.dry_run and not shutil.which(args.python):
         utils.fail(f"--python {args.python!r} is not an executable on this machine")
     if not args.dry_run or args.slurm:  # runs write to the runs folder; --slurm writes its script there (or at --slurm-script)
-        check_writable_folder("runs-dir", args.runs_dir)
+        utils.check_writable_folder("runs-dir", args.runs_dir)
         if args.slurm_script:
-            check_writable_folder("slurm-script", os.path.dirname(os.path.abspath(args.slurm_script)))
+            utils.check_writable_folder("slurm-script", os.path.dirname(os.path.abspath(args.slurm_script)))
     elif os.path.exists(args.runs_dir) and not os.path.isdir(args.runs_dir):
         utils.fail(f"--runs-dir {args.runs_dir!r} is a file, not a folder")
     todo, counts = [], {"finished": 0, "unfinished": 0, "new": 0, "conflict": 0}

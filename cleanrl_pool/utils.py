@@ -46,6 +46,19 @@ def check_ranges(args, ranges: dict):
             fail(f"--{name.replace('_', '-')} {value!r} is outside {interval}")
 
 
+def check_writable_folder(flag: str, path: str):
+    """A folder, or one that can be made: its nearest existing ancestor is a writable folder."""
+    if not path.strip():
+        fail(f"--{flag} {path!r} names no folder")
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"--{flag} {path!r} is a file, not a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--{flag} {path!r} cannot be written: {existing} is not a writable folder")
+
+
 # Seeding and RNG state
 def seed_everything(seed: int, torch_deterministic: bool):
     random.seed(seed)
