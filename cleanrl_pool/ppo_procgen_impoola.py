@@ -434,6 +434,9 @@ def main():
     if args.num_minibatches > batch_size or batch_size % args.num_minibatches:
         utils.fail(f"--num-minibatches {args.num_minibatches} must divide the rollout of {batch_size} steps (num-envs x num-steps)")
     minibatch_size = batch_size // args.num_minibatches
+    if args.norm_adv and minibatch_size < 2:
+        utils.fail(f"--num-minibatches {args.num_minibatches} leaves minibatches of {minibatch_size} step: advantages "
+                   "cannot be normalised over one step (fewer minibatches, or --no-norm-adv)")
     num_iterations = args.total_timesteps // batch_size
     if num_iterations == 0:
         utils.fail(f"--total-timesteps {args.total_timesteps} is less than one rollout of {batch_size} steps")

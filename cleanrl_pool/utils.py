@@ -144,6 +144,11 @@ def resolve_run(args):
     RUN_NEUTRAL_FLAGS aside); else it starts fresh, reusing a folder of that configuration that a kill
     left without any checkpoint.
     """
+    for flag in ("exp_name", "env_id"):
+        name = str(getattr(args, flag))
+        if not name or "/" in name or os.sep in name or "__" in name:
+            fail(f"--{flag.replace('_', '-')} {name!r} cannot name a run folder: no '/', no '__', not empty")
+    check_writable_folder("runs-dir", args.runs_dir)
     fresh = run_prefix(args) + str(int(time.time()))
     if args.resume == "auto":
         wanted, orphan = training_config(asdict(args)), None

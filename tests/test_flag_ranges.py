@@ -20,7 +20,8 @@ CASES = {
         (["--target-kl", "nan"], "--target-kl nan"), (["--seed", "-1"], "--seed -1"),
         (["--eval-episodes", "0", "--eval-every", "64"], "--eval-episodes 0 with --eval-every 64"),
         (["--start-level", "3000000000"], "--start-level 3000000000"),
-        (["--runs-dir", "a_file"], "--runs-dir 'a_file'"),
+        (["--runs-dir", "a_file"], "--runs-dir 'a_file'"), (["--runs-dir", ""], "--runs-dir ''"),
+        (["--num-steps", "1", "--num-minibatches", "2"], "--num-minibatches 2 leaves minibatches of 1 step"),
     ],
     "dqn_atari_gap": [
         (["--gamma", "nan"], "--gamma nan"), (["--learning-rate", "inf"], "--learning-rate inf"),

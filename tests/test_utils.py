@@ -150,6 +150,15 @@ def test_resume_auto_reuses_a_folder_a_kill_left_without_checkpoint(tmp_path):
     assert utils.resolve_run(args_like(tmp_path, resume="auto")) == (orphan, None)
 
 
+@pytest.mark.parametrize("exp_name", ["a/b", "a__b", ""])
+def test_an_experiment_name_that_cannot_name_a_run_folder_exits_2_with_one_line(exp_name, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        utils.resolve_run(args_like(tmp_path, exp_name=exp_name))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and f"--exp-name {exp_name!r}" in err
+    assert os.listdir(tmp_path) == []
+
+
 def test_resume_auto_handles_glob_characters_in_the_experiment_name(tmp_path):
     run = make_run(tmp_path, "game__exp[1]__1__100", steps=(5,), exp_name="exp[1]")
     assert utils.resolve_run(args_like(tmp_path, resume="auto", exp_name="exp[1]")) == (run, utils.latest_checkpoint(run))
