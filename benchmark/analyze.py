@@ -50,12 +50,14 @@ BOOKKEEPING_KEYS = {
 
 
 # Statistics (rliable's definitions, REFERENCE §7)
-def iqm(scores) -> float:
-    """Interquartile mean: mean of the pooled scores after cutting int(n/4) from each end
-    (scipy.stats.trim_mean(scores, 0.25), which rliable uses)."""
-    ordered = np.sort(np.asarray(scores, dtype=np.float64).ravel())
-    cut = int(0.25 * ordered.size)
-    return float(ordered[cut:ordered.size - cut].mean())
+def iqm(scores):
+    """Interquartile mean: mean of the scores after cutting int(n/4) from each end
+    (scipy.stats.trim_mean(scores, 0.25), which rliable uses). A float for a 1-D list of scores;
+    for a 2-D array (bootstrap resamples, one per row), an array with the IQM of each row."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float64), axis=-1)
+    cut = int(0.25 * ordered.shape[-1])
+    trimmed_mean = ordered[..., cut:ordered.shape[-1] - cut].mean(axis=-1)
+    return float(trimmed_mean) if trimmed_mean.ndim == 0 else trimmed_mean
 
 
 def aggregate_metrics(scores_by_task) -> dict:
@@ -84,10 +86,8 @@ def stratified_bootstrap(scores_by_task, reps: int, seed: int):
 
 def bootstrap_metrics(pooled, task_means) -> dict:
     """The metrics of `aggregate_metrics` for every bootstrap resample at once: {name: (reps,)}."""
-    ordered = np.sort(pooled, axis=1)
-    cut = int(0.25 * ordered.shape[1])
     return {
-        "IQM": ordered[:, cut:ordered.shape[1] - cut].mean(axis=1),
+        "IQM": iqm(pooled),
         "median": np.median(task_means, axis=1),
         "mean": task_means.mean(axis=1),
         "optimality gap": 1.0 - np.minimum(pooled, 1.0).mean(axis=1),
@@ -238,7 +238,8 @@ def load_run(run_dir: str, last_episodes: int) -> dict:
             run["final"][split] = {"step": int(steps[-1]), "return": float(returns[-1]), "score": float(scores[-1]),
                                    "source": f"last {tag}", "evaluated": True}
             logged = scalars.get(LOGGED_NORMALIZED_TAGS.get(split, ""))
-            if logged is not None and normalization != "raw return" and not math.isclose(logged[1][-1], scores[-1], rel_tol=1e-4, abs_tol=1e-4):
+            agrees = logged is None or math.isclose(logged[1][-1], scores[-1], rel_tol=1e-4, abs_tol=1e-4)
+            if normalization != "raw return" and not agrees:
                 run["warnings"].append(f"{run_dir}: logged {LOGGED_NORMALIZED_TAGS[split]} {logged[1][-1]:.4f} "
                                        f"differs from the analysis' {scores[-1]:.4f}")
     if not run["final"] and "charts/episodic_return" in scalars:
@@ -403,9 +404,7 @@ def learning_curve(runs, split, points: int, reps: int, seed: int):
         at_step = [rows[:, i] for rows in tasks]
         value.append(iqm(np.concatenate(at_step)))
         resampled, _ = stratified_bootstrap(at_step, reps, seed)
-        ordered = np.sort(resampled, axis=1)
-        cut = int(0.25 * ordered.shape[1])
-        low_i, high_i = percentile_interval(ordered[:, cut:ordered.shape[1] - cut].mean(axis=1))
+        low_i, high_i = percentile_interval(iqm(resampled))
         low.append(low_i)
         high.append(high_i)
     return grid, np.array(value), np.array(low), np.array(high)
@@ -447,7 +446,8 @@ def plot_performance_profiles(path, title, normalization, thresholds, profiles):
     for label, (fraction, low, high) in profiles.items():
         axis.plot(thresholds, fraction, label=label)
         axis.fill_between(thresholds, low, high, alpha=0.2)
-    axis.set(xlabel=f"{score_axis_label(normalization)} τ", ylabel="fraction of runs with score > τ", title=title, ylim=(0, 1.02))
+    axis.set(xlabel=f"{score_axis_label(normalization)} τ", ylabel="fraction of runs with score > τ", title=title,
+             ylim=(0, 1.02))
     axis.legend(fontsize=7)
     save_figure(plt, figure, path)
 
@@ -483,7 +483,56 @@ def plot_score_vs(path, title, normalization, xlabel, series, log_x=False):
     save_figure(plt, figure, path)
 
 
-# Summary
+# The summary: every number the outputs show, computed once
+def summarize(collected, reps=50_000, curve_reps=2_000, seed=0, group_by=None, curve_points=50) -> dict:
+    """The numbers of `collect_runs`' answer, as data (nothing is written): {"partitions": {name:
+    {"normalization", "group_keys", "runs", "splits": {split: see summarize_split}}}, "warnings",
+    "left_out"}. A group is a tuple of (config key, value)."""
+    runs = collected["runs"]
+    summary = {"partitions": {}, "warnings": [w for run in runs for w in run["warnings"]], "left_out": collected["left_out"]}
+    for name, members in partition_runs(runs).items():
+        keys = varied_keys(members, group_by)
+        groups = group_runs(members, keys)
+        normalization = members[0]["normalization"]
+        splits = [split for split in EVAL_RETURN_TAGS if any(split in run["final"] for run in members)]
+        summary["partitions"][name] = {
+            "normalization": normalization, "group_keys": keys, "runs": members,
+            "splits": {split: summarize_split(groups, split, normalization, reps, curve_reps, seed, curve_points)
+                       for split in splits},
+        }
+    return summary
+
+
+def summarize_split(groups, split, normalization, reps, curve_reps, seed, curve_points) -> dict:
+    """One split of one partition, per group that scores it: "per_game" [(env_id, final scores)],
+    "aggregates" {metric: (point, CI low, CI high)}, "profiles" (thresholds, {group: profile}),
+    "curves" (learning curve or None) and "parameters" (median parameter count of its runs, or None)."""
+    per_group = {group: scores_by_task(members, split) for group, members in groups.items()}
+    per_group = {group: tasks for group, tasks in per_group.items() if tasks}
+    aggregates = {group: aggregate_with_intervals([s for _, s in tasks], reps, seed) for group, tasks in per_group.items()}
+    if normalization == "raw return":  # the gap to a score of 1 means nothing for raw returns (DMC)
+        for metrics in aggregates.values():
+            metrics["optimality gap"] = (math.nan, math.nan, math.nan)
+    all_scores = np.concatenate([s for tasks in per_group.values() for _, s in tasks])
+    high = max(1.0, float(all_scores.max())) if normalization != "raw return" else float(all_scores.max())
+    low = min(0.0, float(all_scores.min()))
+    thresholds = np.linspace(low, high, 101)
+    profiles = {group: performance_profile([s for _, s in tasks], thresholds, reps, seed)
+                for group, tasks in per_group.items()}
+    parameters = {group: [run["parameters"] for run in groups[group] if run["parameters"] is not None] for group in per_group}
+    return {
+        "aggregates": aggregates, "per_game": per_group, "profiles": (thresholds, profiles),
+        "curves": {group: learning_curve(groups[group], split, curve_points, curve_reps, seed) for group in per_group},
+        "parameters": {group: float(np.median(counts)) if counts else None for group, counts in parameters.items()},
+    }
+
+
+# The outputs: PNGs, summary.md and scores.csv, from the summary
+METRICS = ("IQM", "median", "mean", "optimality gap")
+CSV_HEADER = ["partition", "group", "env_id", "seed", "split", "step", "return", "score", "normalization", "source",
+              "parameters", "finished", "run_dir"]
+
+
 def format_interval(value):
     point, low, high = value
     return "–" if math.isnan(point) else f"{point:.3f} [{low:.3f}, {high:.3f}]"
@@ -494,129 +543,147 @@ def markdown_table(header, rows):
     return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
 
 
-def analyze(root, out, reps=50_000, curve_reps=2_000, seed=0, last_episodes=10, include_unfinished=False,
-            group_by=None, curve_points=50, collected=None):
-    """Read every run under `root` (or take `collect_runs`' answer), write the PNGs, summary.md and
-    scores.csv to `out`; return the numbers as a dict (what the summary shows)."""
-    collected = collected or collect_runs(root, last_episodes, include_unfinished)
-    os.makedirs(out, exist_ok=True)
-    runs, unfinished, no_score = collected["runs"], collected["unfinished"], collected["no_score"]
-    lines = [f"# Analysis of `{root}`", "",
-             " ".join([f"{collected['found']} run folders found; {len(runs)} used."]
-                      + ([f"{unfinished} unfinished (no final.pt) " + ("included." if include_unfinished else "left out.")] if unfinished else [])
-                      + ([f"{no_score} without any return logged left out."] if no_score else [])
-                      + ([f"{len(collected['left_out'])} skipped or not scored completely: see 'Runs left out'."]
-                         if collected["left_out"] else [])),
-             "",
-             "Final score of a run = its last evaluation (`eval/.../return`), normalised here from the config "
-             "(Procgen min-max by distribution mode, Atari human-normalised, otherwise the raw return); "
-             "split `iteration` (Rainbow, DER) = its last `charts/iteration_return`, the mean return of the training "
-             "games of the last iteration, which is the score Dopamine and the GAP paper report; "
-             f"a run without evaluation falls back to the mean of its last {last_episodes} training episodes "
-             "(`charts/episodic_return`), marked in scores.csv, only when none of its partition is evaluated: a run is "
-             "scored by its siblings' statistic or left out. Aggregates: IQM and optimality gap (γ = 1) over "
-             "all runs, median and mean over per-game means; 95 % stratified-bootstrap percentile intervals "
-             f"({reps} resamples, seed {seed}). Learning curves: IQM at each step ({curve_reps} resamples).", ""]
-    results = {"partitions": {}, "warnings": [w for run in runs for w in run["warnings"]], "left_out": collected["left_out"]}
-    csv_rows = []
-    for name, members in partition_runs(runs).items():
-        keys = varied_keys(members, group_by)
-        groups = group_runs(members, keys)
-        normalization = members[0]["normalization"]
-        splits = [split for split in EVAL_RETURN_TAGS if any(split in run["final"] for run in members)]
-        lines += [f"## {name} ({normalization})", "",
-                  f"Grouped by: {', '.join(keys) or 'nothing varies'}. Games: "
-                  f"{', '.join(sorted({run['env_id'] for run in members}))}.", ""]
-        partition = results["partitions"][name] = {"normalization": normalization, "group_keys": keys, "splits": {}}
-        for split in splits:
-            per_group = {group: scores_by_task(members_of_group, split) for group, members_of_group in groups.items()}
-            per_group = {group: tasks for group, tasks in per_group.items() if tasks}
-            aggregates = {group: aggregate_with_intervals([s for _, s in tasks], reps, seed) for group, tasks in per_group.items()}
-            if normalization == "raw return":  # the gap to a score of 1 means nothing for raw returns (DMC)
-                for metrics in aggregates.values():
-                    metrics["optimality gap"] = (math.nan, math.nan, math.nan)
-            all_scores = np.concatenate([s for tasks in per_group.values() for _, s in tasks])
-            high = max(1.0, float(all_scores.max())) if normalization != "raw return" else float(all_scores.max())
-            low = min(0.0, float(all_scores.min()))
-            thresholds = np.linspace(low, high, 101)
-            profiles = {group: performance_profile([s for _, s in tasks], thresholds, reps, seed) for group, tasks in per_group.items()}
-            curves = {group: learning_curve(groups[group], split, curve_points, curve_reps, seed) for group in per_group}
-            partition["splits"][split] = {"aggregates": aggregates, "per_game": per_group, "profiles": (thresholds, profiles), "curves": curves}
-
-            unequal = [group_label(g) for g, tasks in per_group.items() if len({len(s) for _, s in tasks}) > 1]
-            lines += [f"### {split}: aggregates", ""]
-            lines += markdown_table(["group", "runs", "games", "IQM [95% CI]", "median", "mean", "optimality gap"],
-                                    [[group_label(g), sum(len(s) for _, s in per_group[g]), len(per_group[g])]
-                                     + [format_interval(a[m]) for m in ("IQM", "median", "mean", "optimality gap")]
-                                     for g, a in aggregates.items()])
-            if unequal:
-                lines += ["", f"Unequal runs per game in: {'; '.join(unequal)} (IQM and optimality gap then weight games by their runs)."]
-            games = sorted({env for tasks in per_group.values() for env, _ in tasks})
-            lines += ["", f"### {split}: final score per game (mean ± sd over runs, n)", ""]
-            lines += markdown_table(["game"] + [group_label(g) for g in per_group],
-                                    [[game] + [per_game_cell(dict(per_group[g]).get(game)) for g in per_group] for game in games])
-            lines += [""]
-
-            prefix = os.path.join(out, f"{name}_{split}")
-            labels = {group: group_label(group) for group in per_group}
-            plot_aggregates(prefix + "_aggregates.png", f"{name}, {split}: 95% stratified-bootstrap CIs",
-                            {labels[g]: a for g, a in aggregates.items()})
-            plot_performance_profiles(prefix + "_performance_profile.png", f"{name}, {split}", normalization, thresholds,
-                                      {labels[g]: p for g, p in profiles.items()})
-            plot_learning_curves(prefix + "_learning_curves.png", f"{name}, {split}", normalization,
-                                 {labels[g]: c for g, c in curves.items() if c is not None})
-            for key in keys:  # score vs resolution / width / dense scale / any numeric flag
-                if all(isinstance(dict(g)[key], (int, float)) and not isinstance(dict(g)[key], bool) for g in per_group):
-                    series = defaultdict(list)
-                    for group, aggregate in aggregates.items():
-                        rest = tuple(item for item in group if item[0] != key)
-                        series[group_label(rest)].append((dict(group)[key], aggregate["IQM"]))
-                    plot_score_vs(f"{prefix}_score_vs_{key}.png", f"{name}, {split}", normalization, key, series)
-            parameters = {g: [r["parameters"] for r in groups[g] if r["parameters"] is not None] for g in per_group}
-            if len(per_group) > 1 and all(parameters.values()):
-                series = defaultdict(list)
-                for group, aggregate in aggregates.items():  # one line per pool, as in the papers' figures
-                    series[f"pool={dict(group)['pool']}" if "pool" in keys else "runs"].append((float(np.median(parameters[group])), aggregate["IQM"]))
-                plot_score_vs(f"{prefix}_score_vs_parameters.png", f"{name}, {split}", normalization,
-                              "parameters (encoder + bottleneck + head, median over runs)", series, log_x=True)
-        for run in members:
-            for split, final in run["final"].items():
-                csv_rows.append([name, group_label(tuple((k, run["config"].get(k)) for k in keys)), run["env_id"], run["seed"],
-                                 split, final["step"], final["return"], final["score"], normalization, final["source"],
-                                 run["parameters"], run["finished"], run["dir"]])
-    if collected["left_out"]:
-        lines += ["## Runs left out", "", "Skipped, or not scored on every split:", ""]
-        lines += [f"- `{run_dir}`: {why}" for run_dir, why in collected["left_out"]] + [""]
-    if results["warnings"]:
-        lines += ["## Warnings", ""] + [f"- {warning}" for warning in results["warnings"]] + [""]
-    lines += ["Files: " + ", ".join(sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "*.png")))) + ", scores.csv.", ""]
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write("\n".join(lines))
-    with open(os.path.join(out, "scores.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["partition", "group", "env_id", "seed", "split", "step", "return", "score", "normalization",
-                         "source", "parameters", "finished", "run_dir"])
-        writer.writerows(csv_rows)
-    return results
-
-
 def per_game_cell(scores):
     if scores is None:
         return "–"
     return f"{np.mean(scores):.3f} ± {np.std(scores):.3f} ({len(scores)})"
 
 
+def header_lines(collected, root, reps, curve_reps, seed, last_episodes, include_unfinished) -> list:
+    """summary.md's title, what was found and used, and how scores and aggregates are computed."""
+    unfinished, no_score, left_out = collected["unfinished"], collected["no_score"], collected["left_out"]
+    counts = [f"{collected['found']} run folders found; {len(collected['runs'])} used."]
+    if unfinished:
+        counts.append(f"{unfinished} unfinished (no final.pt) " + ("included." if include_unfinished else "left out."))
+    if no_score:
+        counts.append(f"{no_score} without any return logged left out.")
+    if left_out:
+        counts.append(f"{len(left_out)} skipped or not scored completely: see 'Runs left out'.")
+    method = ("Final score of a run = its last evaluation (`eval/.../return`), normalised here from the config "
+              "(Procgen min-max by distribution mode, Atari human-normalised, otherwise the raw return); "
+              "split `iteration` (Rainbow, DER) = its last `charts/iteration_return`, the mean return of the training "
+              "games of the last iteration, which is the score Dopamine and the GAP paper report; "
+              f"a run without evaluation falls back to the mean of its last {last_episodes} training episodes "
+              "(`charts/episodic_return`), marked in scores.csv, only when none of its partition is evaluated: a run is "
+              "scored by its siblings' statistic or left out. Aggregates: IQM and optimality gap (γ = 1) over "
+              "all runs, median and mean over per-game means; 95 % stratified-bootstrap percentile intervals "
+              f"({reps} resamples, seed {seed}). Learning curves: IQM at each step ({curve_reps} resamples).")
+    return [f"# Analysis of `{root}`", "", " ".join(counts), "", method, ""]
+
+
+def partition_lines(name, partition) -> list:
+    """summary.md's section of one partition: its grouping and games, then per split the aggregates
+    table and the final score per game."""
+    games = sorted({run["env_id"] for run in partition["runs"]})
+    lines = [f"## {name} ({partition['normalization']})", "",
+             f"Grouped by: {', '.join(partition['group_keys']) or 'nothing varies'}. Games: {', '.join(games)}.", ""]
+    for split, data in partition["splits"].items():
+        per_group = data["per_game"]
+        lines += [f"### {split}: aggregates", ""]
+        lines += markdown_table(["group", "runs", "games", "IQM [95% CI]", "median", "mean", "optimality gap"],
+                                [[group_label(g), sum(len(s) for _, s in per_group[g]), len(per_group[g])]
+                                 + [format_interval(a[m]) for m in METRICS] for g, a in data["aggregates"].items()])
+        unequal = [group_label(g) for g, tasks in per_group.items() if len({len(s) for _, s in tasks}) > 1]
+        if unequal:
+            lines += ["", f"Unequal runs per game in: {'; '.join(unequal)} "
+                          "(IQM and optimality gap then weight games by their runs)."]
+        split_games = sorted({env for tasks in per_group.values() for env, _ in tasks})
+        lines += ["", f"### {split}: final score per game (mean ± sd over runs, n)", ""]
+        lines += markdown_table(["game"] + [group_label(g) for g in per_group],
+                                [[game] + [per_game_cell(dict(per_group[g]).get(game)) for g in per_group]
+                                 for game in split_games])
+        lines += [""]
+    return lines
+
+
+def plot_split(prefix, title, partition, data):
+    """The PNGs of one split: aggregates, performance profiles, learning curves, and the IQM against
+    every numeric grouping flag and, when every group logged them, against the parameter count."""
+    normalization, keys, aggregates = partition["normalization"], partition["group_keys"], data["aggregates"]
+    thresholds, profiles = data["profiles"]
+    per_group = data["per_game"]
+    labels = {group: group_label(group) for group in per_group}
+    plot_aggregates(prefix + "_aggregates.png", f"{title}: 95% stratified-bootstrap CIs",
+                    {labels[g]: a for g, a in aggregates.items()})
+    plot_performance_profiles(prefix + "_performance_profile.png", title, normalization, thresholds,
+                              {labels[g]: p for g, p in profiles.items()})
+    plot_learning_curves(prefix + "_learning_curves.png", title, normalization,
+                         {labels[g]: c for g, c in data["curves"].items() if c is not None})
+    for key in keys:  # score vs resolution / width / dense scale / any numeric flag
+        if all(isinstance(dict(g)[key], (int, float)) and not isinstance(dict(g)[key], bool) for g in per_group):
+            series = defaultdict(list)
+            for group, aggregate in aggregates.items():
+                rest = tuple(item for item in group if item[0] != key)
+                series[group_label(rest)].append((dict(group)[key], aggregate["IQM"]))
+            plot_score_vs(f"{prefix}_score_vs_{key}.png", title, normalization, key, series)
+    parameters = data["parameters"]
+    if len(per_group) > 1 and all(count is not None for count in parameters.values()):
+        series = defaultdict(list)
+        for group, aggregate in aggregates.items():  # one line per pool, as in the papers' figures
+            series[f"pool={dict(group)['pool']}" if "pool" in keys else "runs"].append((parameters[group], aggregate["IQM"]))
+        plot_score_vs(f"{prefix}_score_vs_parameters.png", title, normalization,
+                      "parameters (encoder + bottleneck + head, median over runs)", series, log_x=True)
+
+
+def score_rows(name, partition) -> list:
+    """scores.csv's rows of one partition: one per run and split scored (CSV_HEADER)."""
+    keys, rows = partition["group_keys"], []
+    for run in partition["runs"]:
+        group = group_label(tuple((k, run["config"].get(k)) for k in keys))
+        for split, final in run["final"].items():
+            rows.append([name, group, run["env_id"], run["seed"], split, final["step"], final["return"], final["score"],
+                         partition["normalization"], final["source"], run["parameters"], run["finished"], run["dir"]])
+    return rows
+
+
+def write_outputs(summary, collected, root, out, reps, curve_reps, seed, last_episodes, include_unfinished):
+    """Write the summary's PNGs, summary.md and scores.csv to `out`."""
+    os.makedirs(out, exist_ok=True)
+    lines = header_lines(collected, root, reps, curve_reps, seed, last_episodes, include_unfinished)
+    rows = []
+    for name, partition in summary["partitions"].items():
+        lines += partition_lines(name, partition)
+        for split, data in partition["splits"].items():
+            plot_split(os.path.join(out, f"{name}_{split}"), f"{name}, {split}", partition, data)
+        rows += score_rows(name, partition)
+    if summary["left_out"]:
+        lines += ["## Runs left out", "", "Skipped, or not scored on every split:", ""]
+        lines += [f"- `{run_dir}`: {why}" for run_dir, why in summary["left_out"]] + [""]
+    if summary["warnings"]:
+        lines += ["## Warnings", ""] + [f"- {warning}" for warning in summary["warnings"]] + [""]
+    pngs = sorted(os.path.basename(path) for path in glob.glob(os.path.join(out, "*.png")))
+    lines += ["Files: " + ", ".join(pngs) + ", scores.csv.", ""]
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(out, "scores.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_HEADER)
+        writer.writerows(rows)
+
+
+def analyze(root, out, reps=50_000, curve_reps=2_000, seed=0, last_episodes=10, include_unfinished=False,
+            group_by=None, curve_points=50, collected=None):
+    """Read every run under `root` (or take `collect_runs`' answer), write the PNGs, summary.md and
+    scores.csv to `out`; return the summary (the numbers the outputs show, see `summarize`)."""
+    collected = collected or collect_runs(root, last_episodes, include_unfinished)
+    summary = summarize(collected, reps, curve_reps, seed, group_by, curve_points)
+    write_outputs(summary, collected, root, out, reps, curve_reps, seed, last_episodes, include_unfinished)
+    return summary
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="folder holding run folders (searched recursively)")
     parser.add_argument("--out", default="analysis", help="output folder for the PNGs, summary.md and scores.csv")
-    parser.add_argument("--reps", type=int, default=50_000, help="bootstrap resamples for aggregates and profiles (rliable: 50,000)")
+    parser.add_argument("--reps", type=int, default=50_000,
+                        help="bootstrap resamples for aggregates and profiles (rliable: 50,000)")
     parser.add_argument("--curve-reps", type=int, default=2_000, help="bootstrap resamples per learning-curve point")
     parser.add_argument("--curve-points", type=int, default=50, help="steps at which learning curves are evaluated")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--last-episodes", type=int, default=10, help="episodes averaged when a run has no evaluation")
     parser.add_argument("--include-unfinished", action="store_true", help="also use runs without final.pt")
-    parser.add_argument("--group-by", default="", help="comma-separated config keys to group by (default: every key that varies)")
+    parser.add_argument("--group-by", default="",
+                        help="comma-separated config keys to group by (default: every key that varies)")
     parser.error = utils.fail  # a wrong or unknown flag: one line, exit 2
     args = parser.parse_args(argv)
     if not os.path.isdir(args.root):

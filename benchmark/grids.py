@@ -6,10 +6,15 @@ union of their combinations). Flags are spelled as on the command line, without 
 A JSON file with the same keys works as well: `python benchmark/sweep.py --grid my_grid.json`.
 """
 
-PROCGEN_GAMES = [
-    "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
-    "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
-]
+import os
+import sys
+
+SCRIPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cleanrl_pool")
+if SCRIPTS_DIR not in sys.path:
+    sys.path.insert(0, SCRIPTS_DIR)
+import utils  # noqa: E402  (the games' score table, shared with the scripts)
+
+PROCGEN_GAMES = sorted(utils.PROCGEN_SCORE_RANGES)  # the 16 games, as ppo_procgen_impoola.py lists them
 GAP_ATARI_GAMES = [  # Sokar & Castro 2025, REFERENCE §7
     "Asterix", "SpaceInvaders", "Breakout", "Pong", "Qbert", "DemonAttack", "Seaquest", "WizardOfWor",
     "RoadRunner", "BeamRider", "Frostbite", "CrazyClimber", "Assault", "Krull", "Boxing", "Jamesbond",

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "cleanrl_pool"))
@@ -224,13 +225,26 @@ def expand_grid(grid, only=None, overrides=None, exp_suffix="", spell_env_id=Non
             named = {f: v for f, v in varied.items() if f not in ("env-id", "seed")}
             named.update({f: v[0] for f, v in overrides.items()})
             run = {"flags": flags, "exp_name": exp_name_of(stem, named, exp_suffix)}
-            folder = f"{flags['env-id']}__{run['exp_name']}__{flags.get('seed', 1)}"
+            folder = run_name(run)
             if folder in seen:
                 utils.fail(f"--grid: runs {seen[folder]} and {len(runs)} are the same run ({folder}): "
                            "a value listed twice, or one game spelled two ways")
             seen[folder] = len(runs)
             runs.append(run)
     return runs
+
+
+def folder_prefix(run, runs_dir: str) -> str:
+    """{runs_dir}/{env_id}__{exp_name}__{seed}__: the run's folders, as utils.run_prefix names them (seed 1 when
+    the grid leaves it to the script's default)."""
+    args = types.SimpleNamespace(runs_dir=runs_dir, env_id=run["flags"]["env-id"], exp_name=run["exp_name"],
+                                 seed=run["flags"].get("seed", 1))
+    return utils.run_prefix(args)
+
+
+def run_name(run) -> str:
+    """{env_id}__{exp_name}__{seed}: the run folder's name without its start time."""
+    return folder_prefix(run, "").removesuffix("__")
 
 
 def command_of(run, script: str, runs_dir: str, python: str):
@@ -246,7 +260,7 @@ def command_of(run, script: str, runs_dir: str, python: str):
 # Which runs are done: final.pt in a folder of the same env id, experiment name and seed
 def run_status(run, runs_dir: str):
     """("finished" | "unfinished" | "new" | "conflict", run folder or None, message)."""
-    prefix = os.path.join(runs_dir, f"{run['flags']['env-id']}__{run['exp_name']}__{run['flags'].get('seed', 1)}__")
+    prefix = folder_prefix(run, runs_dir)
     folders = sorted((d for d in glob.glob(glob.escape(prefix) + "*") if d[len(prefix):].isdigit()), reverse=True)
     for folder in folders:
         if os.path.isfile(os.path.join(folder, "final.pt")):
@@ -269,9 +283,11 @@ def config_differences(run, folder) -> str:
             config = json.load(f)
     except (OSError, json.JSONDecodeError):
         return ""
-    differences = [f"{flag}={config[flag.replace('-', '_')]!r} (grid: {value!r})" for flag, value in run["flags"].items()
-                   if flag.replace("-", "_") in config and config[flag.replace("-", "_")] != value
-                   and str(config[flag.replace("-", "_")]) != str(value)]
+    differences = []
+    for flag, value in run["flags"].items():
+        key = flag.replace("-", "_")
+        if key in config and config[key] != value and str(config[key]) != str(value):
+            differences.append(f"{flag}={config[key]!r} (grid: {value!r})")
     return ", ".join(differences)
 
 
@@ -301,14 +317,15 @@ def run_local(todo, slots, log_dir, poll_seconds=0.2):
                     env.setdefault("OMP_NUM_THREADS", threads)
                     if gpu is not None:
                         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-                    log_path = os.path.join(log_dir, f"{run['flags']['env-id']}__{run['exp_name']}__{run['flags'].get('seed', 1)}.log")
+                    log_path = os.path.join(log_dir, run_name(run) + ".log")
                     with open(log_path, "a") as log:
                         log.write(f"$ {shlex.join(command)}\n")
                         log.flush()
                         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
                     running[slot] = (index, process, log_path)
-                    print(f"[{time.strftime('%H:%M:%S')}] start  {index}: {run['exp_name']} {run['flags']['env-id']} seed "
-                          f"{run['flags'].get('seed', 1)} on {'GPU ' + str(gpu) if gpu is not None else 'CPU'}", flush=True)
+                    where = f"GPU {gpu}" if gpu is not None else "CPU"
+                    print(f"[{time.strftime('%H:%M:%S')}] start  {index}: {run['exp_name']} {run['flags']['env-id']} "
+                          f"seed {run['flags'].get('seed', 1)} on {where}", flush=True)
             for slot, (index, process, log_path) in list(running.items()):
                 if process.poll() is not None:
                     statuses[index] = process.returncode
@@ -368,28 +385,34 @@ def check_sweep_args(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="ready-made grids:\n" + "\n".join(f"  {name}: {g['about']}" for name, g in GRIDS.items()))
+    epilog = "ready-made grids:\n" + "\n".join(f"  {name}: {g['about']}" for name, g in GRIDS.items())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", required=True, help="a ready-made grid name (see below) or a .json file")
-    parser.add_argument("--only", action="append", default=[], help="FLAG=V1,V2: keep only these values of a varied flag (repeatable)")
-    parser.add_argument("--set", action="append", default=[], help="FLAG=VALUE: add or override a fixed flag (repeatable; part of the exp name)")
+    parser.add_argument("--only", action="append", default=[],
+                        help="FLAG=V1,V2: keep only these values of a varied flag (repeatable)")
+    parser.add_argument("--set", action="append", default=[],
+                        help="FLAG=VALUE: add or override a fixed flag (repeatable; part of the exp name)")
     parser.add_argument("--exp-suffix", default="", help="appended to every experiment name (a second sweep of the same grid)")
     parser.add_argument("--runs-dir", default="runs", help="folder of the run folders (passed to every script)")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs the scripts")
-    parser.add_argument("--dry-run", action="store_true", help="print what would run (and write the Slurm script) without running it")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would run (and write the Slurm script) without running it")
     parser.add_argument("--gpus", default=None, help="comma-separated GPU ids to use (default: every GPU torch sees)")
     parser.add_argument("--jobs-per-gpu", type=int, default=1, help="parallel runs per GPU")
     parser.add_argument("--jobs", type=int, default=1, help="parallel runs when there is no GPU")
     parser.add_argument("--slurm", action="store_true", help="write a Slurm job-array script and submit it with sbatch")
     parser.add_argument("--slurm-script", default="", help="where to write it (default: RUNS_DIR/slurm/GRID.sbatch)")
     parser.add_argument("--slurm-max-parallel", type=int, default=64, help="array tasks running at once (%%N)")
-    parser.add_argument("--slurm-max-array", type=int, default=1000, help="tasks per array at most (cluster's MaxArraySize); more runs -> several scripts")
+    parser.add_argument("--slurm-max-array", type=int, default=1000,
+                        help="tasks per array at most (cluster's MaxArraySize); more runs -> several scripts")
     parser.add_argument("--slurm-time", default="24:00:00", help="time limit per run")
     parser.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per run (--gres=gpu:N)")
     parser.add_argument("--slurm-cpus", type=int, default=8, help="CPU cores per run")
     parser.add_argument("--slurm-mem", default="32G", help="memory per run")
     parser.add_argument("--slurm-partition", default="", help="partition (default: the cluster's)")
-    parser.add_argument("--sbatch-line", action="append", default=[], help="extra #SBATCH option, e.g. account=abc (repeatable)")
+    parser.add_argument("--sbatch-line", action="append", default=[],
+                        help="extra #SBATCH option, e.g. account=abc (repeatable)")
     parser.error = utils.fail  # a wrong or unknown flag: one line, exit 2
     args = parser.parse_args(argv)
     check_sweep_args(args)
@@ -456,7 +479,8 @@ def main(argv=None):
     slots = gpu_slots(gpus, args.jobs_per_gpu, args.jobs)
     statuses = run_local(todo, slots, log_dir)
     failed = [index for index, status in statuses.items() if status != 0]
-    print(f"{len(statuses) - len(failed)} runs done, {len(failed)} failed" + (f": {failed} (logs in {log_dir})" if failed else ""))
+    print(f"{len(statuses) - len(failed)} runs done, {len(failed)} failed"
+          + (f": {failed} (logs in {log_dir})" if failed else ""))
     return 1 if failed else 0
 
 

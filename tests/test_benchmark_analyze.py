@@ -61,12 +61,15 @@ def write_procgen_sweep(root):
         for game, scores in games.items():
             for seed, score in enumerate(scores, start=1):
                 train = min(score + 0.25, 1.5)
-                write_run(root, game, seed, {"pool": pool, "distribution_mode": "easy", "exp_name": f"ppo_procgen_impoola-pool_{pool}"}, {
-                    "eval/test_levels/return": [(0, procgen_return(game, 0.0)), (50, procgen_return(game, score / 2)), (100, procgen_return(game, score))],
+                config = {"pool": pool, "distribution_mode": "easy", "exp_name": f"ppo_procgen_impoola-pool_{pool}"}
+                write_run(root, game, seed, config, {
+                    "eval/test_levels/return": [(0, procgen_return(game, 0.0)), (50, procgen_return(game, score / 2)),
+                                                (100, procgen_return(game, score))],
                     "eval/train_levels/return": [(0, procgen_return(game, 0.0)), (100, procgen_return(game, train))],
                     "eval/test_levels/normalized_score": [(100, score)],
                     "charts/episodic_return": [(10, 1.0), (20, 2.0)],
-                    "diag/params/encoder": [(0, 1000.0)], "diag/params/bottleneck": [(0, 4096.0 if pool == "flatten" else 64.0)],
+                    "diag/params/encoder": [(0, 1000.0)],
+                    "diag/params/bottleneck": [(0, 4096.0 if pool == "flatten" else 64.0)],
                     "diag/params/head": [(0, 100.0)],
                 })
 
@@ -98,6 +101,12 @@ def test_iqm_by_hand():
     assert analyze.iqm([8, 1, 7, 2, 6, 3, 5, 4]) == pytest.approx((3 + 4 + 5 + 6) / 4)  # cut 2 each side of 8
     assert analyze.iqm([1, 2, 3, 4, 5, 6, 7, 8, 9, 100]) == pytest.approx((3 + 4 + 5 + 6 + 7 + 8) / 6)  # cut 2 of 10
     assert analyze.iqm([5, 1, 3]) == pytest.approx(3)  # int(3/4) = 0: nothing cut
+
+
+def test_iqm_of_a_table_is_the_iqm_of_each_row():
+    """The bootstrap's form: one resample per row, as in aggregates and learning curves."""
+    rows = [[8, 1, 7, 2, 6, 3, 5, 4], [1, 2, 3, 4, 5, 6, 7, 100], [0.5, 0.5, 0.1, 0.9, 0.3, 0.2, 0.8, 0.4]]
+    np.testing.assert_allclose(analyze.iqm(np.array(rows)), [slow_iqm(row) for row in rows])
 
 
 def test_aggregate_metrics_by_hand():
@@ -154,17 +163,26 @@ def test_performance_profile_is_fraction_of_runs_above_threshold():
 
 
 # Scores of one run
-def test_procgen_score_normalised_from_config_by_mode(tmp_path):
-    run_dir = write_run(str(tmp_path), "bigfish", 1, {"distribution_mode": "hard"}, {"eval/test_levels/return": [(100, 10.0)]})
+def test_procgen_score_normalised_by_the_configs_distribution_mode(tmp_path):
+    run_dir = write_run(str(tmp_path), "bigfish", 1, {"distribution_mode": "hard"},
+                        {"eval/test_levels/return": [(100, 10.0)]})
     run = analyze.load_run(run_dir, 10)
     assert run["final"]["test_levels"]["score"] == pytest.approx((10.0 - 0) / (40 - 0))  # bigfish hard: 0, 40
-    run_dir = write_run(str(tmp_path), "BigfishEasy-v0", 1, {"distribution_mode": "easy"}, {"eval/test_levels/return": [(100, 10.0)]})
+
+
+def test_procgen_game_spelled_as_envpool_does_is_normalised(tmp_path):
+    run_dir = write_run(str(tmp_path), "BigfishEasy-v0", 1, {"distribution_mode": "easy"},
+                        {"eval/test_levels/return": [(100, 10.0)]})
     assert analyze.load_run(run_dir, 10)["final"]["test_levels"]["score"] == pytest.approx((10.0 - 1) / (40 - 1))
 
 
-def test_atari_score_is_human_normalised_and_dmc_stays_raw(tmp_path):
-    atari = write_run(str(tmp_path), "Pong-v5", 1, {"exp_name": "dqn_atari_gap"}, {"eval/return": [(50, -20.7), (100, 14.6)]})
+def test_atari_score_is_human_normalised(tmp_path):
+    atari = write_run(str(tmp_path), "Pong-v5", 1, {"exp_name": "dqn_atari_gap"},
+                      {"eval/return": [(50, -20.7), (100, 14.6)]})
     assert analyze.load_run(atari, 10)["final"]["eval"]["score"] == pytest.approx(1.0)  # Pong: random -20.7, human 14.6
+
+
+def test_dmc_score_stays_the_raw_return(tmp_path):
     dmc = write_run(str(tmp_path), "CheetahRun-v1", 1, {"exp_name": "sac_dmc_gap"}, {"eval/return": [(100, 321.5)]})
     run = analyze.load_run(dmc, 10)
     assert run["normalization"] == "raw return" and run["final"]["eval"]["score"] == pytest.approx(321.5)
@@ -209,7 +227,8 @@ def test_groups_by_flags_that_vary_only(tmp_path):
     for pool in ("flatten", "avg"):
         for width in (1, 2):
             for seed in (1, 2):
-                write_run(str(tmp_path), "Pong-v5", seed, {"pool": pool, "width": width, "exp_name": f"x-{pool}{width}"}, {"eval/return": [(1, 0.0)]})
+                write_run(str(tmp_path), "Pong-v5", seed, {"pool": pool, "width": width, "exp_name": f"x-{pool}{width}"},
+                          {"eval/return": [(1, 0.0)]})
     runs = [analyze.load_run(d, 10) for d in analyze.find_run_dirs(str(tmp_path))]
     keys = analyze.varied_keys(runs)
     assert keys == ["pool", "width"]  # seed, exp_name and run_dir are bookkeeping; resolution is the same everywhere
@@ -239,16 +258,33 @@ def test_analysis_command_succeeds(analysis):
     assert os.path.isfile(os.path.join(out, "summary.md"))
 
 
-def test_summary_shows_hand_computed_aggregates(analysis):
+def test_summary_counts_the_run_folders_found_used_and_left_out(analysis):
     _, out = analysis
     summary = open(os.path.join(out, "summary.md")).read()
     assert "19 run folders found; 18 used. 1 unfinished (no final.pt) left out." in summary
+
+
+def test_summary_shows_hand_computed_aggregates(analysis):
+    _, out = analysis
+    summary = open(os.path.join(out, "summary.md")).read()
     row = next(line for line in summary.splitlines() if line.startswith("| pool=avg | 9 | 3 | 0.520 ["))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert [cell.split(" [")[0] for cell in cells[3:]] == [f"{0.52:.3f}", "0.500", f"{(0.5 + 1.3 / 3 + 2.2 / 3) / 3:.3f}", f"{1 - 4.8 / 9:.3f}"]
+    assert [cell.split(" [")[0] for cell in cells[3:]] == [
+        f"{0.52:.3f}", "0.500", f"{(0.5 + 1.3 / 3 + 2.2 / 3) / 3:.3f}", f"{1 - 4.8 / 9:.3f}"]
     flatten = slow_metrics(list(TEST_SCORES["flatten"].values()))
     assert f"| pool=flatten | 9 | 3 | {flatten['IQM']:.3f} [" in summary
-    assert f"| bigfish | {np.mean([0.2, 0.5, 0.8]):.3f} ± {np.std([0.2, 0.5, 0.8]):.3f} (3) | {np.mean([0.1, 0.1, 0.4]):.3f} ±" in summary
+
+
+def test_summary_shows_the_final_score_per_game_as_mean_sd_and_runs(analysis):
+    _, out = analysis
+    summary = open(os.path.join(out, "summary.md")).read()
+    avg, flatten = [0.2, 0.5, 0.8], [0.1, 0.1, 0.4]
+    assert f"| bigfish | {np.mean(avg):.3f} ± {np.std(avg):.3f} (3) | {np.mean(flatten):.3f} ±" in summary
+
+
+def test_summary_has_a_section_per_split(analysis):
+    _, out = analysis
+    summary = open(os.path.join(out, "summary.md")).read()
     assert "### train_levels: aggregates" in summary and "### test_levels: aggregates" in summary
 
 
@@ -256,8 +292,15 @@ def test_scores_csv_has_every_finished_run_and_split(analysis):
     _, out = analysis
     rows = list(csv.DictReader(open(os.path.join(out, "scores.csv"))))
     assert len(rows) == 18 * 2
-    row = next(r for r in rows if r["env_id"] == "starpilot" and r["seed"] == "3" and r["split"] == "test_levels" and "avg" in r["group"])
-    assert float(row["score"]) == pytest.approx(0.9, abs=1e-5) and float(row["return"]) == pytest.approx(2.5 + 0.9 * 61.5, rel=1e-6)
+
+
+def test_scores_csv_row_holds_the_score_return_source_and_parameters(analysis):
+    _, out = analysis
+    rows = list(csv.DictReader(open(os.path.join(out, "scores.csv"))))
+    row = next(r for r in rows if r["env_id"] == "starpilot" and r["seed"] == "3" and r["split"] == "test_levels"
+               and "avg" in r["group"])
+    assert float(row["score"]) == pytest.approx(0.9, abs=1e-5)
+    assert float(row["return"]) == pytest.approx(2.5 + 0.9 * 61.5, rel=1e-6)
     assert row["source"] == "last eval/test_levels/return" and float(row["parameters"]) == 1164
 
 
@@ -267,6 +310,18 @@ def test_plots_are_written_as_png(analysis):
         for kind in ("aggregates", "performance_profile", "learning_curves", "score_vs_parameters"):
             with Image.open(os.path.join(out, f"ppo_procgen_impoola_{split}_{kind}.png")) as image:
                 assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_summary_is_computed_without_writing_and_is_what_analyze_returns(tmp_path):
+    write_pong_seeds(str(tmp_path / "runs"), (1, 2, 3), [(300, 0.0), (600, 14.6)])
+    collected = analyze.collect_runs(str(tmp_path / "runs"))
+    summary = analyze.summarize(collected, reps=50, curve_reps=10)
+    assert os.listdir(tmp_path) == ["runs"]
+    eval_split = summary["partitions"]["dqn_atari_gap"]["splits"]["eval"]
+    assert eval_split["aggregates"][()]["mean"] == (pytest.approx(1.0),) * 3  # Pong 14.6 = the human score
+    results = analyze.analyze(str(tmp_path / "runs"), str(tmp_path / "out"), reps=50, curve_reps=10, collected=collected)
+    assert results["partitions"]["dqn_atari_gap"]["splits"]["eval"]["aggregates"] == eval_split["aggregates"]
+    assert sorted(os.listdir(tmp_path / "out"))[-2:] == ["scores.csv", "summary.md"]
 
 
 def test_learning_curve_is_iqm_over_runs_at_each_step():
@@ -308,8 +363,8 @@ def test_learning_curve_interpolates_runs_evaluated_at_different_steps():
 def test_score_vs_plot_for_each_numeric_flag_that_varies(tmp_path):
     for pool in ("flatten", "avg"):
         for resolution in (48, 96):
-            write_run(str(tmp_path / "runs"), "bigfish", 1, {"pool": pool, "resolution": resolution, "distribution_mode": "easy",
-                                                           "exp_name": f"p-{pool}{resolution}"}, {"eval/test_levels/return": [(1, 20.5)]})
+            config = {"pool": pool, "resolution": resolution, "distribution_mode": "easy", "exp_name": f"p-{pool}{resolution}"}
+            write_run(str(tmp_path / "runs"), "bigfish", 1, config, {"eval/test_levels/return": [(1, 20.5)]})
     analyze.analyze(str(tmp_path / "runs"), str(tmp_path / "out"), reps=50, curve_reps=10)
     written = sorted(name for name in os.listdir(tmp_path / "out") if "score_vs" in name)
     assert written == ["p_test_levels_score_vs_resolution.png"]  # pool is not numeric; no params logged here
@@ -348,8 +403,8 @@ def test_runs_with_and_without_a_later_flag_share_one_partition(tmp_path):
 
 def test_unknown_group_by_key_is_refused_with_one_line(tmp_path):
     write_run(str(tmp_path), "Pong", 1, {}, {"eval/return": [(1, 0.0)]})
-    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmark", "analyze.py"), str(tmp_path), "--group-by", "poool"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmark", "analyze.py"), str(tmp_path),
+                             "--group-by", "poool"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--group-by 'poool'" in result.stderr
 
 
@@ -357,8 +412,8 @@ def test_a_flag_resolved_per_game_is_not_a_group(tmp_path):
     """SAC resolves --action-repeat 0 to DrQ's per-task value: it differs between games, never within one."""
     for env_id, action_repeat in (("cartpole-swingup", 8), ("reacher-easy", 4)):
         for pool in ("flatten", "avg"):
-            write_run(str(tmp_path), env_id, 1, {"exp_name": f"sac_dmc_gap-pool_{pool}", "pool": pool, "action_repeat": action_repeat},
-                      {"eval/return": [(1, 100.0 if pool == "avg" else 50.0)]})
+            config = {"exp_name": f"sac_dmc_gap-pool_{pool}", "pool": pool, "action_repeat": action_repeat}
+            write_run(str(tmp_path), env_id, 1, config, {"eval/return": [(1, 100.0 if pool == "avg" else 50.0)]})
     results = analyze.analyze(str(tmp_path), str(tmp_path / "out"), reps=50, curve_reps=10)
     partition = results["partitions"]["sac_dmc_gap"]
     assert partition["group_keys"] == ["pool"]
@@ -367,30 +422,54 @@ def test_a_flag_resolved_per_game_is_not_a_group(tmp_path):
         (("pool", "avg"),): [[100.0], [100.0]], (("pool", "flatten"),): [[50.0], [50.0]]}
 
 
-def test_an_atari_game_without_human_scores_is_warned_about(tmp_path):
+def analyze_tennis_and_cheetah(tmp_path):
+    """An Atari game missing from utils.ATARI_RANDOM_HUMAN beside a DMC task (raw returns, no warning)."""
     write_run(str(tmp_path), "Tennis", 1, {"exp_name": "dqn_atari_gap", "frame_skip": 4}, {"eval/return": [(1, -5.0)]})
-    write_run(str(tmp_path), "cheetah-run", 1, {"exp_name": "sac_dmc_gap", "action_repeat": 4}, {"eval/return": [(1, 300.0)]})
-    results = analyze.analyze(str(tmp_path), str(tmp_path / "out"), reps=50, curve_reps=10)
+    write_run(str(tmp_path), "cheetah-run", 1, {"exp_name": "sac_dmc_gap", "action_repeat": 4},
+              {"eval/return": [(1, 300.0)]})
+    return analyze.analyze(str(tmp_path), str(tmp_path / "out"), reps=50, curve_reps=10)
+
+
+def test_an_atari_game_without_human_scores_is_scored_on_raw_returns(tmp_path):
+    results = analyze_tennis_and_cheetah(tmp_path)
     assert results["partitions"]["dqn_atari_gap"]["normalization"] == "raw return"
+
+
+def test_an_atari_game_without_human_scores_is_warned_about(tmp_path):
+    results = analyze_tennis_and_cheetah(tmp_path)
     assert len(results["warnings"]) == 1 and "no random/human scores for 'Tennis'" in results["warnings"][0]
     assert "## Warnings" in open(tmp_path / "out" / "summary.md").read()
 
 
-def test_rainbow_iteration_return_is_reported_as_its_own_split(tmp_path):
+def write_rainbow_run(tmp_path):
+    return write_run(str(tmp_path), "Pong", 1, {"exp_name": "rainbow_atari_gap", "iteration_steps": 250_000},
+                     {"eval/return": [(500_000, 14.6)],
+                      "charts/iteration_return": [(250_000, -20.7), (500_000, -3.05)]})
+
+
+def test_rainbow_iteration_return_is_scored_as_its_own_split(tmp_path):
     """Dopamine's statistic: the last iteration's mean training return, human-normalised like the evaluation."""
-    run_dir = write_run(str(tmp_path), "Pong", 1, {"exp_name": "rainbow_atari_gap", "iteration_steps": 250_000},
-                        {"eval/return": [(500_000, 14.6)], "charts/iteration_return": [(250_000, -20.7), (500_000, -3.05)]})
-    run = analyze.load_run(run_dir, 10)
+    run = analyze.load_run(write_rainbow_run(tmp_path), 10)
     assert run["final"]["eval"]["score"] == pytest.approx(1.0)
     iteration = run["final"]["iteration"]
     assert iteration["step"] == 500_000 and iteration["return"] == pytest.approx(-3.05)
     assert iteration["score"] == pytest.approx(0.5) and iteration["source"] == "last charts/iteration_return"
     assert run["warnings"] == []
+
+
+def test_summary_has_the_iteration_split_beside_the_evaluation(tmp_path):
+    write_rainbow_run(tmp_path)
     out = tmp_path / "analysis"
     analyze.analyze(str(tmp_path), str(out), reps=200, curve_reps=50)
     summary = (out / "summary.md").read_text()
     assert "### iteration: aggregates" in summary and "### eval: aggregates" in summary
-    assert "iteration_steps" not in summary.split("Grouped by:")[1].split("\n")[0]
+
+
+def test_iteration_steps_is_not_a_grouping_flag(tmp_path):
+    write_rainbow_run(tmp_path)
+    out = tmp_path / "analysis"
+    analyze.analyze(str(tmp_path), str(out), reps=200, curve_reps=50)
+    assert "iteration_steps" not in (out / "summary.md").read_text().split("Grouped by:")[1].split("\n")[0]
 
 
 # Runs skipped or not scored completely: reported, never re-scored from another statistic
@@ -492,19 +571,23 @@ def test_bad_config_json_is_reported_without_a_traceback(tmp_path, capsys, text)
     good, bad = write_pong_seeds(str(tmp_path), (1, 2), [(600, 14.6)])
     with open(os.path.join(bad, "config.json"), "w") as f:
         f.write(text)
-    status, out, err = run_main(capsys, str(tmp_path), "--out", str(tmp_path / "out"), "--reps", "50", "--curve-reps", "10",
-                                "--group-by", "pool")
+    status, out, err = run_main(capsys, str(tmp_path), "--out", str(tmp_path / "out"), "--reps", "50",
+                                "--curve-reps", "10", "--group-by", "pool")
     assert status == 0 and "Traceback" not in err
     assert f"left out: {bad}: config.json is not" in err
     assert f"`{bad}`: config.json is not" in (tmp_path / "out" / "summary.md").read_text()
 
 
-def test_each_left_out_run_is_listed_in_the_summary_and_on_stderr(analysis):
-    result, out = analysis
+def test_each_left_out_run_is_listed_in_the_summary(analysis):
+    _, out = analysis
     summary = open(os.path.join(out, "summary.md")).read()
     line = next(line for line in summary.splitlines() if "bigfish__ppo_procgen_impoola-pool_avg__9__" in line)
     assert line.startswith("- `") and line.endswith("unfinished (no final.pt); --include-unfinished uses it")
     assert "1 skipped or not scored completely: see 'Runs left out'." in summary
+
+
+def test_each_left_out_run_is_reported_on_stderr(analysis):
+    result, _ = analysis
     assert result.stderr.count("left out: ") == 1
 
 
@@ -535,12 +618,13 @@ def test_bad_flag_is_refused_with_one_line_before_reading_runs(tmp_path, capsys,
     assert status == 2 and err.count("\n") == 1 and named in err
 
 
-def test_out_that_is_a_file_or_empty_is_refused_with_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("out", ["taken", "taken/below", ""], ids=["a file", "below a file", "empty"])
+def test_out_that_is_a_file_or_empty_is_refused_with_one_line(tmp_path, capsys, out):
     write_pong_seeds(str(tmp_path / "runs"), (1,), [(600, 14.6)])
     (tmp_path / "taken").write_text("")
-    for out in (tmp_path / "taken", tmp_path / "taken" / "below", ""):
-        status, _, err = run_main(capsys, str(tmp_path / "runs"), "--out", str(out))
-        assert status == 2 and err.count("\n") == 1 and f"--out {str(out)!r}" in err
+    out = str(tmp_path / out) if out else ""
+    status, _, err = run_main(capsys, str(tmp_path / "runs"), "--out", out)
+    assert status == 2 and err.count("\n") == 1 and f"--out {out!r}" in err
 
 
 def test_root_that_is_a_file_is_refused_with_one_line(tmp_path, capsys):

@@ -2,7 +2,9 @@
 (skip finished, resume unfinished, GPU slots) with a stand-in script that keeps the run-folder
 contract, and the Slurm job array (--slurm --dry-run, checked with bash -n and by content)."""
 import collections
+import contextlib
 import glob
+import io
 import json
 import os
 import subprocess
@@ -32,6 +34,7 @@ class Args:
     exp_name: str = "fake"
     runs_dir: str = "runs"
     resume: str = ""
+    track: bool = False
     pool: str = "flatten"
     width: int = 1
     total_timesteps: int = 30
@@ -80,9 +83,14 @@ def run_folders(runs_dir):
 def test_procgen_hd_grid_is_16_games_5_seeds_2_pools_5_resolutions_3_widths():
     runs = sweep.expand_grid(GRIDS["procgen_hd"])
     assert len(runs) == 16 * 5 * 2 * 5 * 3
-    assert {r["flags"]["resolution"] for r in runs} == {48, 64, 80, 96, 112} and {r["flags"]["width"] for r in runs} == {2, 3, 4}
+    assert {r["flags"]["resolution"] for r in runs} == {48, 64, 80, 96, 112}
+    assert {r["flags"]["width"] for r in runs} == {2, 3, 4}
     assert {r["flags"]["env-id"] for r in runs} == set(utils.PROCGEN_SCORE_RANGES)
-    assert len({(r["flags"]["env-id"], r["exp_name"], r["flags"]["seed"]) for r in runs}) == len(runs)  # one folder each
+
+
+def test_procgen_hd_grid_gives_every_run_its_own_folder():
+    runs = sweep.expand_grid(GRIDS["procgen_hd"])
+    assert len({(r["flags"]["env-id"], r["exp_name"], r["flags"]["seed"]) for r in runs}) == len(runs)
 
 
 def test_impoola_width_grid_is_impala_widths_1_to_3_and_impoola_1_to_4():
@@ -92,61 +100,113 @@ def test_impoola_width_grid_is_impala_widths_1_to_3_and_impoola_1_to_4():
                         [("flatten", 1), ("flatten", 2), ("flatten", 3), ("avg", 1), ("avg", 2), ("avg", 3), ("avg", 4)]}
 
 
-def test_gap_atari_grid_is_the_papers_20_games_by_pool_and_dense_scale():
-    runs = sweep.expand_grid(GRIDS["gap_atari"])
-    games = {r["flags"]["env-id"] for r in runs}
+def test_gap_atari_grid_is_the_papers_20_games():
+    games = {r["flags"]["env-id"] for r in sweep.expand_grid(GRIDS["gap_atari"])}
     assert games == {"Asterix", "SpaceInvaders", "Breakout", "Pong", "Qbert", "DemonAttack", "Seaquest", "WizardOfWor",
                      "RoadRunner", "BeamRider", "Frostbite", "CrazyClimber", "Assault", "Krull", "Boxing", "Jamesbond",
                      "Kangaroo", "UpNDown", "Gopher", "Hero"}  # REFERENCE §7
+
+
+def test_gap_atari_games_all_have_human_normalisation_scores():
+    games = {r["flags"]["env-id"] for r in sweep.expand_grid(GRIDS["gap_atari"])}
     assert games <= set(utils.ATARI_RANDOM_HUMAN)
+
+
+def test_gap_atari_grid_is_games_by_seeds_by_pool_by_dense_scale():
+    runs = sweep.expand_grid(GRIDS["gap_atari"])
     assert len(runs) == 20 * 5 * 2 * 4 and {r["flags"]["dense-scale"] for r in runs} == {1, 2, 4, 8}
 
 
 # Experiment names
-def test_exp_name_encodes_varied_flags_and_overrides_but_not_filters():
+def test_exp_name_encodes_varied_flags_but_not_filters():
     grid = GRIDS["procgen_hd"]
     all_names = {r["exp_name"] for r in sweep.expand_grid(grid)}
     filtered = sweep.expand_grid(grid, only={"env-id": ["bigfish"], "pool": ["avg"], "resolution": [96], "width": [3]})
     assert {r["exp_name"] for r in filtered} == {"ppo_procgen_impoola-pool_avg-resolution_96-width_3"} <= all_names
     assert len(filtered) == 5  # the five seeds
-    tiny = sweep.expand_grid(grid, only={"pool": ["avg"], "resolution": [96], "width": [3]}, overrides={"total-timesteps": [64]})
+
+
+def test_exp_name_encodes_set_overrides_and_the_run_gets_them():
+    tiny = sweep.expand_grid(GRIDS["procgen_hd"], only={"pool": ["avg"], "resolution": [96], "width": [3]},
+                             overrides={"total-timesteps": [64]})
     assert tiny[0]["exp_name"] == "ppo_procgen_impoola-pool_avg-resolution_96-width_3-total_timesteps_64"
     assert tiny[0]["flags"]["total-timesteps"] == 64
 
 
 def test_command_passes_every_flag_exp_name_runs_dir_and_resume_auto():
-    run = {"flags": {"env-id": "Pong", "seed": 2, "pool": "avg", "noisy": True, "dueling": False}, "exp_name": "x-pool_avg"}
+    run = {"flags": {"env-id": "Pong", "seed": 2, "pool": "avg", "noisy": True, "dueling": False},
+           "exp_name": "x-pool_avg"}
     command = sweep.command_of(run, "/s.py", "/runs", "python")
     assert command == ["python", "/s.py", "--env-id", "Pong", "--seed", "2", "--pool", "avg", "--noisy", "--no-dueling",
                        "--exp-name", "x-pool_avg", "--runs-dir", "/runs", "--resume", "auto"]
 
 
-def test_gpu_slots_are_jobs_per_gpu_or_cpu_jobs():
+def test_gpu_slots_are_each_gpu_jobs_per_gpu_times():
     assert sweep.gpu_slots([0, 1], 2, 5) == [0, 0, 1, 1]
+
+
+def test_gpu_slots_without_a_gpu_are_the_cpu_jobs():
     assert sweep.gpu_slots([], 2, 3) == [None, None, None]
 
 
 # Local queue, end to end with the stand-in script
-def test_local_sweep_skips_finished_and_resumes_crashed_runs(tmp_path, capsys, monkeypatch):
+def sweep_quietly(*flags):
+    """sweep.main in this process with its stdout and stderr captured (for a module fixture, where
+    capsys cannot go): (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = sweep.main(list(flags))
+        except SystemExit as exit_:
+            status = exit_.code
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def crash_then_rerun(tmp_path_factory):
+    """One grid swept three times: seed 2 crashing after its first checkpoint, then again without the
+    crash (seed 1 finished, seed 2 to resume), then once more (both finished). Each sweep's answer,
+    and the run folders as each sweep left them."""
+    tmp_path = tmp_path_factory.mktemp("crash_then_rerun")
     grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1, 2], "pool": ["avg"]})
     runs_dir = str(tmp_path / "runs")
-    monkeypatch.setenv("FAKE_CRASH_SEED", "2")
-    status, out, err = run_sweep(capsys, "--grid", grid, "--runs-dir", runs_dir, "--jobs", "2")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("FAKE_CRASH_SEED", "2")
+        crashed = sweep_quietly("--grid", grid, "--runs-dir", runs_dir, "--jobs", "2")
+    after_crash = run_folders(runs_dir)
+    finished_after_crash = [os.path.isfile(os.path.join(f, "final.pt")) for f in after_crash]
+    resumed = sweep_quietly("--grid", grid, "--runs-dir", runs_dir, "--jobs", "2")
+    after_resume = run_folders(runs_dir)
+    return {
+        "crashed": crashed, "after_crash": after_crash, "finished_after_crash": finished_after_crash,
+        "resumed": resumed, "after_resume": after_resume,
+        "finished_after_resume": [os.path.isfile(os.path.join(f, "final.pt")) for f in after_resume],
+        "started_at": [open(os.path.join(f, "started_at.txt")).read().split() for f in after_resume],
+        "seed_2_log": open(glob.glob(os.path.join(runs_dir, "sweep_logs", "Pong__*__2.log"))[0]).read(),
+        "again": sweep_quietly("--grid", grid, "--runs-dir", runs_dir),
+    }
+
+
+def test_a_crashed_run_fails_the_sweep_and_keeps_its_folder(crash_then_rerun):
+    status, out, err = crash_then_rerun["crashed"]
     assert status == 1 and "1 runs done, 1 failed" in out, out + err
-    folders = run_folders(runs_dir)
-    assert [os.path.isfile(os.path.join(f, "final.pt")) for f in folders] == [True, False]  # seed 1 finished, seed 2 crashed
-    assert [os.path.basename(f).split("__")[:3] for f in folders] == [["Pong", "fake_script-pool_avg", "1"], ["Pong", "fake_script-pool_avg", "2"]]
+    assert crash_then_rerun["finished_after_crash"] == [True, False]  # seed 1 finished, seed 2 crashed
+    assert [os.path.basename(f).split("__")[:3] for f in crash_then_rerun["after_crash"]] == [
+        ["Pong", "fake_script-pool_avg", "1"], ["Pong", "fake_script-pool_avg", "2"]]
 
-    monkeypatch.delenv("FAKE_CRASH_SEED")
-    status, out, err = run_sweep(capsys, "--grid", grid, "--runs-dir", runs_dir, "--jobs", "2")
+
+def test_rerun_resumes_the_crashed_run_in_its_folder_from_its_checkpoint(crash_then_rerun):
+    status, out, err = crash_then_rerun["resumed"]
     assert status == 0 and "2 runs; 1 finished (skipped), 1 to resume, 0 new" in out, out + err
-    assert run_folders(runs_dir) == folders  # resumed in the same folder
-    assert all(os.path.isfile(os.path.join(f, "final.pt")) for f in folders)
-    assert open(os.path.join(folders[0], "started_at.txt")).read().split() == ["0"]  # not run again
-    assert open(os.path.join(folders[1], "started_at.txt")).read().split() == ["0", "10"]  # continued from step 10
-    assert "--resume auto" in open(glob.glob(os.path.join(runs_dir, "sweep_logs", "Pong__*__2.log"))[0]).read()
+    assert crash_then_rerun["after_resume"] == crash_then_rerun["after_crash"]  # resumed in the same folder
+    assert all(crash_then_rerun["finished_after_resume"])
+    assert crash_then_rerun["started_at"][1] == ["0", "10"]  # continued from step 10
+    assert "--resume auto" in crash_then_rerun["seed_2_log"]
 
-    status, out, err = run_sweep(capsys, "--grid", grid, "--runs-dir", runs_dir)
+
+def test_rerun_skips_a_finished_run_without_starting_it(crash_then_rerun):
+    assert crash_then_rerun["started_at"][0] == ["0"]  # not run again by the second sweep
+    status, out, err = crash_then_rerun["again"]
     assert status == 0 and "2 runs; 2 finished (skipped), 0 to resume, 0 new" in out and "0 runs done" in out
 
 
@@ -159,51 +219,87 @@ def test_local_sweep_gives_each_gpu_slot_its_device(tmp_path, capsys):
     assert sorted(devices) == ["0", "1"] and "on GPU 1" in out
 
 
-def test_finished_folder_with_other_flags_is_a_conflict_not_a_skip(tmp_path):
-    run = {"flags": {"env-id": "Pong", "seed": 1, "total-timesteps": 30}, "exp_name": "fake"}
+def write_run_folder(tmp_path, config, checkpoint=False, final=False):
+    """A run folder Pong__fake__1__123 with this config.json, a checkpoint and/or final.pt."""
     folder = tmp_path / "Pong__fake__1__123"
-    folder.mkdir()
-    (folder / "final.pt").write_bytes(b"")
-    (folder / "config.json").write_text(json.dumps({"env_id": "Pong", "seed": 1, "total_timesteps": 1000}))
-    status, found, message = sweep.run_status(run, str(tmp_path))
-    assert status == "conflict" and found == str(folder) and "total-timesteps=1000" in message
-    (folder / "config.json").write_text(json.dumps({"env_id": "Pong", "seed": 1, "total_timesteps": 30}))
-    assert sweep.run_status(run, str(tmp_path))[0] == "finished"
-    assert sweep.run_status(dict(run, flags=dict(run["flags"], seed=11)), str(tmp_path))[0] == "new"  # seed 1 is not seed 11
+    (folder / "checkpoints").mkdir(parents=True)
+    if checkpoint:
+        (folder / "checkpoints" / "step_000000000010.pt").write_bytes(b"")
+    if final:
+        (folder / "final.pt").write_bytes(b"")
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+FINISHED_RUN = {"flags": {"env-id": "Pong", "seed": 1, "total-timesteps": 30}, "exp_name": "fake"}
+UNFINISHED_RUN = {"flags": {"env-id": "Pong", "seed": 1, "learning-rate": 1e-4}, "exp_name": "fake"}
+
+
+def test_finished_folder_with_other_flags_is_a_conflict_not_a_skip(tmp_path):
+    folder = write_run_folder(tmp_path, {"env_id": "Pong", "seed": 1, "total_timesteps": 1000}, final=True)
+    status, found, message = sweep.run_status(FINISHED_RUN, str(tmp_path))
+    assert status == "conflict" and found == folder and "total-timesteps=1000" in message
+
+
+def test_finished_folder_with_the_same_flags_is_skipped(tmp_path):
+    write_run_folder(tmp_path, {"env_id": "Pong", "seed": 1, "total_timesteps": 30}, final=True)
+    assert sweep.run_status(FINISHED_RUN, str(tmp_path))[0] == "finished"
+
+
+def test_folder_of_seed_1_is_not_taken_for_seed_11(tmp_path):
+    write_run_folder(tmp_path, {"env_id": "Pong", "seed": 1, "total_timesteps": 30}, final=True)
+    seed_11 = dict(FINISHED_RUN, flags=dict(FINISHED_RUN["flags"], seed=11))
+    assert sweep.run_status(seed_11, str(tmp_path))[0] == "new"  # seed 1 is not seed 11
 
 
 def test_unfinished_folder_with_other_flags_is_a_conflict_not_a_resume(tmp_path):
-    run = {"flags": {"env-id": "Pong", "seed": 1, "learning-rate": 1e-4}, "exp_name": "fake"}
-    folder = tmp_path / "Pong__fake__1__123"
-    (folder / "checkpoints").mkdir(parents=True)
-    (folder / "checkpoints" / "step_000000000010.pt").write_bytes(b"")
-    (folder / "config.json").write_text(json.dumps({"env_id": "Pong", "seed": 1, "learning_rate": 3e-4}))
-    status, found, message = sweep.run_status(run, str(tmp_path))
-    assert status == "conflict" and found == str(folder) and "learning-rate=0.0003" in message
-    (folder / "config.json").write_text(json.dumps({"env_id": "Pong", "seed": 1, "learning_rate": 1e-4}))
-    assert sweep.run_status(run, str(tmp_path))[:2] == ("unfinished", str(folder))
+    folder = write_run_folder(tmp_path, {"env_id": "Pong", "seed": 1, "learning_rate": 3e-4}, checkpoint=True)
+    status, found, message = sweep.run_status(UNFINISHED_RUN, str(tmp_path))
+    assert status == "conflict" and found == folder and "learning-rate=0.0003" in message
+
+
+def test_unfinished_folder_with_the_same_flags_is_resumed(tmp_path):
+    folder = write_run_folder(tmp_path, {"env_id": "Pong", "seed": 1, "learning_rate": 1e-4}, checkpoint=True)
+    assert sweep.run_status(UNFINISHED_RUN, str(tmp_path))[:2] == ("unfinished", folder)
 
 
 # Slurm job array
-def test_slurm_dry_run_writes_a_valid_array_script_without_submitting(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def slurm_dry_run(tmp_path, capsys, monkeypatch):
+    """--slurm --dry-run of 8 runs, one of them finished, with no sbatch on PATH: (exit status, stdout,
+    stderr, the script's path, its text, the runs folder)."""
     grid = write_fake_grid(tmp_path, {"env-id": ["Pong", "Breakout"], "seed": [1, 2], "pool": ["flatten", "avg"]})
     runs_dir = tmp_path / "runs"
     finished = runs_dir / "Pong__fake_script-pool_avg__2__100"
     finished.mkdir(parents=True)
     (finished / "final.pt").write_bytes(b"")
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere: --dry-run must not call it
-    status, out, err = run_sweep(capsys, "--grid", grid, "--runs-dir", str(runs_dir), "--slurm", "--dry-run", "--slurm-max-parallel",
-                                 "3", "--slurm-time", "2:00:00", "--slurm-partition", "gpu", "--sbatch-line", "account=abc")
-    assert status == 0, err
+    status, out, err = run_sweep(capsys, "--grid", grid, "--runs-dir", str(runs_dir), "--slurm", "--dry-run",
+                                 "--slurm-max-parallel", "3", "--slurm-time", "2:00:00", "--slurm-partition", "gpu",
+                                 "--sbatch-line", "account=abc")
     monkeypatch.undo()
     path = runs_dir / "slurm" / "fake_grid.sbatch"
-    text = path.read_text()
+    return status, out, err, path, path.read_text() if path.is_file() else "", runs_dir
+
+
+def test_slurm_dry_run_writes_a_valid_script_and_prints_it_without_submitting(slurm_dry_run):
+    status, out, err, path, text, _ = slurm_dry_run
+    assert status == 0, err
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     assert "not submitted: --dry-run" in out and text in out
+
+
+def test_slurm_script_has_the_array_and_the_sbatch_options_asked_for(slurm_dry_run):
+    _, _, _, _, text, runs_dir = slurm_dry_run
     for line in ["#SBATCH --array=0-6%3", "#SBATCH --gres=gpu:1", "#SBATCH --time=2:00:00", "#SBATCH --partition=gpu",
-                 "#SBATCH --account=abc", f"#SBATCH --output={runs_dir}/sweep_logs/%x_%A_%a.out", 'case "$SLURM_ARRAY_TASK_ID" in',
+                 "#SBATCH --account=abc", f"#SBATCH --output={runs_dir}/sweep_logs/%x_%A_%a.out",
+                 'case "$SLURM_ARRAY_TASK_ID" in',
                  'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"  # torch takes every core of the node otherwise']:
         assert line in text.splitlines()
+
+
+def test_slurm_script_has_one_resuming_task_per_run_not_finished(slurm_dry_run):
+    _, _, _, _, text, runs_dir = slurm_dry_run
     tasks = [line for line in text.splitlines() if line.startswith("  ") and ") exec " in line]
     assert [t.split(")")[0].strip() for t in tasks] == [str(i) for i in range(7)]  # 8 runs, 1 finished
     assert all("--resume auto" in t and f"--runs-dir {runs_dir}" in t for t in tasks)
@@ -232,11 +328,16 @@ def test_only_on_a_flag_the_grid_does_not_vary_is_refused(tmp_path, capsys):
     assert status == 2 and err.count("\n") == 1 and "does not vary it" in err
 
 
-def test_grid_without_env_id_or_with_a_scalar_axis_is_refused(tmp_path, capsys):
-    for vary, message in [({"seed": [1]}, "needs an env-id"), ({"env-id": "Pong"}, "must be a non-empty list")]:
-        grid = write_fake_grid(tmp_path, vary)
-        status, out, err = run_sweep(capsys, "--grid", grid, "--dry-run")
-        assert status == 2 and err.count("\n") == 1 and message in err
+def test_grid_without_env_id_is_refused(tmp_path, capsys):
+    grid = write_fake_grid(tmp_path, {"seed": [1]})
+    status, out, err = run_sweep(capsys, "--grid", grid, "--dry-run")
+    assert status == 2 and err.count("\n") == 1 and "needs an env-id" in err
+
+
+def test_grid_with_a_scalar_axis_is_refused(tmp_path, capsys):
+    grid = write_fake_grid(tmp_path, {"env-id": "Pong"})
+    status, out, err = run_sweep(capsys, "--grid", grid, "--dry-run")
+    assert status == 2 and err.count("\n") == 1 and "must be a non-empty list" in err
 
 
 @pytest.mark.parametrize("grid_name", sorted(GRIDS))
@@ -339,12 +440,21 @@ def test_bad_sweep_flag_is_refused_with_one_line(tmp_path, capsys, no_launch, fl
     assert_refused(capsys, named, "--grid", grid, "--runs-dir", str(tmp_path / "runs"), *flags)
 
 
-def test_runs_dir_or_slurm_script_of_the_wrong_kind_is_refused(tmp_path, capsys, no_launch):
+@pytest.mark.parametrize("runs_dir", ["file", "file/runs"], ids=["a file", "below a file"])
+def test_runs_dir_that_cannot_be_a_folder_is_refused(tmp_path, capsys, no_launch, runs_dir):
     grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1]})
     (tmp_path / "file").write_text("")
-    assert_refused(capsys, "--runs-dir", "--grid", grid, "--runs-dir", str(tmp_path / "file"))
-    assert_refused(capsys, "--runs-dir", "--grid", grid, "--runs-dir", str(tmp_path / "file" / "runs"))
+    assert_refused(capsys, "--runs-dir", "--grid", grid, "--runs-dir", str(tmp_path / runs_dir))
+
+
+def test_slurm_script_that_is_a_folder_is_refused(tmp_path, capsys, no_launch):
+    grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1]})
     assert_refused(capsys, "--slurm-script", "--grid", grid, "--slurm", "--slurm-script", str(tmp_path))
+
+
+def test_slurm_script_below_a_file_is_refused(tmp_path, capsys, no_launch):
+    grid = write_fake_grid(tmp_path, {"env-id": ["Pong"], "seed": [1]})
+    (tmp_path / "file").write_text("")
     assert_refused(capsys, "--slurm-script", "--grid", grid, "--slurm", "--dry-run", "--runs-dir", str(tmp_path / "runs"),
                    "--slurm-script", str(tmp_path / "file" / "x.sbatch"))
 
