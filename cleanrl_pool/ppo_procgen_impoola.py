@@ -10,11 +10,9 @@ Usage: python cleanrl_pool/ppo_procgen_impoola.py --env-id bigfish --resolution 
 """
 
 import copy
-import math
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -28,7 +26,7 @@ from torch.distributions.categorical import Categorical
 import utils
 
 SCRIPT = os.path.basename(__file__)
-PROCGEN_GAMES = sorted(utils.PROCGEN_SCORE_RANGES)
+ARCHITECTURE_FLAGS = ("env_id", "pool", "width", "dense_scale", "resolution", "num_envs", "distribution_mode")
 
 
 # Args
@@ -37,28 +35,43 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
-    """seed of the experiment"""
+    """seed of the experiment (python, numpy, torch and the environments)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled, cuda will be used when available"""
+    """if toggled, train on CUDA when it is available"""
     compile: bool = False
-    """if toggled, the network is wrapped in torch.compile (worth it on a GPU)"""
+    """if toggled, compile the training computations with torch.compile (worth it on a GPU; slow to start)"""
     torch_threads: int = 0
     """CPU threads of torch (0: torch's default); 1 is fastest for small networks on a small, shared CPU"""
+    progress: bool = True
+    """show live progress: a bar on a terminal, else a line every 30 s (--no-progress: off)"""
+    # Speed switches (issue 13): each acts only with CUDA; on a CPU the run is the same with or without them
+    tf32: bool = True
+    """TF32 matmuls and convolutions (CUDA only; --no-tf32: full float32)"""
+    cudnn_benchmark: bool = True
+    """cuDNN autotuning of the convolutions, unless --torch-deterministic (CUDA only)"""
+    bf16: bool = True
+    """bfloat16 autocast for the rollout's inference and the update; weights, losses and advantages in float32 (CUDA only)"""
+    channels_last: bool = True
+    """the network and the observation batches in channels-last memory order (CUDA only)"""
+    micro_batch_size: int = 0
+    """steps per micro-batch, gradients summed over a minibatch (0: on CUDA the most that fit, measured; else the minibatch)"""
+    overlap_envs: bool = True
+    """two halves of the envs in turn, one half's game step beside the other's policy step (CUDA only; an even --num-envs)"""
     track: bool = False
-    """if toggled, the run is also synced to Weights and Biases (needs `pip install wandb`)"""
+    """if toggled, also log to Weights and Biases (needs `wandb` installed)"""
     wandb_project_name: str = "cleanrl_pool"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of the wandb project"""
+    """the W&B project name"""
+    wandb_entity: str = ""
+    """the W&B entity (team); empty for your default"""
     capture_video: bool = False
-    """if toggled, the first evaluation episode of each level set is saved as a GIF in run_dir/videos"""
+    """if toggled, save each evaluation's first episode as a GIF under run_dir/videos/"""
     runs_dir: str = "runs"
     """the folder that holds the run folders"""
     resume: str = ""
-    """a checkpoint to continue from (the games too: an exact continuation), or `auto`: the newest of this env id,
-    experiment and seed with the same training configuration (else a new run)"""
+    """a checkpoint to continue from, or `auto`: the newest of this env id, experiment and seed with the same training
+    configuration (else a new run)"""
 
     # Environment (Procgen generalisation protocol: train on a fixed set of levels, test on all)
     env_id: str = "bigfish"
@@ -76,11 +89,11 @@ class Args:
 
     # Network (Impala-CNN, REFERENCE §3)
     pool: str = "avg"
-    """what joins the encoder to the dense layer: flatten (Impala), avg (Impoola) or max"""
+    """what joins the encoder to the dense layer: `flatten`, `avg` (global average pooling) or `max`"""
     width: int = 2
-    """tau, multiplies the encoder channels (16, 32, 32)"""
+    """multiplies every encoder channel count (the papers' τ)"""
     dense_scale: int = 1
-    """multiplies the width (256) of the dense layer after the bottleneck"""
+    """multiplies the width of the dense layer after the bottleneck"""
 
     # PPO (Impoola / Procgen-HD defaults; CleanRL ppo_procgen differs in gamma, lr and value clipping)
     total_timesteps: int = 25_000_000
@@ -143,23 +156,50 @@ class Args:
 FLAG_RANGES = {
     "seed": f"[0, {procgen_hd.INT32_MAX - 200_000}]",  # the envs' seeds are seed, seed + 100,000 and seed + 200,000
     "torch_threads": "[0, inf)", "num_levels": f"[0, {procgen_hd.INT32_MAX}]", "start_level": f"[0, {procgen_hd.INT32_MAX}]",
-    "resolution": f"[1, {procgen_hd.MAX_RESOLUTION}]", "num_envs": "[1, inf)",
-    "width": "[1, inf)", "dense_scale": "[1, inf)",
+    "resolution": f"[1, {procgen_hd.MAX_RESOLUTION}]", "num_envs": "[1, inf)", "width": "[1, inf)", "dense_scale": "[1, inf)",
     "total_timesteps": "[1, inf)", "learning_rate": "(0, inf)", "num_steps": "[1, inf)", "gamma": "[0, 1]",
     "gae_lambda": "[0, 1]", "num_minibatches": "[1, inf)", "update_epochs": "[1, inf)", "clip_coef": "(0, inf)",
-    "ent_coef": "[0, inf)", "vf_coef": "[0, inf)", "max_grad_norm": "(0, inf)", "target_kl": "(0, inf)", "reward_clip": "(0, inf)",
+    "ent_coef": "[0, inf)", "vf_coef": "[0, inf)", "max_grad_norm": "(0, inf)", "target_kl": "(0, inf)",
+    "reward_clip": "(0, inf)",
     "eval_every": "[0, inf)", "eval_episodes": "[0, inf)", "final_eval_episodes": "[0, inf)", "eval_num_envs": "[1, inf)",
     "save_every": "[0, inf)", "keep_checkpoints": "[1, inf)", "diag_every": "[0, inf)", "diag_batch_size": "[1, inf)",
-    "dormant_threshold": "[0, 1]",
+    "dormant_threshold": "[0, 1]", "micro_batch_size": "[0, inf)",
 }
 
 
-# Environment construction: Procgen-HD, drawn natively at R x R, reset in the step that ends an episode
+# Environment: Procgen-HD, drawn natively at R x R, reset in the step that ends an episode; reward normalisation
+PROCGEN_GAMES = sorted(utils.PROCGEN_SCORE_RANGES)
+
+
 def make_envs(args, num_envs: int, num_levels: int, seed: int) -> procgen_hd.ProcgenHDEnv:
     """`num_envs` games on `num_levels` levels from `start_level` (0 levels: the full distribution)."""
     return procgen_hd.ProcgenHDEnv(args.env_id, num_envs, args.resolution, num_levels=num_levels,
                                    start_level=args.start_level if num_levels else 0,
                                    distribution_mode=args.distribution_mode, seed=seed)
+
+
+class EnvHalves:
+    """`envs` (closed) continued by two ProcgenHDEnv halves from `make(num_envs)`, each with its games' states: the same
+    games as `envs`, stepped in turn by the overlapped rollout (--overlap-envs). Checkpoints hold the per-env states."""
+
+    def __init__(self, envs, make):
+        self.num_envs, self.num_actions = envs.num_envs, envs.num_actions
+        states = envs.get_state()
+        envs.close()
+        self.halves = [make(self.num_envs // 2) for _ in range(2)]
+        self.set_state(states)
+
+    def get_state(self) -> list:
+        return [state for half in self.halves for state in half.get_state()]
+
+    def set_state(self, states: list):
+        """Like ProcgenHDEnv.set_state: (frames, info) of the restored games, channel-first views of frame-last memory."""
+        frames = [half.set_state(states[i * half.num_envs : (i + 1) * half.num_envs])[0] for i, half in enumerate(self.halves)]
+        return np.concatenate([f.transpose(0, 2, 3, 1) for f in frames]).transpose(0, 3, 1, 2), {}
+
+    def close(self):
+        for half in self.halves:
+            half.close()
 
 
 def new_reward_normalizer(num_envs: int, device) -> dict:
@@ -183,48 +223,18 @@ def normalize_reward(normalizer: dict, reward, done, gamma: float, clip: float):
     delta = batch_mean - normalizer["mean"]
     total = normalizer["count"] + batch_count
     normalizer["mean"] = normalizer["mean"] + delta * batch_count / total
-    normalizer["var"] = (
-        normalizer["var"] * normalizer["count"] + batch_var * batch_count + delta**2 * normalizer["count"] * batch_count / total
-    ) / total
+    count = normalizer["count"]
+    normalizer["var"] = (normalizer["var"] * count + batch_var * batch_count + delta**2 * count * batch_count / total) / total
     normalizer["count"] = total
     normalizer["discounted_return"] = returns * (1 - done)
     scaled = reward / torch.sqrt(normalizer["var"] + 1e-8)
     return scaled.clamp(-clip, clip).float()
 
 
-# Network: Impala-CNN encoder, bottleneck (flatten / avg / max, then the dense layer), actor and critic heads
-def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
-    torch.nn.init.orthogonal_(layer.weight, std)
-    torch.nn.init.constant_(layer.bias, bias_const)
-    return layer
-
-
-class ResidualBlock(nn.Module):
-    """x + Conv3x3(ReLU(Conv3x3(ReLU(x))))."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.relu0 = nn.ReLU()
-        self.conv0 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        self.relu1 = nn.ReLU()
-        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-
-    def forward(self, x):
-        return x + self.conv1(self.relu1(self.conv0(self.relu0(x))))
-
-
-def impala_stage(in_channels: int, out_channels: int) -> nn.Sequential:
-    """Conv3x3 -> MaxPool(3, stride 2, padding 1) -> two residual blocks; halves the side (ceil)."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-        ResidualBlock(out_channels),
-        ResidualBlock(out_channels),
-    )
-
-
+# Network: Impala-CNN encoder -> bottleneck (flatten | avg | max, then Linear -> ReLU) -> actor and critic heads
 def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
-    """The bottleneck's join: (B, C, H, W) -> (B, C*H*W) for flatten, (B, C) for avg / max."""
+    """The join between encoder and dense layer, the papers' subject: (B, C, H, W) -> (B, C*H*W) for flatten,
+    (B, C) for global average pooling (avg: GAP, Impoola) or global max pooling (max)."""
     if pool == "flatten":
         return feature_map.flatten(1)
     if pool == "avg":
@@ -232,54 +242,97 @@ def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
     return feature_map.amax(dim=(2, 3))
 
 
+def pooled_size(channels: int, side: int, pool: str) -> int:
+    """Features after the join: C*H*W for flatten (the dense layer then grows with R^2), C for global pooling."""
+    return channels * side * side if pool == "flatten" else channels
+
+
+def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
+    """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
+    only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
+    frame = torch.zeros(1, in_channels, resolution, resolution, device="meta")
+    try:
+        shape = copy.deepcopy(encoder).to("meta")(frame).shape
+    except RuntimeError:  # a kernel larger than its padded input
+        return 0, 0
+    return shape[1], shape[2]
+
+
+class Bottleneck(nn.Module):
+    """The join and the dense layer after it, dense(pool_features(feature map)): the weights that grow with the
+    feature map under flatten and stay C x dense under GAP. `diag/params/bottleneck` counts them."""
+
+    def __init__(self, pool: str, dense: nn.Module):
+        super().__init__()
+        self.pool, self.dense = pool, dense
+
+    def forward(self, feature_map):
+        return self.dense(pool_features(feature_map, self.pool))
+
+
+class ResidualBlock(nn.Module):
+    """x + Conv3x3(ReLU(Conv3x3(ReLU(x)))), Espeholt et al. 2018."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.relu0, self.conv0 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu1, self.conv1 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv1(self.relu1(self.conv0(self.relu0(x))))
+
+
+def impala_encoder(in_channels: int, width: int) -> nn.Sequential:
+    """Espeholt et al. 2018: three stages of Conv3x3 -> MaxPool(3, stride 2, padding 1) -> two residual blocks,
+    (16, 32, 32) x width channels, then a ReLU: R x R -> ceil(R / 8) x ceil(R / 8) x 32 width."""
+    layers, channels = [], in_channels
+    for out_channels in (16 * width, 32 * width, 32 * width):
+        layers += [
+            nn.Conv2d(channels, out_channels, 3, padding=1),
+            nn.MaxPool2d(3, stride=2, padding=1),
+            ResidualBlock(out_channels),
+            ResidualBlock(out_channels),
+        ]
+        channels = out_channels
+    return nn.Sequential(*layers, nn.ReLU())
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
 class Agent(nn.Module):
     def __init__(self, num_actions: int, resolution: int, pool: str, width: int, dense_scale: int):
         super().__init__()
-        channels = [16 * width, 32 * width, 32 * width]
-        self.pool = pool
-        self.encoder = nn.Sequential(
-            impala_stage(3, channels[0]), impala_stage(channels[0], channels[1]), impala_stage(channels[1], channels[2]),
-            nn.ReLU(),
-        )
-        side = math.ceil(resolution / 8)  # three stride-2 poolings; Impala's dense layer grows as R^2
-        pooled_size = channels[2] * (side * side if pool == "flatten" else 1)
+        self.encoder = impala_encoder(3, width)
+        channels, side = feature_map_shape(self.encoder, 3, resolution)  # side ceil(R / 8): flatten's dense grows as R^2
         hidden_size = 256 * dense_scale
-        self.dense = nn.Sequential(nn.Linear(pooled_size, hidden_size), nn.ReLU())
+        self.bottleneck = Bottleneck(pool, nn.Sequential(nn.Linear(pooled_size(channels, side, pool), hidden_size), nn.ReLU()))
         self.actor = layer_init(nn.Linear(hidden_size, num_actions), std=0.01)
         self.critic = layer_init(nn.Linear(hidden_size, 1), std=1)
 
     def forward(self, obs):
-        """uint8 (B, 3, R, R) -> (action logits, value)."""
-        hidden = self.dense(pool_features(self.encoder(obs.float() / 255.0), self.pool))
-        return self.actor(hidden), self.critic(hidden).squeeze(-1)
-
-
-def sample_action(logits, generator=None):
-    """A sample of softmax(logits) by the Gumbel-max trick: unlike Categorical.sample, non-finite
-    logits do not crash mid-rollout, so the once-per-iteration non-finite check can report them."""
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
-    return torch.argmax(logits - torch.log(-torch.log(uniform)), dim=1)
-
-
-def get_action_and_value(model, obs, action=None):
-    logits, value = model(obs)
-    distribution = Categorical(logits=logits, validate_args=False)
-    if action is None:
-        action = sample_action(logits)
-    return action, distribution.log_prob(action), distribution.entropy(), value
+        """uint8 (B, 3, R, R) -> (action logits, value). The pixels are scaled in torch's default float dtype; the heads run
+        in the weights' dtype also under bf16 autocast, so that log-probs and values keep full precision."""
+        hidden = self.bottleneck(self.encoder(obs / 255.0))
+        with torch.autocast(obs.device.type, enabled=False):
+            hidden = hidden.to(self.actor.weight.dtype)
+            return self.actor(hidden), self.critic(hidden).squeeze(-1)
 
 
 def parameter_counts(agent: Agent) -> dict:
     """Weights per part (CONVENTIONS): encoder = conv trunk, bottleneck = the dense layer after the join."""
     return {
         "encoder": utils.parameter_count(agent.encoder),
-        "bottleneck": utils.parameter_count(agent.dense),
+        "bottleneck": utils.parameter_count(agent.bottleneck),
         "head": utils.parameter_count(agent.actor, agent.critic),
     }
 
 
 def network_diagnostics(agent: Agent, obs: torch.Tensor, threshold: float) -> dict:
-    """Dormant fraction per part and feature norm on a batch of observations (REFERENCE §5).
+    """Dormant fraction per part and feature norm on a batch of observations (REFERENCE §5), as TensorBoard tags.
 
     encoder: every ReLU output of the trunk; bottleneck: the dense layer's activated output;
     head: the actor's logits and the critic's value; feature norm: mean L2 norm of the pooled vector.
@@ -290,8 +343,8 @@ def network_diagnostics(agent: Agent, obs: torch.Tensor, threshold: float) -> di
         return lambda module, inputs, output: activations[part].append(inputs[0] if record_input else output)
 
     hooks = [m.register_forward_hook(recorder("encoder")) for m in agent.encoder.modules() if isinstance(m, nn.ReLU)]
-    hooks.append(agent.dense.register_forward_hook(recorder("pooled", record_input=True)))
-    hooks.append(agent.dense.register_forward_hook(recorder("bottleneck")))
+    hooks.append(agent.bottleneck.dense.register_forward_hook(recorder("pooled", record_input=True)))
+    hooks.append(agent.bottleneck.register_forward_hook(recorder("bottleneck")))
     hooks += [agent.actor.register_forward_hook(recorder("head")), agent.critic.register_forward_hook(recorder("head"))]
     try:
         with torch.no_grad():
@@ -299,11 +352,9 @@ def network_diagnostics(agent: Agent, obs: torch.Tensor, threshold: float) -> di
     finally:
         for hook in hooks:
             hook.remove()
-    diagnostics = {
-        f"dormant_fraction/{part}": utils.dormant_fraction(activations[part], threshold)
-        for part in ("encoder", "bottleneck", "head")
-    }
-    diagnostics["feature_norm"] = activations["pooled"][0].norm(dim=1).mean().item()
+    diagnostics = {f"diag/dormant_fraction/{part}": utils.dormant_fraction(activations[part], threshold)
+                   for part in ("encoder", "bottleneck", "head")}
+    diagnostics["diag/feature_norm"] = activations["pooled"][0].norm(dim=1).mean().item()
     return diagnostics
 
 
@@ -315,18 +366,22 @@ def saliency_grid(agent: Agent, obs: torch.Tensor) -> torch.Tensor:
     value_gradient = torch.autograd.grad(value.sum(), pixels, retain_graph=True)[0]
     chosen_logit = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
     action_gradient = torch.autograd.grad(chosen_logit, pixels)[0]
-    rows = [
-        obs.float() / 255.0,
-        utils.saliency_image(value_gradient).expand(-1, 3, -1, -1),
-        utils.saliency_image(action_gradient).expand(-1, 3, -1, -1),
-    ]
+    rows = [obs.float() / 255.0, utils.saliency_image(value_gradient).expand(-1, 3, -1, -1),
+            utils.saliency_image(action_gradient).expand(-1, 3, -1, -1)]
     return torch.cat([torch.cat(list(images), dim=1) for images in rows], dim=2).cpu()
 
 
 # Storage: the rollout on the training device, observations as uint8
-def allocate_rollout(num_steps: int, num_envs: int, resolution: int, device) -> dict:
+def allocate_rollout(num_steps: int, num_envs: int, resolution: int, device, channels_last: bool = False) -> dict:
+    """The rollout's tensors, (num_steps, num_envs, ...); with `channels_last` the frames (3, R, R) lie in frame-last memory,
+    as Procgen-HD draws them, so that every minibatch gathered from them is channels-last."""
+    side = (resolution, resolution)
+    if channels_last:
+        obs = torch.zeros((num_steps, num_envs, *side, 3), dtype=torch.uint8, device=device).permute(0, 1, 4, 2, 3)
+    else:
+        obs = torch.zeros((num_steps, num_envs, 3, *side), dtype=torch.uint8, device=device)
     return {
-        "obs": torch.zeros((num_steps, num_envs, 3, resolution, resolution), dtype=torch.uint8, device=device),
+        "obs": obs,
         "actions": torch.zeros((num_steps, num_envs), dtype=torch.long, device=device),
         "logprobs": torch.zeros((num_steps, num_envs), device=device),
         "rewards": torch.zeros((num_steps, num_envs), device=device),
@@ -335,42 +390,87 @@ def allocate_rollout(num_steps: int, num_envs: int, resolution: int, device) -> 
     }
 
 
-def collect_rollout(model, envs, rollout: dict, next_obs, next_done, reward_normalizer: dict, episodes: dict,
-                    gamma: float, reward_clip: float):
-    """Play one rollout, writing every step into `rollout`; returns (next_obs, next_done, finished episodes'
-    returns, their lengths). One host transfer of actions per step, everything else stays on the device.
+def collect_rollout(policy, env_groups: list, rollout: dict, next_obs, next_done, reward_normalizer: dict, episodes: dict,
+                    gamma: float, reward_clip: float, on_step=None):
+    """Play one rollout, writing every step into `rollout`; returns (next_obs, next_done, finished episodes' returns, their
+    lengths). `policy(obs)` gives (action, log-prob, value). `env_groups`: the envs as one group, or their halves
+    (--overlap-envs): in turn, each group waits for its game step (step_wait), acts and starts the next one (step_async), so
+    one group's game step runs while the other's policy step does; the data are the same as the groups' stepped as one.
+    One host transfer of actions per group and step, everything else stays on the device. `on_step(steps, episodic_return)`
+    follows every step: steps so far (all envs), mean return of the episodes it finished (or None).
 
     CleanRL's convention: dones[t] = 1 when obs[t] is the first frame of an episode (the previous step
     ended one). Procgen resets inside the step that ends an episode, so every step is a real transition.
     """
-    device = next_obs.device
+    device, num_steps = next_obs.device, rollout["obs"].shape[0]
+    bounds = np.cumsum([0] + [envs.num_envs for envs in env_groups])
+    parts = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+    obs, dones = [next_obs[part] for part in parts], [next_done[part] for part in parts]
+    results = [None] * len(env_groups)  # each group's (reward, done) of its last game step, as numpy
     finished_returns, finished_lengths = [], []
-    for step in range(rollout["obs"].shape[0]):
-        rollout["obs"][step] = next_obs
-        rollout["dones"][step] = next_done
-        with torch.no_grad():
-            action, logprob, _, value = get_action_and_value(model, next_obs)
-        rollout["actions"][step], rollout["logprobs"][step], rollout["values"][step] = action, logprob, value
-        obs, reward, done, _ = envs.step(action.cpu().numpy())
-        next_obs = torch.from_numpy(obs).to(device)
-        next_done = torch.from_numpy(done).to(device, torch.float32)
-        rollout["rewards"][step] = normalize_reward(
+    for step in range(num_steps + 1):  # each group: the frames of `step` (its game step step - 1), then its action
+        for group, (envs, part) in enumerate(zip(env_groups, parts)):
+            if step:
+                frames, reward, done, _ = envs.step_wait()
+                obs[group] = torch.from_numpy(frames).to(device)  # channels-last: Procgen-HD draws frame-last
+                dones[group], results[group] = torch.from_numpy(done).to(device, torch.float32), (reward, done)
+            if step < num_steps:
+                rollout["obs"][step, part], rollout["dones"][step, part] = obs[group], dones[group]
+                action, rollout["logprobs"][step, part], rollout["values"][step, part] = policy(obs[group])
+                rollout["actions"][step, part] = action
+                envs.step_async(action.cpu().numpy())
+        if not step:
+            continue
+        reward, done = (np.concatenate(values) for values in zip(*results))
+        next_done = dones[0] if len(dones) == 1 else torch.cat(dones)
+        rollout["rewards"][step - 1] = normalize_reward(
             reward_normalizer, torch.from_numpy(reward).to(device), next_done, gamma, reward_clip
         )
         # An episode's return ends with the reward of the step that ended it
         episodes["return"] += reward
         episodes["length"] += 1
+        episodic_return = None
         if done.any():
+            episodic_return = episodes["return"][done].mean()
             finished_returns += episodes["return"][done].tolist()
             finished_lengths += episodes["length"][done].tolist()
             episodes["return"][done], episodes["length"][done] = 0.0, 0
+        if on_step is not None:
+            on_step(step * len(done), episodic_return)
+    next_obs = obs[0] if len(obs) == 1 else torch.cat(obs)
     return next_obs, next_done, finished_returns, finished_lengths
+
+
+# Algorithm: action sampling, GAE, the clipped PPO loss, the update epochs and what the speed switches turn on
+def sample_action(logits, generator=None):
+    """A sample of softmax(logits) by the Gumbel-max trick: unlike Categorical.sample, non-finite
+    logits do not crash mid-rollout, so the once-per-iteration non-finite check can report them."""
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+    return torch.argmax(logits - torch.log(-torch.log(uniform)), dim=1)
+
+
+def get_action_and_value(model, obs, action=None, bf16: bool = False):
+    """(action, its log-prob, entropy, value); with `bf16` the network runs under bfloat16 autocast, the distribution in
+    the weights' dtype (float32)."""
+    with torch.autocast(obs.device.type, torch.bfloat16, enabled=bf16):
+        logits, value = model(obs)
+    distribution = Categorical(logits=logits, validate_args=False)
+    if action is None:
+        action = sample_action(logits)
+    return action, distribution.log_prob(action), distribution.entropy(), value
+
+
+def policy_step(model, obs, bf16: bool = False):
+    """The rollout's inference (compiled with --compile): (action, log-prob, value) of a batch of frames, no gradient."""
+    with torch.no_grad():
+        action, logprob, _, value = get_action_and_value(model, obs, bf16=bf16)
+    return action, logprob, value
 
 
 def compute_gae(rewards, values, dones, next_value, next_done, gamma: float, gae_lambda: float):
     """Generalised advantage estimation (Schulman et al. 2016), CleanRL's convention:
     dones[t] = 1 when obs[t] follows the end of an episode, so step t - 1 does not bootstrap.
-    Returns (advantages, returns), both (T, N)."""
+    Returns (advantages, returns), both (T, N). Compiled with --compile."""
     num_steps = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
     last_gae = torch.zeros_like(next_value)
@@ -382,6 +482,112 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma: float, gae
         delta = rewards[t] + gamma * next_values * next_nonterminal - values[t]
         advantages[t] = last_gae = delta + gamma * gae_lambda * next_nonterminal * last_gae
     return advantages, advantages + values
+
+
+def ppo_loss(model, minibatch: dict, clip_coef: float, clip_vloss: bool, ent_coef: float, vf_coef: float, bf16: bool = False):
+    """The clipped surrogate, value and entropy terms on one (micro-)batch (obs, actions, logprobs, values, advantages
+    already normalised, returns), each a mean over it; returns (loss, its named parts and statistics, detached). With
+    `bf16` only the network runs under autocast: ratio, advantages, value targets and losses stay float32."""
+    _, newlogprob, entropy, newvalue = get_action_and_value(model, minibatch["obs"], minibatch["actions"], bf16)
+    logratio = newlogprob - minibatch["logprobs"]
+    ratio = logratio.exp()
+    advantages = minibatch["advantages"]
+    policy_loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)).mean()
+    # Value loss (unclipped by default, as the Impoola / HD papers)
+    value_error = (newvalue - minibatch["returns"]) ** 2
+    if clip_vloss:
+        clipped = minibatch["values"] + torch.clamp(newvalue - minibatch["values"], -clip_coef, clip_coef)
+        value_error = torch.max(value_error, (clipped - minibatch["returns"]) ** 2)
+    value_loss = 0.5 * value_error.mean()
+    entropy_loss = entropy.mean()
+    loss = policy_loss - ent_coef * entropy_loss + value_loss * vf_coef
+    with torch.no_grad():
+        stats = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy_loss,
+                 "old_approx_kl": (-logratio).mean(), "approx_kl": ((ratio - 1) - logratio).mean(),
+                 "clipfrac": ((ratio - 1.0).abs() > clip_coef).float().mean()}
+    return loss, {name: value.detach() for name, value in stats.items()}
+
+
+def ppo_update(model, agent, optimizer, batch: dict, args, micro_batch_size: int, bf16: bool, on_minibatch):
+    """`--update-epochs` epochs of `--num-minibatches` shuffled minibatches of the rollout, an Adam step and `on_minibatch()`
+    each (stopping past `--target-kl`). A minibatch's advantages are normalised over all of it, then its gradient is summed
+    over micro-batches of `micro_batch_size` steps, each loss scaled by its share. Returns ppo_loss's named parts' means
+    and whether all were finite (a tensor)."""
+    batch_size = len(batch["obs"])
+    minibatch_size = batch_size // args.num_minibatches
+    totals, num_parts = {}, 0
+    finite = torch.ones((), dtype=torch.bool, device=batch["obs"].device)
+    for _ in range(args.update_epochs):
+        order = torch.randperm(batch_size, device=batch["obs"].device)
+        for start in range(0, batch_size, minibatch_size):
+            minibatch = {key: value[order[start : start + minibatch_size]] for key, value in batch.items()}
+            if args.norm_adv:
+                advantages = minibatch["advantages"]
+                minibatch["advantages"] = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            optimizer.zero_grad()
+            approx_kls = []
+            for micro_start in range(0, minibatch_size, micro_batch_size):
+                micro_batch = {key: value[micro_start : micro_start + micro_batch_size] for key, value in minibatch.items()}
+                loss, stats = ppo_loss(model, micro_batch, args.clip_coef, args.clip_vloss, args.ent_coef, args.vf_coef, bf16)
+                (loss * (micro_batch_size / minibatch_size)).backward()
+                finite &= torch.isfinite(loss)
+                totals = {name: totals.get(name, 0.0) + value for name, value in stats.items()}
+                num_parts += 1
+                approx_kls.append(stats["approx_kl"])
+            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+            finite &= torch.isfinite(grad_norm)
+            on_minibatch()
+        if args.target_kl is not None and torch.stack(approx_kls).mean().item() > args.target_kl:  # the last minibatch's
+            break
+    means = (torch.stack(list(totals.values())) / num_parts).tolist()  # one host sync
+    return dict(zip(totals, means)), finite
+
+
+def speed_plan(args, device) -> dict:
+    """Which of the speed switches act on `device`: on CUDA each as asked (bf16 where the card has it, overlap_envs with an
+    even --num-envs), on a CPU none, so that a CPU run is the plain one. (tf32, cudnn_benchmark: utils.configure_cuda.)"""
+    cuda = device.type == "cuda"
+    return {"bf16": cuda and args.bf16 and torch.cuda.is_bf16_supported(), "channels_last": cuda and args.channels_last,
+            "overlap_envs": cuda and args.overlap_envs and args.num_envs % 2 == 0}
+
+
+def update_memory(args, device, probe_size: int = 16) -> tuple:
+    """(bytes per step, fixed bytes) of an update on CUDA, measured: the peak allocated by the forward and backward of a
+    probe micro-batch (torch.cuda.max_memory_allocated, under the run's bf16 and channels_last) less its gradients, per
+    step; fixed: the weights, their gradients and Adam's two moments."""
+    fast = speed_plan(args, device)
+    agent = Agent(procgen_hd.NUM_ACTIONS, args.resolution, args.pool, args.width, args.dense_scale).to(device)
+    obs = torch.zeros((probe_size, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
+    if fast["channels_last"]:
+        agent, obs = agent.to(memory_format=torch.channels_last), obs.contiguous(memory_format=torch.channels_last)
+    weight_bytes = sum(p.numel() * p.element_size() for p in agent.parameters())
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    try:
+        _, logprob, entropy, value = get_action_and_value(agent, obs, torch.zeros(probe_size, dtype=torch.long, device=device),
+                                                          fast["bf16"])
+        (logprob + entropy + value).sum().backward()
+    except torch.cuda.OutOfMemoryError:
+        utils.fail(f"--resolution {args.resolution} at --width {args.width}: an update of {probe_size} steps does not fit "
+                   "in the free CUDA memory")
+    peak = torch.cuda.max_memory_allocated(device) - before - weight_bytes  # the gradients are counted in `fixed`
+    del agent, obs, logprob, entropy, value
+    torch.cuda.empty_cache()
+    return max(peak, 0) / probe_size, 4 * weight_bytes
+
+
+def fitting_micro_batch_size(minibatch_size: int, bytes_per_step: float, fixed_bytes: float, free_bytes: float) -> int:
+    """The largest divisor of the minibatch whose update (fixed + size x per-step bytes) takes at most 80 % of the free
+    memory, as utils.check_memory asks; 1 if none does (the memory check then refuses the run)."""
+    sizes = [size for size in range(1, minibatch_size + 1) if minibatch_size % size == 0]
+    return max([size for size in sizes if fixed_bytes + size * bytes_per_step <= 0.8 * free_bytes], default=1)
+
+
+def explained_variance(values, returns) -> float:
+    """1 - Var[returns - values] / Var[returns]: how much of the returns the critic predicts (NaN if they are constant)."""
+    return (1 - (returns - values).var() / returns.var()).item() if returns.var() > 0 else float("nan")
 
 
 # Evaluation: a fixed number of whole episodes per environment, actions sampled like the papers
@@ -415,10 +621,10 @@ def evaluate(model, envs, num_episodes: int, seed: int, device, record_video: bo
     return np.array(returns), frames
 
 
-def main():
-    args = tyro.cli(Args)
-
-    # Bad input stops here, before any work
+# Main: check_args, then set-up, the training loop (one iteration: rollout, GAE, update, log), final evaluation
+def check_args(args):
+    """Every bad input, as one line and exit status 2, before any work; sets the default --num-levels and, on CUDA, the
+    automatic --micro-batch-size."""
     utils.check_choice("env-id", args.env_id, PROCGEN_GAMES)
     utils.check_choice("distribution-mode", args.distribution_mode, ["easy", "hard"])
     utils.check_choice("pool", args.pool, ["flatten", "avg", "max"])
@@ -432,54 +638,68 @@ def main():
         utils.fail(f"--eval-episodes 0 with --eval-every {args.eval_every}: evaluate some episodes, or --eval-every 0")
     batch_size = args.num_envs * args.num_steps
     if args.num_minibatches > batch_size or batch_size % args.num_minibatches:
-        utils.fail(f"--num-minibatches {args.num_minibatches} must divide the rollout of {batch_size} steps (num-envs x num-steps)")
+        utils.fail(f"--num-minibatches {args.num_minibatches} must divide the rollout of {batch_size} steps "
+                   "(num-envs x num-steps)")
+    if args.norm_adv and batch_size // args.num_minibatches < 2:
+        utils.fail(f"--num-minibatches {args.num_minibatches} leaves minibatches of {batch_size // args.num_minibatches} "
+                   "step: advantages cannot be normalised over one step (fewer minibatches, or --no-norm-adv)")
     minibatch_size = batch_size // args.num_minibatches
-    if args.norm_adv and minibatch_size < 2:
-        utils.fail(f"--num-minibatches {args.num_minibatches} leaves minibatches of {minibatch_size} step: advantages "
-                   "cannot be normalised over one step (fewer minibatches, or --no-norm-adv)")
-    num_iterations = args.total_timesteps // batch_size
-    if num_iterations == 0:
+    if args.micro_batch_size and minibatch_size % args.micro_batch_size:
+        utils.fail(f"--micro-batch-size {args.micro_batch_size} must divide the minibatch of {minibatch_size} steps "
+                   "(num-envs x num-steps / num-minibatches)")
+    if args.total_timesteps < batch_size:
         utils.fail(f"--total-timesteps {args.total_timesteps} is less than one rollout of {batch_size} steps")
-    learning_rate = args.learning_rate * (2 / args.width if args.rescale_lr else 1.0)  # Impoola: lr / (tau / 2)
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            utils.fail("--track needs wandb (pip install wandb); the script runs without it")
+    utils.check_tracking(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     rollout_bytes = batch_size * 3 * args.resolution**2
-    free_bytes = utils.free_memory_bytes(device)
-    if rollout_bytes > 0.8 * free_bytes:
-        utils.fail(f"--resolution {args.resolution} needs {rollout_bytes / 1e9:.1f} GB of uint8 rollout on {device.type}, "
-                   f"{free_bytes / 1e9:.1f} GB free; lower --resolution, --num-envs or --num-steps")
-    run_dir, checkpoint_file = utils.resolve_run(args)
-    checkpoint = None
-    if checkpoint_file:
-        checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ["env_id", "pool", "width", "dense_scale", "resolution",
-                                                                           "num_envs", "distribution_mode"])
-        if "env_states" not in checkpoint:
-            utils.fail(f"--resume {checkpoint_file!r} holds no game states (written before the Procgen-HD back end)")
+    what = f"the uint8 rollout (--num-envs {args.num_envs} x --num-steps {args.num_steps} at --resolution {args.resolution})"
+    utils.check_memory(rollout_bytes, device, what)
+    if device.type == "cuda":  # and the update's activations, measured; --micro-batch-size 0: the most that fit
+        bytes_per_step, fixed_bytes = update_memory(args, device, min(16, minibatch_size))
+        fixed_bytes += rollout_bytes + minibatch_size * (3 * args.resolution**2 + 32)  # and a minibatch gathered from it
+        args.micro_batch_size = args.micro_batch_size or fitting_micro_batch_size(
+            minibatch_size, bytes_per_step, fixed_bytes, utils.free_memory_bytes(device))
+        utils.check_memory(int(fixed_bytes + args.micro_batch_size * bytes_per_step), device,
+                           f"{what} and an update on micro-batches of {args.micro_batch_size} steps (--micro-batch-size)")
 
-    # Set-up
-    print(f"{SCRIPT}: " + ", ".join(f"{key}={value}" for key, value in sorted(asdict(args).items())))
-    print(f"derived: device={device}, batch_size={batch_size}, minibatch_size={minibatch_size}, "
-          f"num_iterations={num_iterations}, learning_rate={learning_rate:g}, run_dir={run_dir}")
-    if args.track:
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=asdict(args), name=os.path.basename(run_dir), save_code=True)
+
+def main():
+    args = tyro.cli(Args)
+    check_args(args)  # all bad input: one line, exit 2 (also memory, via utils.check_memory)
+    # derived values
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    micro_batch_size = args.micro_batch_size or minibatch_size  # 0 left by check_args (not on CUDA): the whole minibatch
+    num_iterations = args.total_timesteps // batch_size
+    learning_rate = args.learning_rate * (2 / args.width if args.rescale_lr else 1.0)  # Impoola: lr / (τ / 2)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    fast = speed_plan(args, device)  # the speed switches acting here (none on a CPU)
+    run_dir, checkpoint_file = utils.resolve_run(args)
+    checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
+    utils.print_config(args, device=device, run_dir=run_dir, batch_size=batch_size, minibatch_size=minibatch_size,
+                       micro_batch_size=micro_batch_size, num_iterations=num_iterations, learning_rate=f"{learning_rate:g}",
+                       speed_switches=", ".join(name for name, on in fast.items() if on) or "none")
     writer = utils.start_run(args, run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+
+    # set-up
     utils.seed_everything(args.seed, args.torch_deterministic)
+    utils.configure_cuda(args, device)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     global_step = checkpoint["global_step"] if checkpoint else 0
     envs = make_envs(args, args.num_envs, args.num_levels, args.seed)
-    num_actions = envs.num_actions
-
-    agent = Agent(num_actions, args.resolution, args.pool, args.width, args.dense_scale).to(device)
+    next_obs_np, _ = envs.reset()
+    if fast["overlap_envs"]:  # the same games, as two halves stepped in turn
+        envs = EnvHalves(envs, lambda num_envs: make_envs(args, num_envs, args.num_levels, args.seed))
+    env_groups = envs.halves if fast["overlap_envs"] else [envs]
+    agent = Agent(envs.num_actions, args.resolution, args.pool, args.width, args.dense_scale).to(device)
+    if fast["channels_last"]:
+        agent = agent.to(memory_format=torch.channels_last)
     optimizer = optim.Adam(agent.parameters(), lr=learning_rate, eps=1e-5)
     model = torch.compile(agent) if args.compile else agent
+    policy, gae = (torch.compile(policy_step), torch.compile(compute_gae)) if args.compile else (policy_step, compute_gae)
+    rollout = allocate_rollout(args.num_steps, args.num_envs, args.resolution, device, fast["channels_last"])
     reward_normalizer = new_reward_normalizer(args.num_envs, device)
-    next_obs_np, _ = envs.reset()
     next_done = torch.zeros(args.num_envs, device=device)
     episodes = {"return": np.zeros(args.num_envs), "length": np.zeros(args.num_envs, dtype=np.int64)}
     if checkpoint:  # an exact continuation: the games, mid-episode, and every statistic that spans iterations
@@ -490,21 +710,15 @@ def main():
         next_done = checkpoint["next_done"].to(device)
         episodes = {key: value.numpy().copy() for key, value in checkpoint["episodes"].items()}
         utils.set_rng_state(checkpoint["rng"])
-        print(f"resumed from {checkpoint_file} at step {global_step}")
-    params = parameter_counts(agent)
-    print("parameters: " + ", ".join(f"{part} {count:,}" for part, count in params.items()) + f", total {sum(params.values()):,}")
-    if not checkpoint:
-        for part, count in params.items():
-            writer.add_scalar(f"diag/params/{part}", count, 0)
+        utils.echo(f"resumed from {checkpoint_file} at step {global_step}")
+    next_obs = torch.from_numpy(next_obs_np).to(device)
+    utils.log_parameter_counts(writer, parameter_counts(agent), fresh=checkpoint is None)
 
     def checkpoint_payload():
-        return {
-            "script": SCRIPT, "args": asdict(args), "global_step": global_step, "rng": utils.rng_state(),
-            "model": agent.state_dict(), "optimizer": optimizer.state_dict(),
-            "reward_normalizer": {key: value.cpu() for key, value in reward_normalizer.items()},
-            "env_states": envs.get_state(), "next_done": next_done.cpu(),
-            "episodes": {key: torch.from_numpy(value.copy()) for key, value in episodes.items()},
-        }
+        return utils.checkpoint_payload(SCRIPT, args, global_step, model=agent.state_dict(), optimizer=optimizer.state_dict(),
+                                        reward_normalizer={key: value.cpu() for key, value in reward_normalizer.items()},
+                                        env_states=envs.get_state(), next_done=next_done.cpu(),
+                                        episodes={key: torch.from_numpy(value.copy()) for key, value in episodes.items()})
 
     def run_evaluation(num_episodes: int):
         # Fresh games with fixed seeds: every evaluation of a run plays the same levels, so checkpoints compare fairly
@@ -516,129 +730,67 @@ def main():
             score = utils.procgen_normalized_score(args.env_id, args.distribution_mode, returns.mean())
             writer.add_scalar(f"eval/{level_set}/return", returns.mean(), global_step)
             writer.add_scalar(f"eval/{level_set}/normalized_score", score, global_step)
-            print(f"step {global_step}: eval {level_set} return {returns.mean():.2f} (+- {returns.std():.2f}, "
-                  f"{len(returns)} episodes), normalized score {score:.3f}")
+            utils.echo(f"step {global_step}: eval {level_set} return {returns.mean():.2f} (+- {returns.std():.2f}, "
+                       f"{len(returns)} episodes), normalized score {score:.3f}")
             if frames:
-                utils.save_video(os.path.join(run_dir, "videos", f"{level_set}_step{global_step}.gif"), frames)
+                utils.save_video(os.path.join(run_dir, "videos", f"{level_set}_step_{global_step:012d}.gif"), frames)
 
-    rollout = allocate_rollout(args.num_steps, args.num_envs, args.resolution, device)
-    next_obs = torch.from_numpy(next_obs_np).to(device)
-    start_iteration = global_step // batch_size + 1
-    start_time, start_step = time.time(), global_step
-
-    # Training loop
-    for iteration in range(start_iteration, num_iterations + 1):
-        last_good = copy.deepcopy(checkpoint_payload())
+    # training loop
+    progress = utils.Progress(args.total_timesteps, global_step, args.progress)
+    start_step, start_time = global_step, time.time()
+    for iteration in range(global_step // batch_size + 1, num_iterations + 1):
+        previous_step = global_step
+        last_good = copy.deepcopy(checkpoint_payload())  # this iteration's start: the previous one checked it finite
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * learning_rate
-        # Rollout, then the episodes it finished
-        next_obs, next_done, finished_returns, finished_lengths = collect_rollout(
-            model, envs, rollout, next_obs, next_done, reward_normalizer, episodes, args.gamma, args.reward_clip
-        )
-        global_step += batch_size
-        if finished_returns:
-            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
-            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
-
-        # Bootstrap the value of the last observation, then GAE
-        with torch.no_grad():
-            next_value = model(next_obs)[1]
-            advantages, returns = compute_gae(
-                rollout["rewards"], rollout["values"], rollout["dones"], next_value, next_done, args.gamma, args.gae_lambda
+        # Rollout, then the value of the last observation and GAE (one autocast region: bf16 weights cast once, cached)
+        with torch.autocast(device.type, torch.bfloat16, enabled=fast["bf16"]):
+            next_obs, next_done, finished_returns, finished_lengths = collect_rollout(
+                lambda obs: policy(agent, obs, fast["bf16"]), env_groups, rollout, next_obs, next_done, reward_normalizer,
+                episodes, args.gamma, args.reward_clip,
+                on_step=lambda steps, episodic_return: progress.update(global_step + steps, episodic_return),
             )
+            with torch.no_grad():
+                next_value = model(next_obs)[1]
+        global_step += batch_size
+        advantages, returns = gae(
+            rollout["rewards"], rollout["values"], rollout["dones"], next_value, next_done, args.gamma, args.gae_lambda
+        )
+        # Optimise the policy and value network on the flattened rollout
+        batch = {key: rollout[key].flatten(0, 1) for key in ("obs", "actions", "logprobs", "values")}
+        batch["advantages"], batch["returns"] = advantages.flatten(), returns.flatten()
+        losses, finite = ppo_update(model, agent, optimizer, batch, args, micro_batch_size, fast["bf16"], progress.update)
 
-        # Flatten the batch
-        b_obs = rollout["obs"].reshape((-1, 3, args.resolution, args.resolution))
-        b_logprobs, b_actions = rollout["logprobs"].reshape(-1), rollout["actions"].reshape(-1)
-        b_advantages, b_returns, b_values = advantages.reshape(-1), returns.reshape(-1), rollout["values"].reshape(-1)
-
-        # Optimise the policy and value network
-        totals = torch.zeros(7, device=device)  # policy, value, entropy losses, old kl, kl, clipfrac, minibatches
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        for epoch in range(args.update_epochs):
-            b_inds = torch.randperm(batch_size, device=device)
-            for start in range(0, batch_size, minibatch_size):
-                mb_inds = b_inds[start : start + minibatch_size]
-                _, newlogprob, entropy, newvalue = get_action_and_value(model, b_obs[mb_inds], b_actions[mb_inds])
-                logratio = newlogprob - b_logprobs[mb_inds]
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
-
-                mb_advantages = b_advantages[mb_inds]
-                if args.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-
-                # Policy loss
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                # Value loss (unclipped by default, as the Impoola / HD papers)
-                v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                if args.clip_vloss:
-                    v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef)
-                    v_loss_unclipped = torch.max(v_loss_unclipped, (v_clipped - b_returns[mb_inds]) ** 2)
-                v_loss = 0.5 * v_loss_unclipped.mean()
-
-                entropy_loss = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-
-                optimizer.zero_grad()
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                optimizer.step()
-                finite &= torch.isfinite(loss) & torch.isfinite(grad_norm)
-                totals += torch.stack([pg_loss.detach(), v_loss.detach(), entropy_loss.detach(), old_approx_kl,
-                                       approx_kl, clipfrac, torch.ones((), device=device)])
-            if args.target_kl is not None and approx_kl.item() > args.target_kl:
-                break
-
-        # One host sync per iteration: stop on a non-finite loss, gradient or weight with the last good state on disk
-        if not (bool(finite) and utils.finite_state(agent, optimizer)):
-            path = utils.checkpoint_path(run_dir, last_good["global_step"])
-            utils.save_checkpoint(path, last_good)
-            writer.close()
-            print(f"error: non-finite loss, gradient or weights at step {global_step}; the last good state is in {path}. "
-                  "Try a lower --learning-rate.", file=sys.stderr, flush=True)
-            raise SystemExit(1)
-        means = (totals[:6] / totals[6]).tolist()
-        var_returns = b_returns.var()
-        explained_var = (1 - (b_returns - b_values).var() / var_returns).item() if var_returns > 0 else float("nan")
-        sps = (global_step - start_step) / (time.time() - start_time)
-
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        for name, value in zip(("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"), means):
-            writer.add_scalar(f"losses/{name}", value, global_step)
-        writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        print(f"step {global_step}: SPS {sps:.1f}, value_loss {means[1]:.4f}, policy_loss {means[0]:.4f}, entropy {means[2]:.3f}"
-              + (f", episodic_return {np.mean(finished_returns):.2f}" if finished_returns else ""))
-
-        # Diagnostics on recent observations (REFERENCE §5)
-        previous_step = global_step - batch_size
-        if args.diag_every and global_step // args.diag_every > previous_step // args.diag_every:
-            recent = b_obs[torch.randperm(batch_size, device=device)[: args.diag_batch_size]]
-            for name, value in network_diagnostics(agent, recent, args.dormant_threshold).items():
-                writer.add_scalar(f"diag/{name}", value, global_step)
+        # logging, and the non-finite check (one host sync per log interval: the iteration)
+        utils.stop_if_nonfinite(bool(finite) and utils.finite_state(agent, optimizer), last_good, run_dir, global_step, writer)
+        scalars = {"charts/SPS": (global_step - start_step) / (time.time() - start_time),
+                   "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                   **{f"losses/{name}": value for name, value in losses.items()},
+                   "losses/explained_variance": explained_variance(batch["values"], batch["returns"])}
+        if finished_returns:
+            scalars["charts/episodic_return"] = np.mean(finished_returns)
+            scalars["charts/episodic_length"] = np.mean(finished_lengths)
+        utils.log_scalars(writer, global_step, scalars)
+        # diagnostics on recent observations (REFERENCE §5)
+        if utils.crossed(previous_step, global_step, args.diag_every):
+            recent = batch["obs"][torch.randperm(batch_size, device=device)[: args.diag_batch_size]]
+            for tag, value in network_diagnostics(agent, recent, args.dormant_threshold).items():
+                writer.add_scalar(tag, value, global_step)
             writer.add_image("images/saliency", saliency_grid(agent, recent[:4]), global_step)
-
-        # Periodic evaluation (the last iteration's is the final one below) and checkpoint
-        if args.eval_every and iteration < num_iterations and global_step // args.eval_every > previous_step // args.eval_every:
+        # evaluation (the last iteration's is the final one below) and checkpoints
+        if utils.crossed(previous_step, global_step, args.eval_every) and iteration < num_iterations:
             run_evaluation(args.eval_episodes)
-        if args.save_every and global_step // args.save_every > previous_step // args.save_every:
+        if utils.crossed(previous_step, global_step, args.save_every):
             utils.save_periodic_checkpoint(run_dir, global_step, checkpoint_payload(), args.keep_checkpoints)
 
-    # Final evaluation and saving
+    # evaluation and saving at the end (every iteration's check covered the last state)
+    progress.close()
     if args.final_eval_episodes:
         run_evaluation(args.final_eval_episodes)
     utils.save_checkpoint(os.path.join(run_dir, "final.pt"), checkpoint_payload())
     envs.close()
-    writer.close()
-    if args.track:
-        wandb.finish()
+    utils.finish_run(writer)
+    utils.echo(f"done: {run_dir}")
 
 
 if __name__ == "__main__":

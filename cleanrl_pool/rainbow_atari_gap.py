@@ -15,9 +15,8 @@ import argparse
 import copy
 import math
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import envpool
 import numpy as np
@@ -29,8 +28,8 @@ import tyro
 import utils
 
 SCRIPT = os.path.basename(__file__)
-ARCHITECTURE_FLAGS = ("encoder", "pool", "width", "dense_scale", "resolution", "frame_stack", "env_id", "noisy", "dueling", "num_atoms",
-                      "v_min", "v_max")
+ARCHITECTURE_FLAGS = ("encoder", "pool", "width", "dense_scale", "resolution", "frame_stack", "env_id",
+                      "noisy", "dueling", "num_atoms", "v_min", "v_max")
 
 
 # Args
@@ -77,13 +76,13 @@ class Args:
     """if toggled, a lost life is terminal for learning (Dopamine no, DER yes); logged returns stay whole games"""
 
     encoder: str = "impala"
-    """the conv trunk: `impala` (Espeholt et al. 2018, the GAP paper's default) or `nature` (Mnih et al. 2015)"""
+    """the conv trunk: `nature` (Mnih et al. 2015) or `impala` (Espeholt et al. 2018)"""
     pool: str = "avg"
     """what joins the encoder to the dense layer: `flatten`, `avg` (global average pooling) or `max`"""
     width: int = 1
-    """multiplies every encoder channel count"""
+    """multiplies every encoder channel count (the papers' τ)"""
     dense_scale: int = 4
-    """multiplies the width of the dense layer after the bottleneck (512 at x1; the GAP paper's default x4)"""
+    """multiplies the width of the dense layer after the bottleneck"""
     num_atoms: int = 51
     """atoms of the C51 return distribution"""
     v_min: float = -10.0
@@ -106,7 +105,7 @@ class Args:
     gamma: float = 0.99
     """the discount factor"""
     target_network_frequency: int = 8_000
-    """agent steps between copies of the online network into the target network"""
+    """agent steps between target network updates (copies of the online network)"""
     batch_size: int = 32
     """transitions per gradient update"""
     start_e: float = 1.0
@@ -114,13 +113,13 @@ class Args:
     end_e: float = 0.01
     """exploration epsilon at the end of the schedule; unused with `--noisy`, which explores with epsilon 0 (Dopamine)"""
     epsilon_decay_steps: int = 250_000
-    """agent steps after `learning_starts` over which epsilon goes from `start_e` to `end_e` (DER.gin 2,000; unused with `--noisy`)"""
+    """agent steps after `learning_starts` over which epsilon goes from `start_e` to `end_e` (DER.gin 2,000)"""
     learning_starts: int = 20_000
     """agent steps of random play before learning starts (Dopamine's min_replay_history)"""
     train_frequency: int = 4
     """agent steps (summed over environments) per gradient update"""
     n_step: int = 3
-    """steps of the n-step return"""
+    """steps of the n-step return (1: the one-step TD target)"""
     double: bool = False
     """if toggled, the online network picks the next action and the target network rates it (van Hasselt et al. 2016)"""
     priority_exponent: float = 0.5
@@ -150,18 +149,30 @@ class Args:
     configuration (else a new run)"""
     diag_every: int = 250_000
     """agent steps between diagnostics (dormant neurons, feature norm, saliency); 0 turns them off"""
+    diag_batch_size: int = 256
+    """the number of recent observations the diagnostics look at"""
     dormant_threshold: float = 0.025
     """a neuron is dormant when its normalised mean activation is at most this (Sokar et al. 2023)"""
     log_every: int = 1000
     """agent steps between logs of losses and SPS (each costs one host sync)"""
     compile: bool = False
-    """if toggled, wrap the network in torch.compile"""
+    """if toggled, compile the training computations with torch.compile (worth it on a GPU; slow to start)"""
     torch_threads: int = 0
     """CPU threads of torch (0: torch's default); 1 is fastest for small networks on a small, shared CPU"""
+    progress: bool = True
+    """show live progress: a bar on a terminal, else a line every 30 s (--no-progress: off)"""
+    tf32: bool = True
+    """TF32 matmuls and convolutions (CUDA only; --no-tf32: full float32)"""
+    cudnn_benchmark: bool = True
+    """cuDNN autotuning of the convolutions, unless --torch-deterministic (CUDA only)"""
+    cuda_graphs: bool = True
+    """capture the learner step once as a CUDA graph and replay it at every update (CUDA only)"""
+    pinned_staging: bool = True
+    """copy observations, rewards and end flags to the device through pinned host buffers, without blocking (CUDA only)"""
 
 
 PRESETS = {
-    "rainbow": {},  # the defaults above: Dopamine's rainbow.gin
+    "rainbow": {},  # the defaults above: Dopamine's rainbow.gin with the GAP paper's Impala encoder and dense layer x4
     "der": dict(  # Dopamine's labs/atari_100k/configs/DER.gin (van Hasselt et al. 2019)
         noisy=True, dueling=True, double=True, n_step=10, learning_starts=1_600, train_frequency=1,
         target_network_frequency=2_000, learning_rate=1e-4, adam_eps=1.5e-4, repeat_action_probability=0.0,
@@ -170,6 +181,21 @@ PRESETS = {
         buffer_size=100_000,  # Dopamine's 1M only stands for "keep everything"; 100k is all a 100k-step run fills
         epsilon_decay_steps=2_000,  # used only with --no-noisy: with NoisyNet, Dopamine's epsilon is 0 (zero_epsilon)
     ),
+}
+
+# The valid range of every numeric flag (utils.check_ranges), checked before any work
+FLAG_RANGES = {
+    "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "num_envs": "[1, inf)", "resolution": "[1, 4096]",
+    "frame_stack": "[1, inf)", "frame_skip": "[1, inf)", "max_episode_steps": "[1, inf)", "width": "[1, inf)",
+    "dense_scale": "[1, inf)", "learning_rate": "(0, inf)", "buffer_size": "[1, inf)", "gamma": "[0, 1]",
+    "target_network_frequency": "[1, inf)", "batch_size": "[1, inf)", "start_e": "[0, 1]", "end_e": "[0, 1]",
+    "learning_starts": "[0, inf)", "train_frequency": "[1, inf)", "n_step": "[1, inf)", "eval_every": "[0, inf)",
+    "eval_episodes": "[1, inf)", "eval_epsilon": "[0, 1]", "save_every": "[0, inf)", "diag_every": "[0, inf)",
+    "diag_batch_size": "[1, inf)", "dormant_threshold": "[0, 1]", "log_every": "[1, inf)", "torch_threads": "[0, inf)",
+    "keep_checkpoints": "[1, inf)",
+    "repeat_action_probability": "[0, 1)", "num_atoms": "[2, inf)", "v_min": "(-inf, inf)", "v_max": "(-inf, inf)",
+    "noisy_std": "(0, inf)", "adam_eps": "(0, inf)", "epsilon_decay_steps": "[1, inf)", "priority_exponent": "[0, inf)",
+    "importance_exponent": "[0, inf)", "iteration_steps": "[1, inf)",
 }
 
 
@@ -182,7 +208,7 @@ def parse_args() -> Args:
     return tyro.cli(Args, default=Args(preset=preset, **PRESETS[preset]))
 
 
-# Environment construction
+# Environment: EnvPool Atari, one frame per step stored, whole games measured from the raw rewards
 def atari_game(env_id: str) -> str:
     """`Breakout` or `Breakout-v5` -> `Breakout`."""
     return env_id[: -len("-v5")] if env_id.endswith("-v5") else env_id
@@ -192,35 +218,29 @@ def atari_games() -> list:
     """The Atari games EnvPool registers, as plain names (its other `-v5` ids are MuJoCo tasks)."""
     from envpool.registration import registry
 
-    return sorted(name[: -len("-v5")] for name, spec in registry.specs.items() if spec[0] == "envpool.atari" and name.endswith("-v5"))
+    specs = registry.specs.items()
+    return sorted(name[: -len("-v5")] for name, spec in specs if spec[0] == "envpool.atari" and name.endswith("-v5"))
 
 
 def make_env(args, num_envs: int, seed: int, for_evaluation: bool = False):
     """EnvPool Atari set to Dopamine's `atari_lib` protocol (Machado et al. 2018), every option explicit.
 
-    Sticky actions, no no-op starts, no fire on reset, the minimal action set, 27k-step episodes;
-    rewards are clipped for training (Dopamine clips to [-1, 1]; Atari rewards are integers, so
-    that is their sign) and raw for evaluation. `info["reward"]` is always the raw reward and
-    `info["terminated"]` the real game over, so full-game returns are measured in both.
+    Sticky actions, no no-op starts, no fire on reset, the minimal action set, 27k-step episodes,
+    frames resized with INTER_AREA as Dopamine's cv2.resize; rewards are clipped for training
+    (Dopamine clips to [-1, 1]; Atari rewards are integers, so that is their sign) and raw for
+    evaluation. `info["reward"]` is always the raw reward and `info["terminated"]` the real game
+    over, so full-game returns are measured in both.
     """
     return envpool.make(
-        f"{atari_game(args.env_id)}-v5",
-        env_type="gymnasium",
-        num_envs=num_envs,
-        seed=seed,
-        img_height=args.resolution,
-        img_width=args.resolution,
-        gray_scale=True,
-        use_inter_area_resize=True,  # Dopamine resizes with cv2.INTER_AREA
-        stack_num=args.frame_stack,
-        frame_skip=args.frame_skip,
+        f"{atari_game(args.env_id)}-v5", env_type="gymnasium", num_envs=num_envs, seed=seed,
+        img_height=args.resolution, img_width=args.resolution, gray_scale=True, use_inter_area_resize=True,
+        stack_num=args.frame_stack, frame_skip=args.frame_skip, full_action_space=False,
+        max_episode_steps=args.max_episode_steps,
         noop_max=1,  # Dopamine has no no-op starts; EnvPool crashes with 0, 1 is a single no-op frame
         use_fire_reset=False,  # Dopamine never presses FIRE for the agent
         episodic_life=args.episodic_life and not for_evaluation,
         reward_clip=not for_evaluation,
         repeat_action_probability=args.repeat_action_probability,
-        full_action_space=False,
-        max_episode_steps=args.max_episode_steps,
     )
 
 
@@ -234,28 +254,94 @@ def finished_games(episode_return, info, truncated):
     return finished
 
 
-# Network: encoder (nature | impala) -> bottleneck (pool + dense) -> C51 head
-NATURE_LAYERS = ((32, 8, 4), (64, 4, 2), (64, 3, 1))  # (channels, kernel, stride), Mnih et al. 2015
+class HostStaging:
+    """Host arrays to the device: with `pinned`, through one reused pinned buffer per name and a non_blocking copy
+    (safe to reuse: each step's copy of the actions to the host waits for the previous step's copies); else as_tensor."""
+
+    def __init__(self, device, pinned: bool):
+        self.device, self.pinned, self.buffers = device, pinned, {}
+
+    def __call__(self, name: str, array):
+        if not self.pinned:
+            return torch.as_tensor(array, device=self.device)
+        host = torch.from_numpy(np.asarray(array))
+        if name not in self.buffers:
+            self.buffers[name] = torch.empty_like(host).pin_memory()
+        return self.buffers[name].copy_(host).to(self.device, non_blocking=True)
+
+    def env_step(self, actions, rewards, terminated, truncated, info) -> tuple:
+        """The arrays of one EnvPool step that store_env_step records, on the device."""
+        return (self("actions", actions), self("rewards", rewards), self("terminated", terminated),
+                self("truncated", truncated), {"elapsed_step": self("elapsed_step", info["elapsed_step"])})
 
 
-def same_padding(side: int, kernel: int, stride: int):
-    """TensorFlow / Flax SAME padding of one axis: output ceil(side / stride), the odd pixel after."""
-    total = max((math.ceil(side / stride) - 1) * stride + kernel - side, 0)
-    return total // 2, total - total // 2
+# Network: encoder (nature | impala) -> bottleneck (pool + Linear(512 x dense_scale) + ReLU) -> C51 head
+def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
+    """The join between encoder and dense layer, the papers' subject: (B, C, H, W) -> (B, C*H*W) for flatten,
+    (B, C) for global average pooling (avg: GAP, Impoola) or global max pooling (max)."""
+    if pool == "flatten":
+        return feature_map.flatten(1)
+    if pool == "avg":
+        return feature_map.mean(dim=(2, 3))
+    return feature_map.amax(dim=(2, 3))
 
 
-def nature_encoder(in_channels: int, width: int, resolution: int) -> nn.Sequential:
-    """Mnih et al. 2015 with SAME padding as Dopamine's Flax network (the GAP paper's): 84x84 ->
-    11x11x64 = 7,744 features when flattened (CleanRL's VALID padding gives 7x7x64)."""
-    layers, channels, side = [], in_channels, resolution
-    for out_channels, kernel, stride in NATURE_LAYERS:
-        before, after = same_padding(side, kernel, stride)
-        layers += [nn.ZeroPad2d((before, after, before, after)), nn.Conv2d(channels, out_channels * width, kernel, stride=stride), nn.ReLU()]
-        channels, side = out_channels * width, math.ceil(side / stride)
-    return nn.Sequential(*layers)
+def pooled_size(channels: int, side: int, pool: str) -> int:
+    """Features after the join: C*H*W for flatten (the dense layer then grows with R^2), C for global pooling."""
+    return channels * side * side if pool == "flatten" else channels
+
+
+def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
+    """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
+    only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
+    frame = torch.zeros(1, in_channels, resolution, resolution, device="meta")
+    try:
+        shape = copy.deepcopy(encoder).to("meta")(frame).shape
+    except RuntimeError:  # a kernel larger than its padded input
+        return 0, 0
+    return shape[1], shape[2]
+
+
+class Bottleneck(nn.Module):
+    """The join and the dense layer after it, dense(pool_features(feature map)): the weights that grow with the
+    feature map under flatten and stay C x dense under GAP. `diag/params/bottleneck` counts them."""
+
+    def __init__(self, pool: str, dense: nn.Module):
+        super().__init__()
+        self.pool, self.dense = pool, dense
+
+    def forward(self, feature_map):
+        return self.dense(pool_features(feature_map, self.pool))
+
+
+class SamePad2d(nn.Module):
+    """TensorFlow / Flax SAME padding for a (kernel, stride) conv: output side ceil(side / stride), the odd pixel after."""
+
+    def __init__(self, kernel: int, stride: int):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x):
+        pads = []
+        for side in (x.shape[-1], x.shape[-2]):  # F.pad takes the last axis first
+            total = max((math.ceil(side / self.stride) - 1) * self.stride + self.kernel - side, 0)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads)
+
+
+def nature_encoder(in_channels: int, width: int) -> nn.Sequential:
+    """Mnih et al. 2015, SAME padding as Dopamine's Flax network (the GAP paper's): 84x84 -> 11x11x64, 7,744
+    features when flattened (CleanRL's VALID padding gives 7x7x64)."""
+    return nn.Sequential(
+        SamePad2d(8, 4), nn.Conv2d(in_channels, 32 * width, 8, stride=4), nn.ReLU(),
+        SamePad2d(4, 2), nn.Conv2d(32 * width, 64 * width, 4, stride=2), nn.ReLU(),
+        SamePad2d(3, 1), nn.Conv2d(64 * width, 64 * width, 3, stride=1), nn.ReLU(),
+    )
 
 
 class ResidualBlock(nn.Module):
+    """x + Conv3x3(ReLU(Conv3x3(ReLU(x)))), Espeholt et al. 2018."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.relu0, self.conv0 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
@@ -266,7 +352,8 @@ class ResidualBlock(nn.Module):
 
 
 def impala_encoder(in_channels: int, width: int) -> nn.Sequential:
-    """Espeholt et al. 2018, stages of (16, 32, 32) x width channels: 84x84 -> 11x11x32."""
+    """Espeholt et al. 2018: three stages of Conv3x3 -> MaxPool(3, stride 2, padding 1) -> two residual blocks,
+    (16, 32, 32) x width channels, then a ReLU: R x R -> ceil(R / 8) x ceil(R / 8) x 32 width."""
     layers, channels = [], in_channels
     for out_channels in (16 * width, 32 * width, 32 * width):
         layers += [
@@ -279,23 +366,7 @@ def impala_encoder(in_channels: int, width: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.ReLU())
 
 
-def encoder_output_shape(encoder: str, width: int, resolution: int):
-    """(channels, side) of the encoder's feature map."""
-    if encoder == "nature":
-        return 64 * width, math.ceil(resolution / 8)  # SAME padding: strides 4, 2, 1
-    side = resolution
-    for _ in range(3):
-        side = (side - 1) // 2 + 1  # MaxPool2d(3, stride 2, padding 1)
-    return 32 * width, side
-
-
-def make_pool(pool: str) -> nn.Module:
-    """The bottleneck's join: flatten keeps H*W*C features, global pooling keeps C."""
-    if pool == "flatten":
-        return nn.Flatten()
-    if pool == "avg":
-        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
+ENCODERS = {"nature": nature_encoder, "impala": impala_encoder}  # --encoder: (in_channels, width) -> conv trunk
 
 
 class NoisyLinear(nn.Module):
@@ -349,14 +420,10 @@ class QNetwork(nn.Module):
 
     def __init__(self, args, num_actions: int):
         super().__init__()
-        if args.encoder == "nature":
-            self.encoder = nature_encoder(args.frame_stack, args.width, args.resolution)
-        else:
-            self.encoder = impala_encoder(args.frame_stack, args.width)
-        channels, side = encoder_output_shape(args.encoder, args.width, args.resolution)
-        features = channels * side * side if args.pool == "flatten" else channels
-        dense = 512 * args.dense_scale
-        self.bottleneck = nn.Sequential(make_pool(args.pool), make_linear(features, dense, args), nn.ReLU())
+        self.encoder = ENCODERS[args.encoder](args.frame_stack, args.width)
+        channels, side = feature_map_shape(self.encoder, args.frame_stack, args.resolution)
+        features, dense = pooled_size(channels, side, args.pool), 512 * args.dense_scale
+        self.bottleneck = Bottleneck(args.pool, nn.Sequential(make_linear(features, dense, args), nn.ReLU()))
         self.head = C51Head(dense, num_actions, args)
 
     def forward(self, obs):
@@ -414,6 +481,11 @@ def q_values(logits, support):
     return (logits.softmax(dim=-1) * support).sum(dim=-1)
 
 
+def expected_q(q_network, support):
+    """The Q-function of a C51 network, obs -> q_values(logits(obs)): what acting and saliency rank."""
+    return lambda obs: q_values(q_network(obs), support)
+
+
 def parameter_counts(q_network) -> dict:
     return {part: utils.parameter_count(getattr(q_network, part)) for part in ("encoder", "bottleneck", "head")}
 
@@ -422,37 +494,37 @@ def parameter_counts(q_network) -> dict:
 def network_diagnostics(q_network, obs, threshold: float) -> dict:
     """Dormant fractions per part and the feature norm (REFERENCE section 5) on a batch of observations.
 
-    The encoder's neurons are its ReLU outputs (conv channels), the bottleneck's the dense layer's
-    ReLU output; the head is linear here, so its neurons are the logits themselves.
+    The encoder's neurons are its ReLU outputs (conv channels), the bottleneck's its dense layer's ReLU
+    output; the head is linear, so its neurons are its outputs (one per action, and per atom for C51).
     """
     encoder_activations = []
     hooks = [
         module.register_forward_hook(lambda module, inputs, output: encoder_activations.append(output))
         for module in q_network.encoder.modules() if isinstance(module, nn.ReLU)
     ]
-    encoded = q_network.encoder(obs.float() / 255.0)
+    feature_map = q_network.encoder(obs.float() / 255.0)
     for hook in hooks:
         hook.remove()
-    features = q_network.bottleneck[0](encoded)
-    hidden = q_network.bottleneck[1:](features)
-    logits = q_network.head(hidden)
+    features = pool_features(feature_map, q_network.bottleneck.pool)
+    hidden = q_network.bottleneck.dense(features)
+    outputs = q_network.head(hidden)
     return {
         "diag/dormant_fraction/encoder": utils.dormant_fraction(encoder_activations, threshold),
         "diag/dormant_fraction/bottleneck": utils.dormant_fraction([hidden], threshold),
-        "diag/dormant_fraction/head": utils.dormant_fraction([logits.flatten(1)], threshold),
+        "diag/dormant_fraction/head": utils.dormant_fraction([outputs.flatten(1)], threshold),
         "diag/feature_norm": features.norm(dim=1).mean().item(),
     }
 
 
-def q_saliency(q_network, obs, support) -> torch.Tensor:
-    """Vanilla-gradient saliency |dQ(s, a*)/ds| of the greedy action, as (B, 1, H, W) images in [0, 1]."""
+def q_saliency(q_function, obs) -> torch.Tensor:
+    """Vanilla-gradient saliency |dQ(s, a*)/ds| of the greedy action, as (B, 1, H, W) images in [0, 1];
+    `q_function` maps observations to Q-values (B, actions)."""
     obs = obs.float().requires_grad_(True)
-    q = q_values(q_network(obs), support)
-    q.max(dim=1).values.sum().backward()
+    q_function(obs).max(dim=1).values.sum().backward()
     return utils.saliency_image(obs.grad)
 
 
-# Replay: each frame stored once per environment, stacks rebuilt at sample time, priorities in a sum tree
+# Storage: each frame stored once per environment, stacks rebuilt at sample time, priorities in a sum tree
 def make_replay(num_envs: int, capacity: int, resolution: int, device) -> dict:
     """Circular per-environment storage indexed by time slot t (slot t % capacity).
 
@@ -513,34 +585,16 @@ def sum_tree_sample(tree, batch_size: int):
     return leaves, tree[leaves + tree.numel() // 2]
 
 
-def store_first_frame(replay: dict, slot_time: int, obs, elapsed_step):
-    """Write the newest frame of a freshly reset observation at slot `slot_time`."""
-    slot = slot_time % replay["frames"].shape[1]
-    replay["frames"][:, slot] = obs[:, -1]
-    replay["episode_start"][:, slot] = elapsed_step == 0
-
-
-def store_step(replay: dict, slot_time: int, actions, rewards, terminated, truncated, was_reset_step, next_obs, next_elapsed_step, n_step: int, frame_stack: int):
-    """Record the step taken from o_t (t = slot_time) and the newest frame of o_{t+1}.
-
-    `was_reset_step` (the previous step ended an episode) marks EnvPool's auto-reset step: its
-    slot is stored as not valid, so it is never sampled and an n-step return never crosses it.
-    Priorities: transition t + 1 - n_step now has its whole window and gets the largest priority
-    seen so far (Schaul et al.: new transitions first); the slots whose frame stacks reach back
-    into the overwritten slot t + 1 get priority 0.
-    """
-    num_envs, capacity = replay["frames"].shape[:2]
-    slot, next_slot = slot_time % capacity, (slot_time + 1) % capacity
-    replay["actions"][:, slot] = actions
-    replay["rewards"][:, slot] = rewards
-    replay["terminated"][:, slot] = terminated
-    replay["truncated"][:, slot] = truncated
-    replay["valid"][:, slot] = ~was_reset_step
-    replay["frames"][:, next_slot] = next_obs[:, -1]
-    replay["episode_start"][:, next_slot] = next_elapsed_step == 0
-    env_offsets = torch.arange(num_envs, device=replay["frames"].device)[:, None] * capacity
-    stale_slots = (slot_time + 1 + torch.arange(frame_stack, device=env_offsets.device)) % capacity
-    leaves, priorities = [(env_offsets + stale_slots).flatten()], [torch.zeros(num_envs * frame_stack, dtype=torch.float64, device=env_offsets.device)]
+def prioritize_new_transitions(replay: dict, slot_time: int, n_step: int, frame_stack: int):
+    """The priorities after the store of slot t = slot_time: transition t + 1 - n_step now has its whole window
+    and gets the largest priority seen so far (Schaul et al.: new transitions first); the slots whose frame
+    stacks reach back into the overwritten slot t + 1 get priority 0."""
+    num_envs, capacity = replay["valid"].shape
+    device = replay["valid"].device
+    env_offsets = torch.arange(num_envs, device=device)[:, None] * capacity
+    stale_slots = (slot_time + 1 + torch.arange(frame_stack, device=device)) % capacity
+    leaves = [(env_offsets + stale_slots).flatten()]
+    priorities = [torch.zeros(num_envs * frame_stack, dtype=torch.float64, device=device)]
     if slot_time + 1 >= n_step:
         complete_slot = (slot_time + 1 - n_step) % capacity
         leaves.append(env_offsets[:, 0] + complete_slot)
@@ -548,18 +602,38 @@ def store_step(replay: dict, slot_time: int, actions, rewards, terminated, trunc
     sum_tree_update(replay["sum_tree"], torch.cat(leaves), torch.cat(priorities))
 
 
-def store_env_step(replay: dict, slot_time: int, actions, rewards, terminated, truncated, info, next_obs, episode_done, args):
-    """The training loop's store of one EnvPool step (host arrays; `next_obs` already on the replay's device).
+def store_env_step(replay: dict, slot_time: int, actions, rewards, terminated, truncated, info, next_obs, episode_done,
+                   n_step: int, frame_stack: int):
+    """Record the EnvPool step taken from o_t (t = slot_time) and the newest frame of o_{t+1} (host arrays
+    or tensors; `next_obs` already on the replay's device). Returns `episode_done` for the next step.
 
     The step is a transition unless the previous one ended an episode (`episode_done`): then it was
-    EnvPool's auto-reset step, whose action was ignored. Returns `episode_done` for the next step.
+    EnvPool's auto-reset step, whose action was ignored. Its slot is stored as not valid, so it is
+    never sampled and an n-step return never crosses it. Then the priorities: see prioritize_new_transitions.
     """
-    device = replay["frames"].device
-    store_step(replay, slot_time, torch.as_tensor(actions, device=device), torch.as_tensor(rewards, device=device),
-               torch.as_tensor(terminated, device=device), torch.as_tensor(truncated, device=device),
-               torch.as_tensor(episode_done, device=device), next_obs,
-               torch.as_tensor(info["elapsed_step"], device=device), args.n_step, args.frame_stack)
+    capacity, device = replay["frames"].shape[1], replay["frames"].device
+    slot, next_slot = slot_time % capacity, (slot_time + 1) % capacity
+    replay["actions"][:, slot] = torch.as_tensor(actions, device=device)
+    replay["rewards"][:, slot] = torch.as_tensor(rewards, device=device)
+    replay["terminated"][:, slot] = torch.as_tensor(terminated, device=device)
+    replay["truncated"][:, slot] = torch.as_tensor(truncated, device=device)
+    replay["valid"][:, slot] = ~torch.as_tensor(episode_done, device=device)
+    replay["frames"][:, next_slot] = next_obs[:, -1]
+    replay["episode_start"][:, next_slot] = torch.as_tensor(info["elapsed_step"], device=device) == 0
+    prioritize_new_transitions(replay, slot_time, n_step, frame_stack)
     return terminated | truncated
+
+
+def store_reset(replay: dict, buffer_time: int, obs, info, n_step: int, frame_stack: int) -> int:
+    """Store the observations of envs.reset() and return their slot time: 0 in a fresh replay; after a resumed
+    replay's o_{buffer_time}, the next slot, behind an auto-reset step that no transition crosses (new games)."""
+    if buffer_time == 0:
+        replay["frames"][:, 0] = obs[:, -1]
+        replay["episode_start"][:, 0] = torch.as_tensor(info["elapsed_step"], device=obs.device) == 0
+        return 0
+    zeros, ended = np.zeros(len(obs), dtype=int), np.ones(len(obs), dtype=bool)  # a step after an episode end
+    store_env_step(replay, buffer_time, zeros, zeros, ~ended, ~ended, info, obs, ended, n_step, frame_stack)
+    return buffer_time + 1
 
 
 def stack_frames(replay: dict, env_index, slot_time, frame_stack: int):
@@ -595,11 +669,10 @@ def n_step_returns(rewards, terminated, truncated, gamma: float):
     return returns, steps, bootstrap_discount
 
 
-def gather_batch(replay: dict, leaves, n_step: int, frame_stack: int, gamma: float):
-    """The n-step transitions that start at the given sum-tree leaves, all on the replay's device."""
+def gather_batch(replay: dict, env_index, slot_time, n_step: int, frame_stack: int, gamma: float) -> dict:
+    """The n-step transitions taken from o_t at (env_index, t = slot_time), all on the replay's device."""
     capacity = replay["frames"].shape[1]
-    env_index, slot_time = leaves // capacity, leaves % capacity
-    window = (slot_time[:, None] + torch.arange(n_step, device=leaves.device)) % capacity
+    window = (slot_time[:, None] + torch.arange(n_step, device=slot_time.device)) % capacity
     returns, steps, bootstrap_discount = n_step_returns(
         replay["rewards"][env_index[:, None], window],
         replay["terminated"][env_index[:, None], window],
@@ -608,7 +681,7 @@ def gather_batch(replay: dict, leaves, n_step: int, frame_stack: int, gamma: flo
     )
     return {
         "observations": stack_frames(replay, env_index, slot_time, frame_stack),
-        "actions": replay["actions"][env_index, slot_time],
+        "actions": replay["actions"][env_index, slot_time % capacity],
         "returns": returns,
         "bootstrap_discount": bootstrap_discount,
         "next_observations": stack_frames(replay, env_index, slot_time + steps, frame_stack),
@@ -618,7 +691,8 @@ def gather_batch(replay: dict, leaves, n_step: int, frame_stack: int, gamma: flo
 def sample_batch(replay: dict, batch_size: int, n_step: int, frame_stack: int, gamma: float):
     """A prioritised batch with its leaves and sampling probabilities (priority / total priority)."""
     leaves, priorities = sum_tree_sample(replay["sum_tree"], batch_size)
-    batch = gather_batch(replay, leaves, n_step, frame_stack, gamma)
+    capacity = replay["frames"].shape[1]
+    batch = gather_batch(replay, leaves // capacity, leaves % capacity, n_step, frame_stack, gamma)
     batch["leaves"], batch["probabilities"] = leaves, (priorities / replay["sum_tree"][1]).float()
     return batch
 
@@ -639,10 +713,35 @@ def cut_episodes_at_resume(replay: dict, buffer_time: int):
         replay["truncated"][:, (buffer_time - 1) % replay["frames"].shape[1]] = True
 
 
-# Rainbow math
+def load_saved_replay(checkpoint_file: str, step: int, num_envs: int, capacity: int, device):
+    """(replay, buffer_time) saved beside the checkpoint of `step`, on `device`, its episodes cut where the resumed run
+    restarts the games; None when that checkpoint has none. A replay of other (envs, slots) is refused."""
+    saved = utils.load_replay(checkpoint_file, step)
+    if saved is None:
+        return None
+    shape = tuple(saved["replay"]["valid"].shape)
+    if shape != (num_envs, capacity):
+        utils.fail(f"--resume {checkpoint_file!r} holds a replay of {shape} (envs, slots); this run asks for "
+                   f"{(num_envs, capacity)}: keep --num-envs and --buffer-size")
+    replay = {key: value.to(device) for key, value in saved["replay"].items()}
+    cut_episodes_at_resume(replay, saved["buffer_time"])
+    return replay, saved["buffer_time"]
+
+
+# Algorithm: the C51 target and loss, prioritised updates, the learner step, epsilon-greedy acting
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
     slope = (end_e - start_e) / duration
     return max(slope * t + start_e, end_e)
+
+
+def dopamine_epsilon(args, global_step: int) -> float:
+    """Dopamine: epsilon 1 until learning starts, then linear to end_e over epsilon_decay_steps; with NoisyNet
+    layers 0 from the first step, the noise explores (full Rainbow's `zero_epsilon`)."""
+    if args.noisy:
+        return 0.0
+    if global_step < args.learning_starts:
+        return 1.0
+    return linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, global_step - args.learning_starts)
 
 
 def project_distribution(next_probs, returns, discounts, support, deterministic: bool = False):
@@ -656,7 +755,7 @@ def project_distribution(next_probs, returns, discounts, support, deterministic:
     target_atoms = (returns[:, None] + discounts[:, None] * support[None, :]).clamp(v_min, v_max)
     position = ((target_atoms - v_min) / delta).clamp(0, num_atoms - 1)  # float rounding may step past the last atom
     lower, upper = position.floor().long(), position.ceil().long()
-    lower_weight = upper.to(position.dtype) - position + (lower == upper).to(position.dtype)  # a hit on an atom keeps it all
+    lower_weight = upper.to(position.dtype) - position + (lower == upper).to(position.dtype)  # on an atom: all to it
     upper_weight = position - lower.to(position.dtype)
     if deterministic:
         atoms = torch.arange(num_atoms, device=support.device)
@@ -690,80 +789,114 @@ def rainbow_loss(q_network, target_network, batch: dict, support, double: bool, 
     return -(target * log_probs).sum(dim=-1), logits
 
 
-def prioritized_update(q_network, target_network, optimizer, replay: dict, batch: dict, support, args):
-    """One gradient step on the importance-weighted mean cross-entropy, then the sampled leaves get
-    priority loss ** priority_exponent (Dopamine: sqrt(loss + 1e-10)) and the running maximum, which
-    new transitions receive, grows with them. Returns the (detached) loss and online logits."""
-    loss_per_transition, logits = rainbow_loss(q_network, target_network, batch, support, args.double,
-                                               args.torch_deterministic)
-    loss = (importance_weights(batch["probabilities"], args.importance_exponent) * loss_per_transition).mean()
+def make_learner(args, num_actions: int, device):
+    """The online network (Dopamine's initialisers with `--init dopamine`), the target network (its copy) and Adam."""
+    q_network = QNetwork(args, num_actions).to(device)
+    if args.init == "dopamine":
+        dopamine_init(q_network, args)
+    target_network = QNetwork(args, num_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    capturable = torch.device(device).type == "cuda"  # Adam's step count stays on the device: no sync, graph-safe
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, capturable=capturable)
+    return q_network, target_network, optimizer
+
+
+def learner_step(q_network, target_network, optimizer, replay: dict, support, args):
+    """One update: a prioritised batch, the importance-weighted mean cross-entropy, one gradient step, then the
+    sampled leaves get priority loss ** priority_exponent (Dopamine: sqrt(loss + 1e-10)) and the running maximum,
+    which new transitions receive, grows with them, in place. No host value is read: a CUDA graph can capture it.
+    Returns the (detached) loss and the mean Q of the batch."""
+    batch = sample_batch(replay, args.batch_size, args.n_step, args.frame_stack, args.gamma)
+    losses, logits = rainbow_loss(q_network, target_network, batch, support, args.double, args.torch_deterministic)
+    loss = (importance_weights(batch["probabilities"], args.importance_exponent) * losses).mean()
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    priorities = (loss_per_transition.detach().double() + 1e-10) ** args.priority_exponent
+    priorities = (losses.detach().double() + 1e-10) ** args.priority_exponent
     sum_tree_update(replay["sum_tree"], batch["leaves"], priorities)
-    replay["max_priority"] = torch.maximum(replay["max_priority"], priorities.max())
-    return loss.detach(), logits.detach()
+    torch.maximum(replay["max_priority"], priorities.max(), out=replay["max_priority"])  # in place: graph-safe
+    return loss.detach(), q_values(logits.detach(), support).mean()
 
 
-def select_actions(q_network, obs, epsilon: float, num_actions: int, support):
-    """Epsilon-greedy per environment on observations already on the device; the coins are
-    host-side so that a fully random step skips the network."""
-    explore = np.random.random(len(obs)) < epsilon
-    actions = np.random.randint(num_actions, size=len(obs))
-    if not explore.all():
+def soft_update(target, online, rate: float):
+    """target <- target + rate (online - target), parameter by parameter (rate 1: an exact copy)."""
+    for target_param, param in zip(target.parameters(), online.parameters()):
+        target_param.data.lerp_(param.data, rate)
+
+
+def select_actions(q_function, obs, epsilon: float, num_actions: int):
+    """Epsilon-greedy per environment on observations already on the device, coins drawn there by torch; one copy
+    of the actions to the host. At epsilon 1 the network is skipped. `q_function`: obs -> Q (B, actions)."""
+    explore = torch.rand(len(obs), device=obs.device) < epsilon
+    actions = torch.randint(num_actions, (len(obs),), device=obs.device)
+    if epsilon < 1:
         with torch.no_grad():
-            greedy = q_values(q_network(obs), support).argmax(dim=1).cpu().numpy()
-        actions = np.where(explore, actions, greedy)
-    return actions
+            actions = torch.where(explore, actions, q_function(obs).argmax(dim=1))
+    return actions.cpu().numpy()
 
 
-def evaluate(q_network, eval_envs, args, num_actions: int, device, support, capture_video: bool):
-    """Play one full game per evaluation environment (no life loss, raw rewards) at `eval_epsilon`,
-    without the NoisyNet noise."""
+class CapturedStep:
+    """`step()` (no arguments: it reads and writes tensors that stay in place) run eagerly on a side stream for
+    `warmup` calls (Adam's state is created), then captured once as a CUDA graph and replayed at every later call;
+    returns the graph's static output tensors, overwritten by each replay."""
+
+    def __init__(self, step, warmup: int = 3):
+        self.step, self.warmup, self.graph, self.outputs = step, warmup, None, None
+
+    def __call__(self):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        if self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outputs = self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            return outputs
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records the kernels without running them: the replay below runs them
+            self.outputs = self.step()
+        return self()
+
+
+# Evaluation: whole games at a fixed epsilon
+def evaluate(q_function, eval_envs, epsilon: float, num_actions: int, device, capture_video: bool):
+    """Play one whole game per evaluation environment at `epsilon`. The return sums the raw rewards
+    (`info["reward"]`) of all lives until the real game over (`info["terminated"]`) or the time limit,
+    whatever `eval_envs` does at a lost life and with the rewards it returns (see make_env)."""
     obs, _ = eval_envs.reset()
     num_envs = len(obs)
     returns, finished = np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
     frames = [obs[0, -1]] if capture_video else None
-    was_training = q_network.training
-    q_network.eval()
     while not finished.all():
-        actions = select_actions(q_network, torch.as_tensor(obs, device=device), args.eval_epsilon, num_actions, support)
-        obs, rewards, terminated, truncated, _ = eval_envs.step(actions)
-        returns += rewards * ~finished
+        actions = select_actions(q_function, torch.as_tensor(obs, device=device), epsilon, num_actions)
+        obs, _, _, truncated, info = eval_envs.step(actions)
+        returns += info["reward"] * ~finished
         if capture_video and not finished[0]:
             frames.append(obs[0, -1])
-        finished |= terminated | truncated
-    q_network.train(was_training)
+        finished |= info["terminated"].astype(bool) | truncated
     video = np.repeat(np.stack(frames)[..., None], 3, axis=-1) if capture_video else None
     return returns, video
 
 
-# The valid range of every numeric flag (utils.check_ranges), checked before any work
-FLAG_RANGES = {
-    "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "num_envs": "[1, inf)", "resolution": "[1, 4096]",
-    "frame_stack": "[1, inf)", "frame_skip": "[1, inf)", "max_episode_steps": "[1, inf)", "width": "[1, inf)",
-    "dense_scale": "[1, inf)", "learning_rate": "(0, inf)", "buffer_size": "[1, inf)", "gamma": "[0, 1]",
-    "target_network_frequency": "[1, inf)", "batch_size": "[1, inf)", "start_e": "[0, 1]", "end_e": "[0, 1]",
-    "learning_starts": "[0, inf)", "train_frequency": "[1, inf)", "n_step": "[1, inf)", "eval_every": "[0, inf)",
-    "eval_episodes": "[1, inf)", "eval_epsilon": "[0, 1]", "save_every": "[0, inf)", "diag_every": "[0, inf)",
-    "dormant_threshold": "[0, 1]", "log_every": "[1, inf)", "torch_threads": "[0, inf)",
-    "repeat_action_probability": "[0, 1)", "num_atoms": "[2, inf)", "v_min": "(-inf, inf)", "v_max": "(-inf, inf)",
-    "noisy_std": "(0, inf)", "adam_eps": "(0, inf)", "epsilon_decay_steps": "[1, inf)", "priority_exponent": "[0, inf)",
-    "importance_exponent": "[0, inf)", "iteration_steps": "[1, inf)", "keep_checkpoints": "[1, inf)",
-}
-
-
+# Main: check the flags, then train
 def check_args(args):
     """Refuse bad input with one line (exit 2) before any work."""
     if atari_game(args.env_id) not in atari_games():
         utils.fail(f"--env-id {args.env_id!r} is not an EnvPool Atari game; choose one of: {', '.join(atari_games())}")
-    utils.check_choice("encoder", args.encoder, ("nature", "impala"))
+    utils.check_choice("encoder", args.encoder, tuple(ENCODERS))
     utils.check_choice("pool", args.pool, ("flatten", "avg", "max"))
     utils.check_choice("init", args.init, ("dopamine", "torch"))
     utils.check_ranges(args, FLAG_RANGES)
     if not args.v_min < args.v_max:
         utils.fail(f"--v-min {args.v_min} must be below --v-max {args.v_max}")
+    with torch.device("meta"):
+        encoder = ENCODERS[args.encoder](args.frame_stack, args.width)
+    if feature_map_shape(encoder, args.frame_stack, args.resolution)[1] < 1:
+        low = next(side for side in range(1, 4097) if feature_map_shape(encoder, args.frame_stack, side)[1] >= 1)
+        utils.fail(f"--resolution {args.resolution} is too small for --encoder {args.encoder}; use at least {low}")
     if args.batch_size > args.buffer_size:
         utils.fail(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
     if args.learning_starts < args.batch_size:
@@ -774,44 +907,31 @@ def check_args(args):
     if args.buffer_size // args.num_envs < args.frame_stack + args.n_step + 1:
         utils.fail(f"--buffer-size {args.buffer_size} leaves {args.buffer_size // args.num_envs} slots per environment; "
                    f"--num-envs {args.num_envs} needs at least {args.frame_stack + args.n_step + 1} each")
-    if args.track:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            utils.fail("--track needs the `wandb` package; install it or drop --track")
+    utils.check_tracking(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    utils.check_memory(args.buffer_size // args.num_envs * args.num_envs * args.resolution**2, device,
+                       f"--buffer-size {args.buffer_size} at --resolution {args.resolution}")
 
 
 def main():
     args = parse_args()
-    args.env_id = atari_game(args.env_id)
-    check_args(args)
+    check_args(args)  # all bad input: one line, exit 2 (also memory, via utils.check_memory)
+    args.env_id = atari_game(args.env_id)  # `Breakout-v5` trains, and names its run folder, as `Breakout`
     # derived values
     replay_capacity = args.buffer_size // args.num_envs  # slots per environment
+    replay_gib = args.num_envs * replay_capacity * args.resolution**2 / 2**30  # uint8 frames
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    replay_bytes = args.num_envs * replay_capacity * args.resolution**2
-    if replay_bytes > 0.8 * utils.free_memory_bytes(device):  # on a CPU too: an OOM kill after set-up helps nobody
-        utils.fail(f"--buffer-size {args.buffer_size} at --resolution {args.resolution} needs "
-                   f"{replay_bytes / 2**30:.1f} GiB of replay, more than 80 % of the free {device.type} memory")
-
-    last_good = None  # (step, checkpoint) of the last state whose losses were checked finite
     run_dir, checkpoint_file = utils.resolve_run(args)
     checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
-    if checkpoint:  # the replay saved beside the newest checkpoint, if this is it
-        checkpoint.update(utils.load_replay(checkpoint_file, checkpoint["global_step"]) or {})
-    if checkpoint and "replay" in checkpoint and tuple(checkpoint["replay"]["valid"].shape) != (args.num_envs, replay_capacity):
-        utils.fail(f"--resume {checkpoint_file!r} holds a replay of {tuple(checkpoint['replay']['valid'].shape)} "
-                   f"(envs, slots); this run asks for {(args.num_envs, replay_capacity)}: keep --num-envs and --buffer-size")
-    print("config:\n" + "\n".join(f"  {key} = {value}" for key, value in asdict(args).items()), flush=True)
-    print(f"run folder: {run_dir}; device: {device}; replay: {replay_bytes / 2**30:.2f} GiB of uint8 frames", flush=True)
+    resumed_replay = None  # (replay, buffer_time) beside the newest checkpoint, if this is it
+    if checkpoint:
+        resumed_replay = load_saved_replay(checkpoint_file, checkpoint["global_step"], args.num_envs, replay_capacity, device)
+    utils.print_config(args, device=device, run_dir=run_dir, replay=f"{replay_gib:.2f} GiB")
     writer = utils.start_run(args, run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity or None, sync_tensorboard=True,
-                   config=asdict(args), name=os.path.basename(run_dir), save_code=True)
 
     # set-up
     utils.seed_everything(args.seed, args.torch_deterministic)
+    utils.configure_cuda(args, device)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     global_step = checkpoint["global_step"] if checkpoint else 0
@@ -820,14 +940,9 @@ def main():
     eval_envs = make_env(args, args.eval_episodes, env_seed + 1_000_000, for_evaluation=True)
     num_actions = envs.action_space.n
     support = torch.linspace(args.v_min, args.v_max, args.num_atoms, device=device)
-    q_network = QNetwork(args, num_actions).to(device)
-    if args.init == "dopamine":
-        dopamine_init(q_network, args)
-    target_network = QNetwork(args, num_actions).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
-    replay = make_replay(args.num_envs, replay_capacity, args.resolution, device)
-    buffer_time, update_count, update_credit = 0, 0, 0
+    q_network, target_network, optimizer = make_learner(args, num_actions, device)
+    replay, buffer_time = resumed_replay or (make_replay(args.num_envs, replay_capacity, args.resolution, device), 0)
+    update_count, update_credit = 0, 0
     iteration_returns = []  # whole-game returns of the training games that ended in this iteration (Dopamine's statistic)
     if checkpoint:
         q_network.load_state_dict(checkpoint["q_network"])
@@ -835,160 +950,125 @@ def main():
         optimizer.load_state_dict(checkpoint["optimizer"])
         update_count, update_credit = checkpoint["update_count"], checkpoint["update_credit"]
         iteration_returns = list(checkpoint.get("iteration_returns", []))
-        if "replay" in checkpoint:
-            replay = {key: value.to(device) for key, value in checkpoint["replay"].items()}
-            buffer_time = checkpoint["buffer_time"]
-            cut_episodes_at_resume(replay, buffer_time)
         utils.set_rng_state(checkpoint["rng"])
-        print(f"resumed from {checkpoint_file} at step {global_step}", flush=True)
+        utils.echo(f"resumed from {checkpoint_file} at step {global_step}")
+    utils.log_parameter_counts(writer, parameter_counts(q_network), fresh=checkpoint is None)
     q_forward = torch.compile(q_network) if args.compile else q_network
     target_forward = torch.compile(target_network) if args.compile else target_network
+    stage = HostStaging(device, args.pinned_staging and device.type == "cuda")
 
-    counts = parameter_counts(q_network)
-    print("parameters: " + ", ".join(f"{part} {count:,}" for part, count in counts.items()) + f", total {sum(counts.values()):,}", flush=True)
-    if not checkpoint:
-        for part, count in counts.items():
-            writer.add_scalar(f"diag/params/{part}", count, 0)
+    def update():  # one learner step on tensors that stay in place: what --cuda-graphs captures
+        return learner_step(q_forward, target_forward, optimizer, replay, support, args)
 
-    def checkpoint_payload(step):
-        payload = {
-            "script": SCRIPT, "args": asdict(args), "global_step": step, "rng": utils.rng_state(),
-            "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
-            "optimizer": optimizer.state_dict(), "update_count": update_count, "update_credit": update_credit,
-            "iteration_returns": list(iteration_returns),
-        }
-        return payload
+    learner_update = CapturedStep(update) if args.cuda_graphs and device.type == "cuda" else update
+    q_function = expected_q(q_forward, support)
 
-    def stop_if_nonfinite(step):
-        """One host sync: stop if any loss since the last check was not finite, leaving the last good state."""
-        nonlocal last_good
-        # the weights and Adam's moments too: the interval's last step may have broken them after its loss was checked
-        if nonfinite.item() or not utils.finite_state(q_network, optimizer):
-            if last_good is None:
-                where = "no finite state was checked yet, so no checkpoint was written"
-            else:
-                good_step, good_state = last_good
-                utils.save_checkpoint(utils.checkpoint_path(run_dir, good_step), good_state)
-                where = f"the last good state is {utils.checkpoint_path(run_dir, good_step)}"
-            print(f"error: non-finite loss or weights before step {step}; stopping ({where}). Try a lower --learning-rate.",
-                  file=sys.stderr, flush=True)
-            writer.close()
-            raise SystemExit(1)
-        last_good = (step, copy.deepcopy(checkpoint_payload(step)))
+    def checkpoint_payload():
+        return utils.checkpoint_payload(SCRIPT, args, global_step, q_network=q_network.state_dict(),
+                                        target_network=target_network.state_dict(), optimizer=optimizer.state_dict(),
+                                        update_count=update_count, update_credit=update_credit,
+                                        iteration_returns=list(iteration_returns))
 
-    def run_evaluation(step):
-        returns, video = evaluate(q_forward, eval_envs, args, num_actions, device, support, args.capture_video)
-        writer.add_scalar("eval/return", returns.mean(), step)
+    def state_is_finite():  # one host sync: the losses since the last check (their sum), the weights and Adam's moments
+        return utils.finite_state(loss_total, q_network, optimizer)
+
+    def run_evaluation():
+        q_network.eval()  # the NoisyNet layers act on their means
+        returns, video = evaluate(q_function, eval_envs, args.eval_epsilon, num_actions, device, args.capture_video)
+        q_network.train()
         normalized = utils.atari_human_normalized_score(args.env_id, returns.mean())
-        if normalized is not None:
-            writer.add_scalar("eval/normalized_score", normalized, step)
+        normalized = {} if normalized is None else {"eval/normalized_score": normalized}
+        utils.log_scalars(writer, global_step, {"eval/return": returns.mean(), **normalized})
         if video is not None:
-            utils.save_video(os.path.join(run_dir, "videos", f"eval_step_{step:012d}.gif"), video)
-        print(f"global_step={step}, eval/return={returns.mean():.2f} over {len(returns)} games", flush=True)
+            utils.save_video(os.path.join(run_dir, "videos", f"eval_step_{global_step:012d}.gif"), video)
 
     # training loop
     obs, info = envs.reset()
-    obs_device = torch.as_tensor(obs, device=device)
-    if buffer_time > 0:  # the stored slot o_{buffer_time} becomes an auto-reset slot before the new games
-        was_reset_step = torch.ones(args.num_envs, dtype=torch.bool, device=device)
-        zeros = torch.zeros(args.num_envs, device=device)
-        store_step(replay, buffer_time, zeros.long(), zeros, zeros.bool(), zeros.bool(), was_reset_step,
-                   obs_device, torch.as_tensor(info["elapsed_step"], device=device), args.n_step, args.frame_stack)
-        buffer_time += 1
-    else:
-        store_first_frame(replay, 0, obs_device, torch.as_tensor(info["elapsed_step"], device=device))
-    episode_done = np.zeros(args.num_envs, dtype=bool)
-    episode_return = np.zeros(args.num_envs)
-    loss_sum = torch.zeros((), device=device)
-    q_sum = torch.zeros((), device=device)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    losses_since_log = 0
+    obs_device = stage("obs", obs)
+    buffer_time = store_reset(replay, buffer_time, obs_device, info, args.n_step, args.frame_stack)
+    episode_done, episode_return = np.zeros(args.num_envs, dtype=bool), np.zeros(args.num_envs)
+    loss_total, q_total = torch.zeros((), device=device), torch.zeros((), device=device)
+    logged_updates = update_count
+    last_good = None
+    progress = utils.Progress(args.total_timesteps, global_step, args.progress)
     start_step, start_time = global_step, time.time()
     while global_step < args.total_timesteps:
-        # Dopamine: epsilon 1 until learning starts, then linear to end_e over epsilon_decay_steps;
-        # with NoisyNet layers 0 from the first step, the noise explores (full Rainbow's `zero_epsilon`)
-        epsilon = linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, max(0, global_step - args.learning_starts))
-        epsilon = 0.0 if args.noisy else 1.0 if global_step < args.learning_starts else epsilon
-        actions = select_actions(q_forward, obs_device, epsilon, num_actions, support)
+        epsilon = dopamine_epsilon(args, global_step)
+        actions = select_actions(q_function, obs_device, epsilon, num_actions)
         envs.send(actions)  # the emulators step in EnvPool's threads while the learner updates below
         previous_step = global_step
         global_step += args.num_envs
 
         # gradient updates: one per `train_frequency` agent steps, once the replay is warm
-        stored = min(buffer_time, replay_capacity) * args.num_envs
-        if global_step > args.learning_starts and stored >= min(args.learning_starts, args.buffer_size) and buffer_time >= args.n_step:
+        warm = min(buffer_time, replay_capacity) * args.num_envs >= min(args.learning_starts, args.buffer_size)
+        if global_step > args.learning_starts and warm and buffer_time >= args.n_step:
             update_credit += args.num_envs
             while update_credit >= args.train_frequency:
                 update_credit -= args.train_frequency
-                batch = sample_batch(replay, args.batch_size, args.n_step, args.frame_stack, args.gamma)
-                loss, logits = prioritized_update(q_forward, target_forward, optimizer, replay, batch, support, args)
+                loss, mean_q = learner_update()
                 update_count += 1
-                loss_sum += loss
-                q_sum += q_values(logits, support).mean()
-                nonfinite |= ~torch.isfinite(loss)
-                losses_since_log += 1
-            if global_step // args.target_network_frequency > previous_step // args.target_network_frequency:
-                target_network.load_state_dict(q_network.state_dict())
+                loss_total += loss
+                q_total += mean_q
+            if utils.crossed(previous_step, global_step, args.target_network_frequency):
+                soft_update(target_network, q_network, 1.0)  # Dopamine copies the online network
 
         # store the step taken from o_t; an auto-reset step (after an episode end) is never a transition
         next_obs, rewards, terminated, truncated, info = envs.recv()
-        next_obs_device = torch.as_tensor(next_obs, device=device)
-        episode_done = store_env_step(replay, buffer_time, actions, rewards, terminated, truncated, info, next_obs_device,
-                                      episode_done, args)
+        obs_device = stage("obs", next_obs)
+        episode_done = store_env_step(replay, buffer_time, *stage.env_step(actions, rewards, terminated, truncated, info),
+                                      obs_device, episode_done, args.n_step, args.frame_stack)
         buffer_time += 1
-        obs_device = next_obs_device
         for game_return, game_length in finished_games(episode_return, info, truncated):
-            writer.add_scalar("charts/episodic_return", game_return, global_step)
-            writer.add_scalar("charts/episodic_length", game_length, global_step)
+            utils.log_scalars(writer, global_step, {"charts/episodic_return": game_return,
+                                                    "charts/episodic_length": game_length})
+            progress.update(episodic_return=game_return)
             iteration_returns.append(float(game_return))
-            print(f"global_step={global_step}, episodic_return={game_return:.0f}", flush=True)
-        # Dopamine's reported score: the mean training return per iteration (its train_average_return)
-        if global_step // args.iteration_steps > previous_step // args.iteration_steps:
+        progress.update(global_step)
+        if utils.crossed(previous_step, global_step, args.iteration_steps):  # Dopamine's score: its train_average_return
             if iteration_returns:
                 writer.add_scalar("charts/iteration_return", np.mean(iteration_returns), global_step)
             iteration_returns = []
 
         # logging, and the non-finite check (one host sync per log interval)
-        if global_step // args.log_every > previous_step // args.log_every:
-            stop_if_nonfinite(global_step)
-            sps = (global_step - start_step) / (time.time() - start_time)
-            writer.add_scalar("charts/SPS", sps, global_step)
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("charts/epsilon", epsilon, global_step)
-            if losses_since_log:
-                writer.add_scalar("losses/loss", (loss_sum / losses_since_log).item(), global_step)
-                writer.add_scalar("losses/q_values", (q_sum / losses_since_log).item(), global_step)
-                loss_sum.zero_(), q_sum.zero_()
-                losses_since_log = 0
-            print(f"global_step={global_step}, SPS={sps:.1f}, epsilon={epsilon:.3f}, updates={update_count}", flush=True)
+        if utils.crossed(previous_step, global_step, args.log_every):
+            utils.stop_if_nonfinite(state_is_finite(), last_good, run_dir, global_step, writer)
+            last_good = copy.deepcopy(checkpoint_payload())
+            scalars = {"charts/SPS": (global_step - start_step) / (time.time() - start_time),
+                       "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/epsilon": epsilon}
+            if update_count > logged_updates:
+                updates, logged_updates = update_count - logged_updates, update_count
+                mean_loss, mean_q_value = (torch.stack([loss_total, q_total]) / updates).tolist()  # one host sync
+                scalars.update({"losses/loss": mean_loss, "losses/q_values": mean_q_value})
+                loss_total.zero_(), q_total.zero_()
+            utils.log_scalars(writer, global_step, scalars)
 
-        # diagnostics on a batch of the newest stored observations, without the NoisyNet noise
-        if args.diag_every and global_step // args.diag_every > previous_step // args.diag_every:
+        # diagnostics on recent observations, without the NoisyNet noise
+        if utils.crossed(previous_step, global_step, args.diag_every):
             q_network.eval()
-            recent = recent_observations(replay, buffer_time, 256, args.frame_stack)
+            recent = recent_observations(replay, buffer_time, args.diag_batch_size, args.frame_stack)
             for tag, value in network_diagnostics(q_network, recent, args.dormant_threshold).items():
                 writer.add_scalar(tag, value, global_step)
-            writer.add_images("images/saliency", q_saliency(q_network, recent[:4], support), global_step)
+            writer.add_images("images/saliency", q_saliency(expected_q(q_network, support), recent[:4]), global_step)
             q_network.zero_grad(set_to_none=True)
             q_network.train()
 
         # evaluation and checkpoints
-        if args.eval_every and global_step // args.eval_every > previous_step // args.eval_every and global_step < args.total_timesteps:
-            run_evaluation(global_step)
-        if args.save_every and global_step // args.save_every > previous_step // args.save_every:
-            stop_if_nonfinite(global_step)
+        if utils.crossed(previous_step, global_step, args.eval_every) and global_step < args.total_timesteps:
+            run_evaluation()
+        if utils.crossed(previous_step, global_step, args.save_every):
+            utils.stop_if_nonfinite(state_is_finite(), last_good, run_dir, global_step, writer)
             saved_replay = {"replay": replay, "buffer_time": buffer_time} if args.save_buffer else None
-            utils.save_periodic_checkpoint(run_dir, global_step, checkpoint_payload(global_step), args.keep_checkpoints,
-                                           saved_replay)
+            utils.save_periodic_checkpoint(run_dir, global_step, checkpoint_payload(), args.keep_checkpoints, saved_replay)
 
     # evaluation and saving at the end
-    stop_if_nonfinite(global_step)
-    run_evaluation(global_step)
-    utils.save_checkpoint(os.path.join(run_dir, "final.pt"), checkpoint_payload(global_step))
+    progress.close()
+    utils.stop_if_nonfinite(state_is_finite(), last_good, run_dir, global_step, writer)
+    run_evaluation()
+    utils.save_checkpoint(os.path.join(run_dir, "final.pt"), checkpoint_payload())
     envs.close()
     eval_envs.close()
-    writer.close()
-    print(f"done: {run_dir}", flush=True)
+    utils.finish_run(writer)
+    utils.echo(f"done: {run_dir}")
 
 
 if __name__ == "__main__":

@@ -16,16 +16,17 @@ Step counts are agent steps: DrQ's "100k steps" are 100k environment frames = 10
 
 import argparse
 import copy
-import math
 import ctypes
 import ctypes.util
+import functools
 import glob
+import itertools
+import math
 import os
 import shutil
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import envpool
 import numpy as np
@@ -76,18 +77,18 @@ class Args:
     frame_stack: int = 3
     """frames stacked into one observation (DrQ: 3)"""
     action_repeat: int = 0
-    """control steps per agent step, rewards summed; 0 takes DrQ's per-task value (cartpole 8, finger/walker 2, others 4)"""
+    """control steps per agent step, rewards summed; 0: DrQ's per-task value (cartpole 8, finger/walker 2, others 4)"""
     cheap_visuals_for_tests: bool = False
-    """TESTS / CPU SMOKE RUNS ONLY: render without shadows and anti-aliasing (5-15x faster on a CPU, different pictures); never report results made with it"""
+    """TESTS / CPU SMOKE RUNS ONLY: no shadows or anti-aliasing (5-15x faster, other pictures); never report its results"""
 
     pool: str = "flatten"
-    """what joins the encoder to the dense layer: `flatten` (DrQ), `avg` (global average pooling) or `max`"""
+    """what joins the encoder to the dense layer: `flatten`, `avg` (global average pooling) or `max`"""
     width: int = 1
-    """multiplies every encoder channel count (32 at x1)"""
+    """multiplies every encoder channel count (the papers' τ)"""
     padding: str = "valid"
     """padding of the 4 convs: `valid` (DrQ: 84 -> 35x35) or `same` (Dopamine's Flax convs: 84 -> 42x42)"""
     dense_scale: int = 1
-    """multiplies the width of the dense layer after the bottleneck (`feature_dim` at x1)"""
+    """multiplies the width of the dense layer after the bottleneck"""
     feature_dim: int = 50
     """width of the dense layer after the bottleneck at --dense-scale 1 (DrQ: 50)"""
     hidden_dim: int = 1024
@@ -104,7 +105,7 @@ class Args:
     reward_scale: float = 1.0
     """multiplies the rewards the critic learns from (DrQ: 1; Dopamine's SAC from pixels: 0.1); logged returns stay raw"""
     tau: float = 0.01
-    """EMA rate of the target critic and its encoder (DrQ: 0.01)"""
+    """target network update rate (CleanRL's tau; the papers' τ is --width); DrQ: 0.01, Dopamine: 0.005"""
     init_temperature: float = 0.1
     """initial entropy temperature alpha (DrQ: 0.1; Dopamine: 1)"""
     target_entropy_scale: float = 1.0
@@ -112,7 +113,7 @@ class Args:
     alpha_loss_on: str = "alpha"
     """the temperature loss: `alpha` (DrQ) or `log_alpha` (Dopamine, Haarnoja et al. 2018) x (-log pi - target entropy)"""
     combined_loss: bool = False
-    """if toggled, Dopamine's single update: 0.5 x critic loss + actor loss + temperature loss, all from the same parameters"""
+    """if toggled, Dopamine's single update: 0.5 x critic loss + actor loss + temperature loss, from the same weights"""
     learning_starts: int = 1000
     """agent steps of uniformly random actions before learning starts (DrQ: 1000 seed steps)"""
     update_to_data: int = 1
@@ -126,11 +127,11 @@ class Args:
     log_std_max: float = 2.0
     """upper bound of the actor's log standard deviation (DrQ: 2)"""
     bound_log_std: bool = True
-    """if toggled, squash the actor's log std into [log_std_min, log_std_max] with tanh (DrQ); off: Dopamine's unbounded exp"""
+    """if toggled, squash the actor's log std into [log_std_min, log_std_max] by tanh (DrQ); off: Dopamine's unbounded exp"""
     target_next_action: str = "online_sample"
-    """the target's next action: `online_sample` (DrQ: a' ~ online actor) or `target_mean` (Dopamine, see `critic_loss`)"""
+    """the target's next action: `online_sample` (DrQ: a' ~ online actor) or `target_mean` (Dopamine, see critic_loss)"""
     init: str = "drq"
-    """initial weights: `drq` (orthogonal, ReLU gain in the convs) or `dopamine` (orthogonal encoder, glorot_uniform MLPs)"""
+    """initial weights: `drq` (orthogonal, ReLU gain in convs) or `dopamine` (orthogonal encoder, glorot_uniform MLPs)"""
     augment: bool = True
     """if toggled, random-shift augmentation with two views (DrQ K=M=2); --no-augment: plain SAC from pixels"""
     image_pad: int = 4
@@ -152,14 +153,29 @@ class Args:
     configuration (else a new run)"""
     diag_every: int = 10_000
     """agent steps between diagnostics (dormant neurons, feature norm, saliency); 0 turns them off"""
+    diag_batch_size: int = 256
+    """the number of recent observations the diagnostics look at"""
     dormant_threshold: float = 0.025
     """a neuron is dormant when its normalised mean activation is at most this (Sokar et al. 2023)"""
     log_every: int = 1000
     """agent steps between logs of losses and SPS (each costs one host sync)"""
     compile: bool = False
-    """if toggled, wrap the loss computations in torch.compile"""
+    """if toggled, compile the training computations with torch.compile (worth it on a GPU; slow to start)"""
+    tf32: bool = True
+    """TF32 matmuls and convolutions (CUDA only; --no-tf32: full float32)"""
+    cudnn_benchmark: bool = True
+    """cuDNN autotuning of the convolutions, unless --torch-deterministic (CUDA only)"""
+    bf16: bool = True
+    """bfloat16 autocast in the update; losses, soft Q targets, log-probs and temperature stay float32 (CUDA only)"""
+    channels_last: bool = True
+    """channels-last memory format for the encoders and the update's observation batches (CUDA only)"""
+    overlap_envs: bool = True
+    """the environment steps while the GPU updates: each step's updates run during the next environment step, whose
+    action is chosen before them (CUDA only)"""
     torch_threads: int = 0
-    """CPU threads of torch (0: torch's default); 1 is fastest for small batches on a small, shared CPU"""
+    """CPU threads of torch (0: torch's default); 1 is fastest for small networks on a small, shared CPU"""
+    progress: bool = True
+    """show live progress: a bar on a terminal, else a line every 30 s (--no-progress: off)"""
 
 
 PRESETS = {
@@ -174,6 +190,21 @@ PRESETS = {
     ),
 }
 
+# The valid range of every numeric flag (utils.check_ranges), checked before any work
+FLAG_RANGES = {
+    "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "num_envs": "[1, inf)",
+    "resolution": "[1, 2048]",  # 2048: the largest size tested; check_args refuses a frame too small for the encoder
+    "frame_stack": "[1, inf)", "action_repeat": "[0, inf)",
+    "width": "[1, inf)", "dense_scale": "[1, inf)", "feature_dim": "[1, inf)", "hidden_dim": "[1, inf)",
+    "learning_rate": "(0, inf)", "buffer_size": "[1, inf)", "batch_size": "[1, inf)", "gamma": "[0, 1]",
+    "reward_scale": "(0, inf)", "tau": "(0, 1]", "init_temperature": "(0, inf)", "target_entropy_scale": "(0, inf)",
+    "learning_starts": "[0, inf)", "update_to_data": "[1, inf)", "actor_update_frequency": "[1, inf)",
+    "target_update_frequency": "[1, inf)", "log_std_min": "(-inf, inf)", "log_std_max": "(-inf, inf)", "image_pad": "[0, inf)",
+    "eval_every": "[0, inf)", "eval_episodes": "[1, inf)", "save_every": "[0, inf)", "diag_every": "[0, inf)",
+    "diag_batch_size": "[1, inf)", "dormant_threshold": "[0, 1]", "log_every": "[1, inf)", "torch_threads": "[0, inf)",
+    "keep_checkpoints": "[1, inf)",
+}
+
 
 def parse_args() -> Args:
     """Read `--preset` first, then parse every flag with that preset's values as the defaults."""
@@ -184,7 +215,7 @@ def parse_args() -> Args:
     return tyro.cli(Args, default=Args(preset=preset, **PRESETS[preset]))
 
 
-# Environment construction
+# Environment: EnvPool's DMC pixels with DrQ's action repeat (a state-only twin sums the rewards)
 DMC_TASKS = {  # --env-id: (EnvPool id, default action repeat, camera)
     # the PlaNet benchmark with DrQ's action repeats
     "cartpole-swingup": ("CartpoleSwingup-v1", 8, 0),
@@ -208,7 +239,6 @@ DMC_TASKS = {  # --env-id: (EnvPool id, default action repeat, camera)
     "quadruped-run": ("QuadrupedRun-v1", 2, 2),
 }
 CONTROL_STEPS_PER_EPISODE = 1000  # every DMC task above ends by its time limit after 1000 control steps
-MIN_RESOLUTION, MAX_RESOLUTION = 15, 2048  # the 4 VALID convs need 15 pixels; 2048 is the largest size tested
 
 
 def make_egl_visible():
@@ -273,14 +303,30 @@ def make_env(args, num_envs: int, seed: int, base_path: str = ""):
     return pixel_env, reward_env
 
 
+def make_envs(args, seed: int):
+    """The training env and the evaluation env (one environment per evaluation episode); the test-only cheap
+    visuals' assets are read when an env is made, so their temporary copy can go right after."""
+    with tempfile.TemporaryDirectory() as assets:
+        base_path = cheap_visuals_assets(assets) if args.cheap_visuals_for_tests else ""
+        return make_env(args, args.num_envs, seed, base_path), make_env(args, args.eval_episodes, seed + 1_000_000, base_path)
+
+
 def reset_env(env):
     pixel_env, reward_env = env
     reward_env.reset()
     return pixel_env.reset()[0]
 
 
-def step_env(env, actions, action_repeat: int):
-    """One agent step with DrQ's action repeat: (obs, summed reward, terminated, truncated, auto_reset).
+def send_actions(env, actions):
+    """Start one agent step and return at once: the pixel env's step and the twin's first control step run in
+    EnvPool's threads until `receive_step`."""
+    pixel_env, reward_env = env
+    pixel_env.send(actions)
+    reward_env.send(actions)
+
+
+def receive_step(env, actions, action_repeat: int):
+    """Wait for the agent step that `send_actions` started: (obs, summed reward, terminated, truncated, auto_reset).
 
     `auto_reset` marks EnvPool's reset step after an episode end (its action is ignored and the
     observation is the new episode's first): never a transition. Every task here ends by time
@@ -288,15 +334,15 @@ def step_env(env, actions, action_repeat: int):
     pixel env's reward, which checks on every step that both simulate the same physics.
     """
     pixel_env, reward_env = env
-    obs, last_reward, terminated, truncated, info = pixel_env.step(actions)
+    obs, last_reward, terminated, truncated, info = pixel_env.recv()
+    control_reward = reward_env.recv()[1]  # the twin's reset step, or its first control step
     auto_reset = info["elapsed_step"] == 0
     rewards = np.zeros(len(obs))
-    if auto_reset.all():
-        reward_env.step(actions)
-    elif auto_reset.any():
+    if auto_reset.any() and not auto_reset.all():
         raise RuntimeError("environments reset at different steps: the reward twin cannot follow them")
-    else:
-        for _ in range(action_repeat):
+    if not auto_reset.any():
+        rewards += control_reward
+        for _ in range(action_repeat - 1):
             control_reward = reward_env.step(actions)[1]
             rewards += control_reward
         if not np.allclose(control_reward, last_reward, rtol=1e-4, atol=1e-6):
@@ -304,83 +350,120 @@ def step_env(env, actions, action_repeat: int):
     return obs, rewards, terminated, truncated, auto_reset
 
 
-# Network: shared encoder (convs + pool) -> per-head bottleneck (Linear -> LayerNorm -> tanh) -> actor / twin critics
-def encoder_side(resolution: int, padding: str = "valid") -> int:
-    """Side of the feature map: 3x3 convs with strides 2, 1, 1, 1; VALID 84 -> 41 -> 35, SAME 84 -> 42."""
-    if padding == "same":
-        return math.ceil(resolution / 2)
-    return (resolution - 3) // 2 + 1 - 6
+def step_env(env, actions, action_repeat: int):
+    """One agent step with DrQ's action repeat, waited for (see `receive_step`)."""
+    send_actions(env, actions)
+    return receive_step(env, actions, action_repeat)
 
 
-def same_padding(side: int, kernel: int, stride: int):
-    """TensorFlow / Flax SAME padding of one axis: output ceil(side / stride), the odd pixel after."""
-    total = max((math.ceil(side / stride) - 1) * stride + kernel - side, 0)
-    return total // 2, total - total // 2
+# Network: shared encoder (4 convs) -> per-head bottleneck (pool + Linear -> LayerNorm -> tanh) -> actor / twin critics
+def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
+    """The join between encoder and dense layer, the papers' subject: (B, C, H, W) -> (B, C*H*W) for flatten,
+    (B, C) for global average pooling (avg: GAP, Impoola) or global max pooling (max)."""
+    if pool == "flatten":
+        return feature_map.flatten(1)
+    if pool == "avg":
+        return feature_map.mean(dim=(2, 3))
+    return feature_map.amax(dim=(2, 3))
+
+
+def pooled_size(channels: int, side: int, pool: str) -> int:
+    """Features after the join: C*H*W for flatten (the dense layer then grows with R^2), C for global pooling."""
+    return channels * side * side if pool == "flatten" else channels
+
+
+def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
+    """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
+    only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
+    frame = torch.zeros(1, in_channels, resolution, resolution, device="meta")
+    try:
+        shape = copy.deepcopy(encoder).to("meta")(frame).shape
+    except RuntimeError:  # a kernel larger than its padded input
+        return 0, 0
+    return shape[1], shape[2]
+
+
+class Bottleneck(nn.Module):
+    """The join and the dense layer after it, dense(pool_features(feature map)): the weights that grow with the
+    feature map under flatten and stay C x dense under GAP. `diag/params/bottleneck` counts them."""
+
+    def __init__(self, pool: str, dense: nn.Module):
+        super().__init__()
+        self.pool, self.dense = pool, dense
+
+    def forward(self, feature_map):
+        return self.dense(pool_features(feature_map, self.pool))
+
+
+class SamePad2d(nn.Module):
+    """TensorFlow / Flax SAME padding for a (kernel, stride) conv: output side ceil(side / stride), the odd pixel after."""
+
+    def __init__(self, kernel: int, stride: int):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x):
+        pads = []
+        for side in (x.shape[-1], x.shape[-2]):  # F.pad takes the last axis first
+            total = max((math.ceil(side / self.stride) - 1) * self.stride + self.kernel - side, 0)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads)
 
 
 class Encoder(nn.Module):
-    """DrQ's conv trunk (32 x width channels) and the join: flatten (35x35x32 at 84; SAME: 42x42x32) or global pooling (32)."""
+    """DrQ's conv trunk: four 3x3 convs (strides 2, 1, 1, 1, 32 x width channels, ReLUs) on frames scaled to [0, 1];
+    returns the feature map: 35x35 at 84 with VALID padding (DrQ), 42x42 with SAME (Dopamine's Flax convs)."""
 
-    def __init__(self, in_channels: int, width: int, pool: str, padding: str = "valid", resolution: int = 84):
+    def __init__(self, in_channels: int, width: int, padding: str = "valid"):
         super().__init__()
-        channels, side, layers = 32 * width, resolution, []
+        channels, layers = 32 * width, []
         for index, stride in enumerate((2, 1, 1, 1)):
-            if padding == "same":  # Dopamine's Flax convs; the pad depends on the side, hence `resolution`
-                before, after = same_padding(side, 3, stride)
-                layers.append(nn.ZeroPad2d((before, after, before, after)))
-                side = math.ceil(side / stride)
+            if padding == "same":
+                layers.append(SamePad2d(3, stride))
             layers += [nn.Conv2d(in_channels if index == 0 else channels, channels, 3, stride=stride), nn.ReLU()]
         self.convs = nn.Sequential(*layers)
-        self.pool = pool
 
     def forward(self, obs):
-        feature_map = self.convs(obs.float() / 255.0)
-        if self.pool == "flatten":
-            return feature_map.flatten(1)
-        if self.pool == "avg":
-            return feature_map.mean(dim=(2, 3))
-        return feature_map.amax(dim=(2, 3))
+        return self.convs(obs.float() / 255.0)
 
 
-def bottleneck(in_features: int, feature_dim: int) -> nn.Sequential:
-    """The dense layer after the join: DrQ's Linear -> LayerNorm -> tanh (H*W*C*dim weights with flatten)."""
-    return nn.Sequential(nn.Linear(in_features, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+def bottleneck(pool: str, in_features: int, feature_dim: int) -> Bottleneck:
+    """DrQ's per-head join and dense layer: pool -> Linear -> LayerNorm -> tanh (H*W*C*dim weights with flatten)."""
+    return Bottleneck(pool, nn.Sequential(nn.Linear(in_features, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh()))
 
 
 def mlp(in_features: int, hidden_dim: int, out_features: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(in_features, hidden_dim), nn.ReLU(),
-        nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-        nn.Linear(hidden_dim, out_features),
-    )
+    return nn.Sequential(nn.Linear(in_features, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+                         nn.Linear(hidden_dim, out_features))
 
 
 class Critic(nn.Module):
-    """Twin Q(s, a) on the encoder's features, each critic with DrQ's own bottleneck before the two heads."""
+    """Twin Q(s, a) on the encoder's feature map, with the critic's own bottleneck before the two heads (DrQ)."""
 
-    def __init__(self, in_features: int, feature_dim: int, hidden_dim: int, action_dim: int):
+    def __init__(self, pool: str, in_features: int, feature_dim: int, hidden_dim: int, action_dim: int):
         super().__init__()
-        self.bottleneck = bottleneck(in_features, feature_dim)
+        self.bottleneck = bottleneck(pool, in_features, feature_dim)
         self.q1 = mlp(feature_dim + action_dim, hidden_dim, 1)
         self.q2 = mlp(feature_dim + action_dim, hidden_dim, 1)
 
-    def forward(self, features, actions):
-        latent_actions = torch.cat([self.bottleneck(features), actions], dim=1)
-        return self.q1(latent_actions).squeeze(1), self.q2(latent_actions).squeeze(1)
+    def forward(self, feature_map, actions):
+        latent_actions = torch.cat([self.bottleneck(feature_map), actions], dim=1)
+        return self.q1(latent_actions).squeeze(1).float(), self.q2(latent_actions).squeeze(1).float()  # float32 under bf16
 
 
 class Actor(nn.Module):
-    """Tanh-squashed diagonal Gaussian; log std squashed into [log_std_min, log_std_max] (DrQ), or
-    unbounded with `log_std_bounds` None (Dopamine's `scale_diag = exp(raw)`)."""
+    """Tanh-squashed diagonal Gaussian on the encoder's feature map, with the actor's own bottleneck; log std
+    squashed into [log_std_min, log_std_max] (DrQ), or unbounded with `log_std_bounds` None (Dopamine's
+    `scale_diag = exp(raw)`)."""
 
-    def __init__(self, in_features: int, feature_dim: int, hidden_dim: int, action_dim: int, log_std_bounds):
+    def __init__(self, pool: str, in_features: int, feature_dim: int, hidden_dim: int, action_dim: int, log_std_bounds):
         super().__init__()
-        self.bottleneck = bottleneck(in_features, feature_dim)
+        self.bottleneck = bottleneck(pool, in_features, feature_dim)
         self.trunk = mlp(feature_dim, hidden_dim, 2 * action_dim)
         self.log_std_bounds = log_std_bounds
 
-    def forward(self, features):
-        mean, log_std = self.trunk(self.bottleneck(features)).chunk(2, dim=1)
+    def forward(self, feature_map):
+        mean, log_std = self.trunk(self.bottleneck(feature_map)).float().chunk(2, dim=1)  # float32 under bf16
         if self.log_std_bounds is not None:
             low, high = self.log_std_bounds
             log_std = low + 0.5 * (high - low) * (torch.tanh(log_std) + 1)
@@ -413,6 +496,22 @@ def dopamine_init_weights(encoder, actor, critic):
                 nn.init.zeros_(module.bias)
 
 
+def make_networks(args, in_channels: int, action_dim: int, device, memory_format=torch.contiguous_format):
+    """The encoder (its convs' weights in `memory_format`), actor and critic, with DrQ's or Dopamine's initial weights
+    (--init)."""
+    encoder = Encoder(in_channels, args.width, args.padding).to(device)
+    in_features = pooled_size(*feature_map_shape(encoder, in_channels, args.resolution), args.pool)
+    feature_dim = args.feature_dim * args.dense_scale
+    log_std_bounds = (args.log_std_min, args.log_std_max) if args.bound_log_std else None
+    actor = Actor(args.pool, in_features, feature_dim, args.hidden_dim, action_dim, log_std_bounds).to(device)
+    critic = Critic(args.pool, in_features, feature_dim, args.hidden_dim, action_dim).to(device)
+    for network in (encoder, actor, critic):
+        network.apply(init_weights)
+    if args.init == "dopamine":
+        dopamine_init_weights(encoder, actor, critic)
+    return encoder.to(memory_format=memory_format), actor, critic
+
+
 def parameter_counts(encoder, actor, critic) -> dict:
     return {
         "encoder": utils.parameter_count(encoder),
@@ -428,14 +527,13 @@ def network_diagnostics(encoder, actor, critic, obs, threshold: float) -> dict:
     Encoder neurons: the conv channels after each ReLU; bottleneck: the tanh outputs of the actor's
     and the critic's dense layers; head: the hidden ReLU units of the actor and of both critics.
     """
-    encoder_activations, x = [], obs.float() / 255.0
+    encoder_activations, feature_map = [], obs.float() / 255.0
     for layer in encoder.convs:
-        x = layer(x)
+        feature_map = layer(feature_map)
         if isinstance(layer, nn.ReLU):
-            encoder_activations.append(x)
-    features = encoder(obs)
-    actor_latent, critic_latent = actor.bottleneck(features), critic.bottleneck(features)
-    mean, _ = actor(features)
+            encoder_activations.append(feature_map)
+    actor_latent, critic_latent = actor.bottleneck(feature_map), critic.bottleneck(feature_map)
+    mean, _ = actor(feature_map)
     head_activations = []
     for network, inputs in ((actor.trunk, actor_latent), (critic.q1, torch.cat([critic_latent, torch.tanh(mean)], 1)),
                             (critic.q2, torch.cat([critic_latent, torch.tanh(mean)], 1))):
@@ -447,21 +545,93 @@ def network_diagnostics(encoder, actor, critic, obs, threshold: float) -> dict:
         "diag/dormant_fraction/encoder": utils.dormant_fraction(encoder_activations, threshold),
         "diag/dormant_fraction/bottleneck": utils.dormant_fraction([actor_latent, critic_latent], threshold),
         "diag/dormant_fraction/head": utils.dormant_fraction(head_activations, threshold),
-        "diag/feature_norm": features.norm(dim=1).mean().item(),
+        "diag/feature_norm": pool_features(feature_map, actor.bottleneck.pool).norm(dim=1).mean().item(),
     }
 
 
 def value_saliency(encoder, actor, critic, obs) -> torch.Tensor:
-    """|dV(s)/ds| with V(s) = min_i Q_i(s, tanh(mean(s))), shown beside the newest frame, as (B, 3, H, 2W) in [0, 1]."""
+    """|dV(s)/ds| with V(s) = min_i Q_i(s, tanh(mean(s))), shown beside the newest frame, as (B, 3, H, 2W) in [0, 1];
+    the networks' gradients are cleared afterwards."""
     pixels = obs.float().requires_grad_(True)
-    features = encoder(pixels)
-    mean, _ = actor(features)
-    torch.min(*critic(features, torch.tanh(mean))).sum().backward()
+    feature_map = encoder(pixels)
+    mean, _ = actor(feature_map)
+    torch.min(*critic(feature_map, torch.tanh(mean))).sum().backward()
+    for network in (encoder, actor, critic):
+        network.zero_grad(set_to_none=True)
     saliency = utils.saliency_image(pixels.grad).expand(-1, 3, -1, -1)
     return torch.cat([obs[:, -3:].float() / 255.0, saliency], dim=3)
 
 
-# SAC math (Haarnoja et al. 2018) as DrQ uses it
+# Storage: the replay, uint8 on the training device; a transition stores o_t and only the newest frame of o_{t+1}
+def replay_bytes(capacity: int, obs_channels: int, resolution: int) -> int:
+    """The replay's frames: each transition's stack and the newest frame of the next one."""
+    return capacity * (obs_channels + 3) * resolution**2
+
+
+def make_replay(capacity: int, obs_shape, action_dim: int, device) -> dict:
+    """o_{t+1} is o_t's stack shifted by one frame plus its newest frame, so storing that frame alone
+    is exact and saves a third of DrQ's memory (which stores both stacks)."""
+    channels, height, width = obs_shape
+    frame_channels = 3
+    return {
+        "observations": torch.zeros((capacity, channels, height, width), dtype=torch.uint8, device=device),
+        "next_frames": torch.zeros((capacity, frame_channels, height, width), dtype=torch.uint8, device=device),
+        "actions": torch.zeros((capacity, action_dim), dtype=torch.float32, device=device),
+        "rewards": torch.zeros(capacity, dtype=torch.float32, device=device),
+        "terminated": torch.zeros(capacity, dtype=torch.float32, device=device),
+    }
+
+
+def add_transitions(replay: dict, position: int, observations, actions, rewards, next_observations, terminated) -> int:
+    """Write n transitions at the circular position; returns the next position."""
+    capacity = replay["rewards"].shape[0]
+    index = (position + torch.arange(len(observations), device=observations.device)) % capacity
+    replay["observations"][index] = observations
+    replay["next_frames"][index] = next_observations[:, -3:]
+    replay["actions"][index] = actions
+    replay["rewards"][index] = rewards
+    replay["terminated"][index] = terminated
+    return (position + len(observations)) % capacity
+
+
+def random_shift(obs, pad: int):
+    """DrQ's augmentation: replicate-pad by `pad`, crop back at a random integer offset per image.
+
+    Implemented by clamped indexing (identical to pad + crop), so frames stay uint8 on the device.
+    """
+    batch, channels, height, width = obs.shape
+    shifts = torch.randint(-pad, pad + 1, (batch, 2), device=obs.device)
+    rows = (torch.arange(height, device=obs.device) + shifts[:, :1]).clamp(0, height - 1)
+    cols = (torch.arange(width, device=obs.device) + shifts[:, 1:]).clamp(0, width - 1)
+    batch_index = torch.arange(batch, device=obs.device)[:, None, None, None]
+    channel_index = torch.arange(channels, device=obs.device)[None, :, None, None]
+    return obs[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def sample_batch(replay: dict, size: int, batch_size: int, views: int, pad: int, memory_format=torch.contiguous_format):
+    """Uniform indices drawn on the device; with `views` > 1, each view is an independent random shift; the
+    observations in `memory_format`."""
+    index = torch.randint(size, (batch_size,), device=replay["rewards"].device)
+    observations = replay["observations"][index]
+    next_observations = torch.cat([observations[:, 3:], replay["next_frames"][index]], dim=1)
+    if views > 1:
+        observations = torch.cat([random_shift(observations, pad) for _ in range(views)])
+        next_observations = torch.cat([random_shift(next_observations, pad) for _ in range(views)])
+    return {
+        "observations": observations.contiguous(memory_format=memory_format),
+        "next_observations": next_observations.contiguous(memory_format=memory_format),
+        "actions": replay["actions"][index].repeat(views, 1),
+        "rewards": replay["rewards"][index].repeat(views),
+        "terminated": replay["terminated"][index].repeat(views),
+    }
+
+
+def recent_observations(replay: dict, position: int, size: int, count: int):
+    index = (position - 1 - torch.arange(min(count, size), device=replay["rewards"].device)) % replay["rewards"].shape[0]
+    return replay["observations"][index]
+
+
+# Algorithm: SAC (Haarnoja et al. 2018) as DrQ uses it, and Dopamine's combined update
 def squashed_gaussian_log_prob(pre_tanh, mean, log_std):
     """log pi(tanh(u)) for u ~ N(mean, exp(log_std)), summed over action dimensions.
 
@@ -491,19 +661,6 @@ def temperature_loss(log_alpha, log_prob, target_entropy: float, alpha_loss_on: 
     multiplier = log_alpha.exp() if alpha_loss_on == "alpha" else log_alpha
     return (multiplier * (-log_prob - target_entropy).detach()).mean()
 
-
-def random_shift(obs, pad: int):
-    """DrQ's augmentation: replicate-pad by `pad`, crop back at a random integer offset per image.
-
-    Implemented by clamped indexing (identical to pad + crop), so frames stay uint8 on the device.
-    """
-    batch, channels, height, width = obs.shape
-    shifts = torch.randint(-pad, pad + 1, (batch, 2), device=obs.device)
-    rows = (torch.arange(height, device=obs.device) + shifts[:, :1]).clamp(0, height - 1)
-    cols = (torch.arange(width, device=obs.device) + shifts[:, 1:]).clamp(0, width - 1)
-    batch_index = torch.arange(batch, device=obs.device)[:, None, None, None]
-    channel_index = torch.arange(channels, device=obs.device)[None, :, None, None]
-    return obs[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch: dict, views: int, gamma: float,
@@ -561,58 +718,83 @@ def combined_step(qf_loss, actor_loss, alpha_loss, critic_optimizer, actor_optim
         optimizer.step()
 
 
-def soft_update(target, online, tau: float):
-    for target_param, param in zip(target.parameters(), online.parameters()):
-        target_param.data.lerp_(param.data, tau)
+@torch.no_grad()
+def soft_update(targets, onlines, rate: float):
+    """Move every weight of the target networks by `rate` of its distance to the online network's weight (an
+    exponential moving average), all in one fused op."""
+    target_params = [param for target in targets for param in target.parameters()]
+    torch._foreach_lerp_(target_params, [param for online in onlines for param in online.parameters()], rate)
 
 
-# Replay: uint8 on the training device; a transition stores o_t and only the newest frame of o_{t+1}
-def make_replay(capacity: int, obs_shape, action_dim: int, device) -> dict:
-    """o_{t+1} is o_t's stack shifted by one frame plus its newest frame, so storing that frame alone
-    is exact and saves a third of DrQ's memory (which stores both stacks)."""
-    channels, height, width = obs_shape
-    frame_channels = 3
-    return {
-        "observations": torch.zeros((capacity, channels, height, width), dtype=torch.uint8, device=device),
-        "next_frames": torch.zeros((capacity, frame_channels, height, width), dtype=torch.uint8, device=device),
-        "actions": torch.zeros((capacity, action_dim), dtype=torch.float32, device=device),
-        "rewards": torch.zeros(capacity, dtype=torch.float32, device=device),
-        "terminated": torch.zeros(capacity, dtype=torch.float32, device=device),
-    }
+@torch.no_grad()
+def select_actions(encoder, actor, obs, action_dim: int, random: bool):
+    """Uniformly random actions in [-1, 1] (DrQ's seed steps), else a sample of the policy."""
+    if random:
+        return torch.rand((len(obs), action_dim), device=obs.device) * 2 - 1
+    return sample_action(*actor(encoder(obs)))[0]
 
 
-def add_transitions(replay: dict, position: int, observations, actions, rewards, next_observations, terminated) -> int:
-    """Write n transitions at the circular position; returns the next position."""
-    capacity = replay["rewards"].shape[0]
-    index = (position + torch.arange(len(observations), device=observations.device)) % capacity
-    replay["observations"][index] = observations
-    replay["next_frames"][index] = next_observations[:, -3:]
-    replay["actions"][index] = actions
-    replay["rewards"][index] = rewards
-    replay["terminated"][index] = terminated
-    return (position + len(observations)) % capacity
+def make_learner(args, encoder, actor, critic, device):
+    """The networks, their targets (Dopamine's with an actor) and the three Adams by name, and log alpha."""
+    log_alpha = torch.tensor(np.log(args.init_temperature), dtype=torch.float32, device=device, requires_grad=True)
+    parts = {"encoder": encoder, "actor": actor, "critic": critic, "target_encoder": copy.deepcopy(encoder),
+             "target_critic": copy.deepcopy(critic),
+             "critic_optimizer": torch.optim.Adam([*encoder.parameters(), *critic.parameters()], lr=args.learning_rate),
+             "actor_optimizer": torch.optim.Adam(actor.parameters(), lr=args.learning_rate),
+             "alpha_optimizer": torch.optim.Adam([log_alpha], lr=args.learning_rate)}
+    if args.target_next_action == "target_mean":  # Dopamine's target network has an actor too
+        parts["target_actor"] = copy.deepcopy(actor)
+    return parts, log_alpha
 
 
-def sample_batch(replay: dict, size: int, batch_size: int, views: int, pad: int) -> dict:
-    """Uniform indices drawn on the device; with `views` > 1, each view is an independent random shift."""
-    index = torch.randint(size, (batch_size,), device=replay["rewards"].device)
-    observations = replay["observations"][index]
-    next_observations = torch.cat([observations[:, 3:], replay["next_frames"][index]], dim=1)
-    if views > 1:
-        observations = torch.cat([random_shift(observations, pad) for _ in range(views)])
-        next_observations = torch.cat([random_shift(next_observations, pad) for _ in range(views)])
-    return {
-        "observations": observations,
-        "next_observations": next_observations,
-        "actions": replay["actions"][index].repeat(views, 1),
-        "rewards": replay["rewards"][index].repeat(views),
-        "terminated": replay["terminated"][index].repeat(views),
-    }
+def learner_step(parts: dict, log_alpha, batch: dict, update_count: int, losses, args, views: int, bf16: bool = False) -> dict:
+    """Gradient update number `update_count` on `batch`: the critic (DrQ), and the actor and temperature every
+    --actor-update-frequency updates; or all three at once (Dopamine's --combined-loss); then the target update every
+    --target-update-frequency updates. `parts` holds the networks and optimisers by name, `losses` the (compiled)
+    loss functions; with `bf16` the networks run under bfloat16 autocast (their outputs, and so the losses, float32).
+    Returns the detached losses of what was updated."""
+    compute_critic_loss, compute_actor_losses = losses
+    autocast = functools.partial(torch.autocast, log_alpha.device.type, torch.bfloat16, enabled=bf16)
+    target_entropy = -args.target_entropy_scale * batch["actions"].shape[1]  # DrQ -|A|, Dopamine -|A|/2
+    encoder, actor, critic = parts["encoder"], parts["actor"], parts["critic"]
+    critic_optimizer, actor_optimizer, alpha_optimizer = (parts[f"{name}_optimizer"] for name in ("critic", "actor", "alpha"))
+    with autocast():
+        qf_loss, q1, q2 = compute_critic_loss(encoder, actor, critic, parts["target_encoder"], parts["target_critic"],
+                                              log_alpha, batch, views, args.gamma, parts.get("target_actor"))
+    if args.combined_loss:  # Dopamine: one step on all three losses, from the same weights
+        with autocast():
+            actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, batch["observations"],
+                                                          target_entropy, args.alpha_loss_on)
+        combined_step(qf_loss, actor_loss, alpha_loss, critic_optimizer, actor_optimizer, alpha_optimizer)
+    else:
+        critic_optimizer.zero_grad()
+        qf_loss.backward()
+        critic_optimizer.step()
+    updated = {"qf_loss": qf_loss.detach(), "qf1_values": q1.detach().mean(), "qf2_values": q2.detach().mean()}
+    if args.combined_loss or update_count % args.actor_update_frequency == 0:
+        if not args.combined_loss:
+            observations = batch["observations"][: args.batch_size]  # the first augmented view, as DrQ
+            with autocast():
+                actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, observations,
+                                                              target_entropy, args.alpha_loss_on)
+            actor_optimizer.zero_grad()
+            alpha_optimizer.zero_grad()
+            (actor_loss + alpha_loss).backward()  # disjoint gradients: each loss detaches the other's input
+            actor_optimizer.step()
+            alpha_optimizer.step()
+        updated.update(actor_loss=actor_loss.detach(), alpha_loss=alpha_loss.detach())
+    if update_count % args.target_update_frequency == 0:
+        names = [name for name in ("encoder", "critic", "actor") if f"target_{name}" in parts]  # a target actor: Dopamine's
+        soft_update([parts[f"target_{name}"] for name in names], [parts[name] for name in names], args.tau)
+    return updated
 
 
-def recent_observations(replay: dict, position: int, size: int, count: int):
-    index = (position - 1 - torch.arange(min(count, size), device=replay["rewards"].device)) % replay["rewards"].shape[0]
-    return replay["observations"][index]
+def speed_switches(args, device):
+    """(bf16, memory format, overlap_envs) as --bf16, --channels-last and --overlap-envs apply: only with CUDA (on a
+    CPU the run is the plain one)."""
+    cuda = device.type == "cuda"
+    memory_format = torch.channels_last if cuda and args.channels_last else torch.contiguous_format
+    return cuda and args.bf16, memory_format, cuda and args.overlap_envs
 
 
 # Evaluation
@@ -631,22 +813,9 @@ def evaluate(encoder, actor, eval_env, action_repeat: int, device, capture_video
     return returns, (np.stack(frames) if capture_video else None)
 
 
-# The valid range of every numeric flag (utils.check_ranges), checked before any work
-FLAG_RANGES = {
-    "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "num_envs": "[1, inf)",
-    "resolution": f"[{MIN_RESOLUTION}, {MAX_RESOLUTION}]", "frame_stack": "[1, inf)", "action_repeat": "[0, inf)",
-    "width": "[1, inf)", "dense_scale": "[1, inf)", "feature_dim": "[1, inf)", "hidden_dim": "[1, inf)",
-    "learning_rate": "(0, inf)", "buffer_size": "[1, inf)", "batch_size": "[1, inf)", "gamma": "[0, 1]",
-    "reward_scale": "(0, inf)", "tau": "(0, 1]", "init_temperature": "(0, inf)", "target_entropy_scale": "(0, inf)",
-    "learning_starts": "[0, inf)", "update_to_data": "[1, inf)", "actor_update_frequency": "[1, inf)",
-    "target_update_frequency": "[1, inf)", "log_std_min": "(-inf, inf)", "log_std_max": "(-inf, inf)", "image_pad": "[0, inf)",
-    "eval_every": "[0, inf)", "eval_episodes": "[1, inf)", "save_every": "[0, inf)", "diag_every": "[0, inf)",
-    "dormant_threshold": "[0, 1]", "log_every": "[1, inf)", "torch_threads": "[0, inf)", "keep_checkpoints": "[1, inf)",
-}
-
-
+# Main
 def check_args(args):
-    """Refuse bad input with one line (exit 2) before any work."""
+    """Refuse bad input with one line (exit 2) before any work: flags, replay memory, a machine without EGL."""
     utils.check_choice("env-id", args.env_id, tuple(DMC_TASKS))
     utils.check_choice("pool", args.pool, ("flatten", "avg", "max"))
     utils.check_choice("padding", args.padding, ("valid", "same"))
@@ -654,6 +823,12 @@ def check_args(args):
     utils.check_choice("target-next-action", args.target_next_action, ("online_sample", "target_mean"))
     utils.check_choice("init", args.init, ("drq", "dopamine"))
     utils.check_ranges(args, FLAG_RANGES)
+    channels = 3 * args.frame_stack
+    with torch.device("meta"):  # shapes only
+        encoder = Encoder(channels, args.width, args.padding)
+    if feature_map_shape(encoder, channels, args.resolution)[1] < 1:
+        low = next(r for r in itertools.count(args.resolution + 1) if feature_map_shape(encoder, channels, r)[1] >= 1)
+        utils.fail(f"--resolution {args.resolution} is too small for --padding {args.padding}; use at least {low}")
     if args.action_repeat and CONTROL_STEPS_PER_EPISODE % args.action_repeat:
         utils.fail(f"--action-repeat {args.action_repeat} must divide the {CONTROL_STEPS_PER_EPISODE} control steps of "
                    f"an episode (e.g. 1, 2, 4, 5, 8); 0 takes the task's default")
@@ -671,11 +846,11 @@ def check_args(args):
         utils.fail(f"--buffer-size {args.buffer_size} is smaller than --num-envs {args.num_envs}")
     if args.augment and args.image_pad >= args.resolution:
         utils.fail(f"--image-pad {args.image_pad} must be smaller than --resolution {args.resolution}")
-    if args.track:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            utils.fail("--track needs the `wandb` package; install it or drop --track")
+    utils.check_tracking(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    utils.check_memory(replay_bytes(args.buffer_size, channels, args.resolution), device, f"--buffer-size {args.buffer_size} "
+                       f"at --resolution {args.resolution} and --frame-stack {args.frame_stack}")
+    make_egl_visible()
 
 
 def main():
@@ -683,17 +858,9 @@ def main():
     check_args(args)
     # derived values
     args.action_repeat = args.action_repeat or DMC_TASKS[args.env_id][1]
-    episode_steps = CONTROL_STEPS_PER_EPISODE // args.action_repeat  # agent steps per episode (DrQ)
     views = 2 if args.augment else 1  # DrQ's K = M = 2 augmented views
     obs_shape = (3 * args.frame_stack, args.resolution, args.resolution)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    replay_bytes = args.buffer_size * (obs_shape[0] + 3) * args.resolution**2
-    free_bytes = utils.free_memory_bytes(device)
-    if replay_bytes > free_bytes:
-        utils.fail(f"--buffer-size {args.buffer_size} at --resolution {args.resolution} needs "
-                   f"{replay_bytes / 2**30:.1f} GiB of replay, more than the {device.type} has free ({free_bytes / 2**30:.1f} GiB)")
-    make_egl_visible()
-
     run_dir, checkpoint_file = utils.resolve_run(args)
     checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
     if checkpoint:  # the replay saved beside the newest checkpoint, if this is it
@@ -701,225 +868,145 @@ def main():
     if checkpoint and "replay" in checkpoint and len(checkpoint["replay"]["rewards"]) != args.buffer_size:
         utils.fail(f"--buffer-size {args.buffer_size} differs from the {len(checkpoint['replay']['rewards'])} transitions "
                    f"of the replay saved in {checkpoint_file}; resume with that --buffer-size")
-    print("config:\n" + "\n".join(f"  {key} = {value}" for key, value in asdict(args).items()), flush=True)
-    print(f"run folder: {run_dir}; device: {device}; {episode_steps} agent steps per episode; "
-          f"{args.total_timesteps * args.action_repeat:,} environment frames; "
-          f"replay: {replay_bytes / 2**30:.2f} GiB of uint8 frames", flush=True)
+    utils.print_config(args, device=device, run_dir=run_dir,
+                       agent_steps_per_episode=CONTROL_STEPS_PER_EPISODE // args.action_repeat,
+                       environment_frames=f"{args.total_timesteps * args.action_repeat:,}",
+                       replay_gib=round(replay_bytes(args.buffer_size, obs_shape[0], args.resolution) / 2**30, 2))
     if args.cheap_visuals_for_tests:
-        print("warning: --cheap-visuals-for-tests renders without shadows and anti-aliasing; not the benchmark's pictures", flush=True)
+        utils.echo("warning: --cheap-visuals-for-tests: no shadows or anti-aliasing, not the benchmark's pictures")
     writer = utils.start_run(args, run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity or None, sync_tensorboard=True,
-                   config=asdict(args), name=os.path.basename(run_dir), save_code=True)
 
     # set-up
     utils.seed_everything(args.seed, args.torch_deterministic)
+    utils.configure_cuda(args, device)
+    bf16, memory_format, overlap_envs = speed_switches(args, device)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     global_step = checkpoint["global_step"] if checkpoint else 0
-    env_seed = args.seed + global_step  # a resumed run cannot restore the simulators: it starts new episodes
-    with tempfile.TemporaryDirectory() as assets:
-        base_path = cheap_visuals_assets(assets) if args.cheap_visuals_for_tests else ""
-        env = make_env(args, args.num_envs, env_seed, base_path)
-        eval_env = make_env(args, args.eval_episodes, env_seed + 1_000_000, base_path)
+    env, eval_env = make_envs(args, args.seed + global_step)  # a resumed run cannot restore the simulators: new episodes
     action_dim = env[0].action_space.shape[0]
-    target_entropy = -args.target_entropy_scale * float(action_dim)  # DrQ -|A|, Dopamine -|A|/2
-    pooled_features = 32 * args.width * (encoder_side(args.resolution, args.padding) ** 2 if args.pool == "flatten" else 1)
-    feature_dim = args.feature_dim * args.dense_scale
-    encoder = Encoder(obs_shape[0], args.width, args.pool, args.padding, args.resolution).to(device)
-    log_std_bounds = (args.log_std_min, args.log_std_max) if args.bound_log_std else None
-    actor = Actor(pooled_features, feature_dim, args.hidden_dim, action_dim, log_std_bounds).to(device)
-    critic = Critic(pooled_features, feature_dim, args.hidden_dim, action_dim).to(device)
-    for network in (encoder, actor, critic):
-        network.apply(init_weights)
-    if args.init == "dopamine":
-        dopamine_init_weights(encoder, actor, critic)
-    target_encoder, target_critic = copy.deepcopy(encoder), copy.deepcopy(critic)
-    target_actor = copy.deepcopy(actor) if args.target_next_action == "target_mean" else None  # Dopamine's target network
-    log_alpha = torch.tensor(np.log(args.init_temperature), dtype=torch.float32, device=device, requires_grad=True)
-    critic_optimizer = torch.optim.Adam(list(encoder.parameters()) + list(critic.parameters()), lr=args.learning_rate)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
-    alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.learning_rate)
+    encoder, actor, critic = make_networks(args, obs_shape[0], action_dim, device, memory_format)
+    parts, log_alpha = make_learner(args, encoder, actor, critic, device)
     replay = make_replay(args.buffer_size, obs_shape, action_dim, device)
     replay_position, replay_size, update_count = 0, 0, 0
-    modules = {"encoder": encoder, "actor": actor, "critic": critic, "target_encoder": target_encoder,
-               "target_critic": target_critic, "critic_optimizer": critic_optimizer,
-               "actor_optimizer": actor_optimizer, "alpha_optimizer": alpha_optimizer}
-    if target_actor is not None:
-        modules["target_actor"] = target_actor
     if checkpoint:
-        for name, module in modules.items():
-            module.load_state_dict(checkpoint[name] if name in checkpoint else checkpoint["actor"])  # no target actor saved
-        with torch.no_grad():
-            log_alpha.copy_(checkpoint["log_alpha"])
+        for name, part in parts.items():
+            part.load_state_dict(checkpoint[name] if name in checkpoint else checkpoint["actor"])  # no target actor saved
+        log_alpha.data.copy_(checkpoint["log_alpha"])
         update_count = checkpoint["update_count"]
         if "replay" in checkpoint:
             replay = {key: value.to(device) for key, value in checkpoint["replay"].items()}
             replay_position, replay_size = checkpoint["replay_position"], checkpoint["replay_size"]
         utils.set_rng_state(checkpoint["rng"])
-        print(f"resumed from {checkpoint_file} at step {global_step}", flush=True)
-    compute_critic_loss = torch.compile(critic_loss) if args.compile else critic_loss
-    compute_actor_losses = torch.compile(actor_and_temperature_losses) if args.compile else actor_and_temperature_losses
+        utils.echo(f"resumed from {checkpoint_file} at step {global_step}")
+    utils.log_parameter_counts(writer, parameter_counts(encoder, actor, critic), fresh=checkpoint is None)
+    losses = tuple(torch.compile(fn) if args.compile else fn for fn in (critic_loss, actor_and_temperature_losses))
 
-    counts = parameter_counts(encoder, actor, critic)
-    print("parameters: " + ", ".join(f"{part} {count:,}" for part, count in counts.items()) + f", total {sum(counts.values()):,}", flush=True)
-    if not checkpoint:
-        for part, count in counts.items():
-            writer.add_scalar(f"diag/params/{part}", count, 0)
+    def checkpoint_payload():
+        return utils.checkpoint_payload(SCRIPT, args, global_step, update_count=update_count, log_alpha=log_alpha.detach(),
+                                        **{name: part.state_dict() for name, part in parts.items()})
 
-    def training_state(step):
-        state = {"script": SCRIPT, "args": asdict(args), "global_step": step, "rng": utils.rng_state(),
-                 "update_count": update_count, "log_alpha": log_alpha.detach()}
-        state.update({name: module.state_dict() for name, module in modules.items()})
-        return state
+    def loss_means():  # since the last log
+        return {name: torch.stack(values).mean() for name, values in recent_losses.items() if values}
 
-    def run_evaluation(step):
+    def finite():  # the losses since the last log, and every weight and Adam moment (the last step may have broken them)
+        return utils.finite_state(log_alpha, *parts.values(), *loss_means().values())
+
+    def run_updates(count: int):  # `count` gradient updates on the replay as it is now
+        nonlocal update_count
+        for _ in range(count):
+            update_count += 1
+            batch = sample_batch(replay, replay_size, args.batch_size, views, args.image_pad, memory_format)
+            updated = learner_step(parts, log_alpha, batch, update_count, losses, args, views, bf16)
+            for name, value in updated.items():
+                recent_losses[name].append(value)
+
+    def run_evaluation():
         returns, video = evaluate(encoder, actor, eval_env, args.action_repeat, device, args.capture_video)
-        writer.add_scalar("eval/return", returns.mean(), step)
-        writer.add_scalar("eval/normalized_score", returns.mean() / CONTROL_STEPS_PER_EPISODE, step)  # DMC: at most 1 per control step
         if video is not None:
-            utils.save_video(os.path.join(run_dir, "videos", f"eval_step_{step:012d}.gif"), video)
-        print(f"global_step={step}, eval/return={returns.mean():.2f} over {len(returns)} episodes", flush=True)
+            utils.save_video(os.path.join(run_dir, "videos", f"eval_step_{global_step:012d}.gif"), video)
+        utils.log_scalars(writer, global_step, {  # DMC: at most a reward of 1 per control step
+            "eval/return": returns.mean(), "eval/normalized_score": returns.mean() / CONTROL_STEPS_PER_EPISODE})
 
     # training loop
     obs = torch.as_tensor(reset_env(env), device=device)
     episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
-    logged = {name: torch.zeros((), device=device) for name in ("qf1_values", "qf2_values", "qf_loss", "actor_loss", "alpha_loss")}
-    critic_updates_since_log, actor_updates_since_log = 0, 0
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    recent_losses = {name: [] for name in ("qf1_values", "qf2_values", "qf_loss", "actor_loss", "alpha_loss")}
     last_good = None
+    progress = utils.Progress(args.total_timesteps, global_step, args.progress)
     start_step, start_time = global_step, time.time()
+    deferred_updates = 0  # --overlap-envs: the last step's updates, run while the environment takes the next step
+    state_reads = (args.log_every, args.diag_every, args.eval_every, args.save_every)  # intervals that read the networks
     while global_step < args.total_timesteps:
-        # act: uniformly random during DrQ's seed steps, then a sample of the policy
-        if global_step < args.learning_starts:
-            actions = torch.rand((args.num_envs, action_dim), device=device) * 2 - 1
-        else:
-            with torch.no_grad():
-                actions = sample_action(*actor(encoder(obs)))[0]
-        next_obs, rewards, terminated, truncated, auto_reset = step_env(env, actions.cpu().numpy(), args.action_repeat)
-        collected = int((~auto_reset).sum())  # EnvPool's reset step is not an agent step (DrQ counts 1000/k per episode)
         previous_step = global_step
+        actions = select_actions(encoder, actor, obs, action_dim, random=global_step < args.learning_starts)
+        host_actions = actions.cpu().numpy()
+        send_actions(env, host_actions)  # the environment steps from here to receive_step
+        run_updates(deferred_updates)
+        next_obs, rewards, terminated, truncated, auto_reset = receive_step(env, host_actions, args.action_repeat)
+        collected = int((~auto_reset).sum())  # EnvPool's reset step is not an agent step (DrQ counts 1000/k per episode)
         global_step += collected
         next_obs = torch.as_tensor(next_obs, device=device)
 
-        # store real transitions; a time limit is stored as not terminal, so the target bootstraps through it
+        # store real transitions (all environments reset together); a time limit is not terminal: the target bootstraps
         if collected:
-            keep = torch.as_tensor(~auto_reset, device=device)
-            replay_position = add_transitions(
-                replay, replay_position, obs[keep], actions[keep],
-                args.reward_scale * torch.as_tensor(rewards, device=device, dtype=torch.float32)[keep],
-                next_obs[keep], torch.as_tensor(terminated, device=device, dtype=torch.float32)[keep])
-            replay_size = min(replay_size + collected, args.buffer_size)
+            scaled_rewards = args.reward_scale * torch.as_tensor(rewards, device=device, dtype=torch.float32)
+            replay_position = add_transitions(replay, replay_position, obs, actions, scaled_rewards, next_obs,
+                                              torch.as_tensor(terminated, device=device, dtype=torch.float32))
+        replay_size = min(replay_size + collected, args.buffer_size)
         obs = next_obs
-
         episode_return += rewards
         episode_length += ~auto_reset
-        for env_index in np.flatnonzero(terminated | truncated):
+        finished = np.flatnonzero(terminated | truncated)
+        for env_index in finished:
             writer.add_scalar("charts/episodic_return", episode_return[env_index], global_step)
             writer.add_scalar("charts/episodic_length", episode_length[env_index], global_step)
-            print(f"global_step={global_step}, episodic_return={episode_return[env_index]:.1f}", flush=True)
-        episode_return[terminated | truncated], episode_length[terminated | truncated] = 0.0, 0
+        progress.update(global_step, episodic_return=episode_return[finished[-1]] if len(finished) else None)
+        episode_return[finished], episode_length[finished] = 0.0, 0
 
-        # gradient updates, once the replay holds the seed steps (DrQ: one per agent step)
-        if global_step >= args.learning_starts and replay_size >= max(1, min(args.learning_starts, args.buffer_size)):
-            for _ in range(collected * args.update_to_data):
-                batch = sample_batch(replay, replay_size, args.batch_size, views, args.image_pad)
-                qf_loss, q1, q2 = compute_critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha,
-                                                      batch, views, args.gamma, target_actor)
-                if args.combined_loss:  # Dopamine: one step on all three losses, from the same weights
-                    actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, batch["observations"],
-                                                                  target_entropy, args.alpha_loss_on)
-                    combined_step(qf_loss, actor_loss, alpha_loss, critic_optimizer, actor_optimizer, alpha_optimizer)
-                else:
-                    critic_optimizer.zero_grad()
-                    qf_loss.backward()
-                    critic_optimizer.step()
-                update_count += 1
-                logged["qf_loss"] += qf_loss.detach()
-                logged["qf1_values"] += q1.detach().mean()
-                logged["qf2_values"] += q2.detach().mean()
-                nonfinite |= ~torch.isfinite(qf_loss.detach())
-                critic_updates_since_log += 1
-                if args.combined_loss or update_count % args.actor_update_frequency == 0:
-                    if not args.combined_loss:
-                        observations = batch["observations"][: args.batch_size]  # the first augmented view, as DrQ
-                        actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, observations,
-                                                                      target_entropy, args.alpha_loss_on)
-                        actor_optimizer.zero_grad()
-                        alpha_optimizer.zero_grad()
-                        (actor_loss + alpha_loss).backward()  # disjoint gradients: each loss detaches the other's input
-                        actor_optimizer.step()
-                        alpha_optimizer.step()
-                    logged["actor_loss"] += actor_loss.detach()
-                    logged["alpha_loss"] += alpha_loss.detach()
-                    nonfinite |= ~torch.isfinite(actor_loss.detach() + alpha_loss.detach())
-                    actor_updates_since_log += 1
-                if update_count % args.target_update_frequency == 0:
-                    soft_update(target_encoder, encoder, args.tau)
-                    soft_update(target_critic, critic, args.tau)
-                    if target_actor is not None:
-                        soft_update(target_actor, actor, args.tau)
+        # gradient updates, once the replay holds the seed steps (DrQ: one per agent step); --overlap-envs runs them
+        # during the next environment step, unless this step logs, diagnoses, evaluates, saves or ends the run
+        learning = global_step >= args.learning_starts and replay_size >= max(1, min(args.learning_starts, args.buffer_size))
+        updates = collected * args.update_to_data if learning else 0
+        deferred_updates = updates if overlap_envs and global_step < args.total_timesteps and not any(
+            utils.crossed(previous_step, global_step, every) for every in state_reads) else 0
+        run_updates(updates - deferred_updates)
 
         # logging, and the non-finite check (one host sync per log interval)
-        if global_step // args.log_every > previous_step // args.log_every:
-            # the weights and Adam's moments too: the interval's last step may have broken them after its loss was checked
-            if nonfinite.item() or not utils.finite_state(encoder, actor, critic, log_alpha, critic_optimizer,
-                                                          actor_optimizer, alpha_optimizer):
-                if last_good is not None:
-                    good_step, good_state = last_good
-                    utils.save_checkpoint(utils.checkpoint_path(run_dir, good_step), good_state)
-                    where = f"the last good state (step {good_step}) is in {utils.checkpoint_path(run_dir, good_step)}"
-                else:
-                    where = "no good state was checked yet, so no checkpoint was written"
-                print(f"error: non-finite loss or weights between steps {previous_step - args.log_every} and {global_step}; "
-                      f"stopping ({where}). Try a lower --learning-rate.", file=sys.stderr, flush=True)
-                writer.close()
-                raise SystemExit(1)
-            if critic_updates_since_log or last_good is None:  # a copy of every weight: only when they changed
-                last_good = (global_step, copy.deepcopy(training_state(global_step)))
-            sps = (global_step - start_step) / (time.time() - start_time)
-            writer.add_scalar("charts/SPS", sps, global_step)
-            writer.add_scalar("charts/learning_rate", critic_optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("losses/alpha", log_alpha.exp().item(), global_step)
-            if critic_updates_since_log:
-                for name in ("qf1_values", "qf2_values", "qf_loss"):
-                    writer.add_scalar(f"losses/{name}", (logged[name] / critic_updates_since_log).item(), global_step)
-            if actor_updates_since_log:
-                for name in ("actor_loss", "alpha_loss"):
-                    writer.add_scalar(f"losses/{name}", (logged[name] / actor_updates_since_log).item(), global_step)
-            for value in logged.values():
-                value.zero_()
-            critic_updates_since_log, actor_updates_since_log = 0, 0
-            print(f"global_step={global_step}, SPS={sps:.1f}, updates={update_count}, alpha={log_alpha.exp().item():.4f}", flush=True)
+        if utils.crossed(previous_step, global_step, args.log_every):
+            utils.stop_if_nonfinite(finite(), last_good, run_dir, global_step, writer)
+            last_good = copy.deepcopy(checkpoint_payload())
+            utils.log_scalars(writer, global_step, {
+                "charts/SPS": (global_step - start_step) / (time.time() - start_time), "losses/alpha": log_alpha.exp().item(),
+                "charts/learning_rate": parts["critic_optimizer"].param_groups[0]["lr"],
+                **{f"losses/{name}": mean.item() for name, mean in loss_means().items()}})
+            recent_losses = {name: [] for name in recent_losses}
 
-        # diagnostics on the newest stored observations
-        if args.diag_every and replay_size and global_step // args.diag_every > previous_step // args.diag_every:
-            recent = recent_observations(replay, replay_position, replay_size, 256)
+        # diagnostics on recent observations
+        if replay_size and utils.crossed(previous_step, global_step, args.diag_every):
+            recent = recent_observations(replay, replay_position, replay_size, args.diag_batch_size)
             for tag, value in network_diagnostics(encoder, actor, critic, recent, args.dormant_threshold).items():
                 writer.add_scalar(tag, value, global_step)
             writer.add_images("images/saliency", value_saliency(encoder, actor, critic, recent[:4]), global_step)
-            for network in (encoder, actor, critic):
-                network.zero_grad(set_to_none=True)
 
         # evaluation and checkpoints
-        if args.eval_every and global_step // args.eval_every > previous_step // args.eval_every and global_step < args.total_timesteps:
-            run_evaluation(global_step)
-        if args.save_every and global_step // args.save_every > previous_step // args.save_every:
-            saved_replay = None
-            if args.save_buffer:
-                saved_replay = {"replay": replay, "replay_position": replay_position, "replay_size": replay_size}
-            utils.save_periodic_checkpoint(run_dir, global_step, training_state(global_step), args.keep_checkpoints,
-                                           saved_replay)
+        if utils.crossed(previous_step, global_step, args.eval_every) and global_step < args.total_timesteps:
+            run_evaluation()
+        if utils.crossed(previous_step, global_step, args.save_every):
+            utils.stop_if_nonfinite(finite(), last_good, run_dir, global_step, writer)  # checked since the last log too
+            saved_replay = {"replay": replay, "replay_position": replay_position, "replay_size": replay_size}
+            utils.save_periodic_checkpoint(run_dir, global_step, checkpoint_payload(), args.keep_checkpoints,
+                                           saved_replay if args.save_buffer else None)
 
     # evaluation and saving at the end
-    run_evaluation(global_step)
-    utils.save_checkpoint(os.path.join(run_dir, "final.pt"), training_state(global_step))
+    progress.close()
+    utils.stop_if_nonfinite(finite(), last_good, run_dir, global_step, writer)
+    run_evaluation()
+    utils.save_checkpoint(os.path.join(run_dir, "final.pt"), checkpoint_payload())
     for simulator in (*env, *eval_env):
         simulator.close()
-    writer.close()
-    print(f"done: {run_dir}", flush=True)
+    utils.finish_run(writer)
+    utils.echo(f"done: {run_dir}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """What every cleanrl_pool script shares byte for byte and is not algorithm logic: bad-input
-exits, the run folder, seeding and RNG state, checkpoints, score normalisation tables and the
-summaries of the diagnostics. Copy it next to any script you take out of this repository."""
+exits, seeding and RNG state, the run folder (lock, config, TensorBoard and W&B), checkpoints and the
+last good state, the training loop's plumbing (interval test, log line, live progress), score
+normalisation tables and the summaries of the diagnostics. Copy it next to any script you take out
+of this repository."""
 
 import glob
 import json
@@ -59,12 +61,39 @@ def check_writable_folder(flag: str, path: str):
         fail(f"--{flag} {path!r} cannot be written: {existing} is not a writable folder")
 
 
+def check_tracking(args):
+    """`--track` needs the optional `wandb` package: refuse it before any work when it is missing."""
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("--track needs the `wandb` package (pip install wandb); the scripts run without it")
+
+
+def check_memory(need_bytes: int, device: torch.device, what: str):
+    """Refuse a buffer that would take more than 80 % of the free memory of `device` (an OOM kill after
+    set-up helps nobody); `what` names the flags that decide its size."""
+    free = free_memory_bytes(device)
+    if need_bytes > 0.8 * free:
+        fail(f"{what} needs {need_bytes / 2**30:.1f} GiB of {device.type} memory, more than 80 % of the "
+             f"{free / 2**30:.1f} GiB free")
+
+
 # Seeding and RNG state
 def seed_everything(seed: int, torch_deterministic: bool):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = torch_deterministic
+
+
+def configure_cuda(args, device: torch.device):
+    """The speed switches every script shares, on CUDA only: TF32 matmuls and convolutions (`--tf32`), and
+    cuDNN autotuning (`--cudnn-benchmark`) unless `--torch-deterministic` asks for reproducible kernels."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark and not args.torch_deterministic
 
 
 def rng_state() -> dict:
@@ -94,7 +123,9 @@ def set_rng_state(state: dict):
 RUN_NEUTRAL_FLAGS = frozenset({
     "resume", "runs_dir", "track", "wandb_project_name", "wandb_entity", "capture_video", "torch_threads", "compile", "cuda",
     "eval_every", "eval_episodes", "final_eval_episodes", "eval_num_envs", "save_every", "save_buffer", "keep_checkpoints",
-    "diag_every", "diag_batch_size", "dormant_threshold", "log_every", "iteration_steps",
+    "diag_every", "diag_batch_size", "dormant_threshold", "log_every", "iteration_steps", "progress",
+    # speed switches: the same training, computed faster (issue 13)
+    "tf32", "cudnn_benchmark", "bf16", "channels_last", "micro_batch_size", "overlap_envs", "cuda_graphs", "pinned_staging",
 })
 _run_lock = None  # the open lock file of this process's run folder: the OS releases it when the process ends
 
@@ -184,7 +215,7 @@ def write_json(path: str, data):
 
 def start_run(args, run_dir: str, purge_step=None):
     """Create (or take over) the run folder, lock it for this process, write config.json and open the
-    TensorBoard writer. A resumed run passes its step as `purge_step`: events a killed process logged
+    TensorBoard writer (and W&B with `--track`). A resumed run passes its step as `purge_step`: events a killed process logged
     after its last checkpoint are then hidden, as they are logged again."""
     import fcntl
 
@@ -208,13 +239,42 @@ def start_run(args, run_dir: str, purge_step=None):
         for stale in glob.glob(os.path.join(glob.escape(run_dir), "events.out.tfevents.*")):
             os.remove(stale)
     write_json(os.path.join(run_dir, "config.json"), asdict(args))
+    if args.track:  # before the writer: W&B mirrors the TensorBoard events it writes
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity or None, sync_tensorboard=True,
+                   config=asdict(args), name=os.path.basename(run_dir), save_code=True)
     writer = SummaryWriter(run_dir, purge_step=purge_step)
     table = "\n".join(f"|{key}|{value}|" for key, value in sorted(asdict(args).items()))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     return writer
 
 
+def finish_run(writer):
+    """Close the TensorBoard writer and the W&B run, if one was started."""
+    writer.close()
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
+def print_config(args, **derived):
+    """Print every resolved flag, then the values the script derived from them (device, run folder, sizes)."""
+    print("config:\n" + "\n".join(f"  {key} = {value}" for key, value in asdict(args).items()), flush=True)
+    print("derived: " + ", ".join(f"{key} = {value}" for key, value in derived.items()), flush=True)
+
+
 # Checkpoints: one torch.save dict, written atomically, read as data only
+CHECKPOINT_FORMAT = 2  # 2: the one-skeleton networks (Bottleneck modules); a checkpoint of another format is refused
+
+
+def checkpoint_payload(script: str, args, global_step: int, **state) -> dict:
+    """What every checkpoint holds (the script, its format, its resolved flags, the step, every RNG state) and
+    the script's own `state` (networks, optimisers, whatever exact continuation needs)."""
+    return {"script": script, "format": CHECKPOINT_FORMAT, "args": asdict(args), "global_step": global_step,
+            "rng": rng_state(), **state}
+
+
 def save_checkpoint(path: str, payload: dict):
     """Write atomically, recording the run folder's name (`--resume PATH` continues there)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -260,11 +320,109 @@ def load_checkpoint(path: str, script: str, args, architecture_flags) -> dict:
         fail(f"--resume {path!r} was written by {found!r}, not by {script}")
     if not isinstance(checkpoint.get("args"), dict) or "global_step" not in checkpoint:
         fail(f"--resume {path!r} lacks the resolved arguments or the step it was written at")
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        fail(f"--resume {path!r} was written by an older {script} (checkpoint format {checkpoint.get('format', 1)}, "
+             f"this one reads {CHECKPOINT_FORMAT}): start a new run")
     for flag in architecture_flags:
         saved, asked = checkpoint["args"].get(flag), getattr(args, flag)
         if saved != asked:
             fail(f"--resume {path!r} was trained with --{flag.replace('_', '-')} {saved!r}, this run asks for {asked!r}")
     return checkpoint
+
+
+def stop_if_nonfinite(finite: bool, last_good, run_dir: str, step: int, writer):
+    """Stop when a loss, gradient or weight since the last check was not finite: write `last_good` (the payload
+    of the last state checked finite, or None) as its checkpoint, say so on stderr, exit with status 1."""
+    if finite:
+        return
+    if last_good is None:
+        where = "no finite state was checked yet, so no checkpoint was written"
+    else:
+        path = checkpoint_path(run_dir, last_good["global_step"])
+        save_checkpoint(path, last_good)
+        where = f"the last good state is {path}"
+    print(f"error: non-finite loss, gradient or weights before step {step}; stopping ({where}). "
+          "Try a lower --learning-rate.", file=sys.stderr, flush=True)
+    finish_run(writer)
+    raise SystemExit(1)
+
+
+# Training-loop plumbing: the interval test, the log line, live progress
+def crossed(previous_step: int, step: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in (previous_step, step]: the loop's test for every interval (0: never)."""
+    return every > 0 and step // every > previous_step // every
+
+
+def echo(line: str):
+    """Print a line of the run's log (above the progress bar, when there is one)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def log_scalars(writer, step: int, scalars: dict):
+    """Write each `tag: value` at `step` and print them as the log line, `step N: SPS 123, td_loss 0.0123, ...`."""
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, step)
+    echo(f"step {step}: " + ", ".join(f"{tag.split('/', 1)[-1]} {value:.4g}" for tag, value in scalars.items()))
+
+
+def log_parameter_counts(writer, counts: dict, fresh: bool):
+    """Print the weights per part and, in a fresh run, log them once as `diag/params/{part}` (CONVENTIONS)."""
+    total = sum(counts.values())
+    echo("parameters: " + ", ".join(f"{part} {count:,}" for part, count in counts.items()) + f", total {total:,}")
+    if fresh:
+        for part, count in counts.items():
+            writer.add_scalar(f"diag/params/{part}", count, 0)
+
+
+class Progress:
+    """Live progress of a run: steps done, SPS, time left and the latest episodic return. A tqdm bar when
+    stderr is a terminal; otherwise (CI, Slurm logs) a plain line every `interval` seconds; off with --no-progress."""
+
+    def __init__(self, total: int, step: int, enabled: bool, interval: float = 30.0):
+        self.total, self.step, self.enabled, self.interval = total, step, enabled, interval
+        self.start_step, self.start_time = step, time.time()
+        self.shown_at, self.latest_return, self.bar = self.start_time, None, None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=step, unit="step", unit_scale=True, dynamic_ncols=True, smoothing=0)
+            self.interval = 0.5
+
+    def update(self, step=None, episodic_return=None):
+        """Advance to `step` (None: the same step, so that a long update still refreshes the clock) and note
+        the latest finished episode's return; draws at most once per interval, so it is cheap to call often."""
+        self.step = self.step if step is None else step
+        self.latest_return = self.latest_return if episodic_return is None else float(episodic_return)
+        now = time.time()
+        if not self.enabled or now - self.shown_at < self.interval:
+            return
+        self.shown_at = now
+        if self.bar is None:
+            print(self.line(now), flush=True)
+            return
+        if self.latest_return is not None:
+            self.bar.set_postfix_str(f"return {self.latest_return:.4g}", refresh=False)
+        self.bar.update(self.step - self.bar.n)
+
+    def line(self, now: float) -> str:
+        """`progress: step 1,024/50,000 (2.0 %), SPS 12.3, 1:06:20 left, latest return 7.5`."""
+        elapsed = max(now - self.start_time, 1e-9)
+        sps = (self.step - self.start_step) / elapsed
+        seconds = round((self.total - self.step) / sps) if sps > 0 else None
+        left = "?" if seconds is None else f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        latest = "" if self.latest_return is None else f", latest return {self.latest_return:.4g}"
+        return (f"progress: step {self.step:,}/{self.total:,} ({100 * self.step / self.total:.1f} %), "
+                f"SPS {sps:,.1f}, {left} left{latest}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.update(self.step - self.bar.n)
+            self.bar.close()
+        elif self.enabled:
+            print(self.line(time.time()), flush=True)
 
 
 # Score normalisation (REFERENCE §2, §7)

@@ -16,7 +16,7 @@ def rollout():
     obs, info = envs.reset()
     observations, elapsed, records = [obs], [info["elapsed_step"]], []
     replay = dqn.make_replay(2, 400, 84, "cpu")
-    dqn.store_first_frame(replay, 0, torch.tensor(obs), torch.tensor(info["elapsed_step"]))
+    dqn.store_reset(replay, 0, torch.tensor(obs), info)
     episode_done = np.zeros(2, dtype=bool)
     episode_return, games = np.zeros(2), []
     rng = np.random.default_rng(0)
@@ -28,7 +28,8 @@ def rollout():
         games += dqn.finished_games(episode_return, info, truncated)
         observations.append(obs)
         elapsed.append(info["elapsed_step"])
-        records.append(dict(rewards=rewards, raw=info["reward"], terminated=terminated, truncated=truncated, game_over=info["terminated"]))
+        records.append(dict(rewards=rewards, raw=info["reward"], terminated=terminated, truncated=truncated,
+                            game_over=info["terminated"]))
     envs.close()
     return replay, np.stack(observations), np.stack(elapsed), records, games
 
@@ -68,15 +69,15 @@ def test_evaluation_plays_the_training_env_and_sums_raw_rewards_of_all_lives_unt
     """As CleanRL's dqn_eval: life-loss resets as in training, whole-game raw returns. The reference
     replays the same env seed and the same random draws (epsilon 1 never calls the network)."""
     args = dqn.Args(env_id="Breakout", max_episode_steps=2000, eval_epsilon=1.0)
-    np.random.seed(0)
-    returns, _ = dqn.evaluate(None, dqn.make_env(args, 2, seed=5), args, 4, "cpu", False)
+    torch.manual_seed(0)
+    returns, _ = dqn.evaluate(None, dqn.make_env(args, 2, seed=5), args.eval_epsilon, 4, "cpu", False)
     envs = dqn.make_env(args, 2, seed=5)
     envs.reset()
-    np.random.seed(0)
+    torch.manual_seed(0)
     expected, finished, life_losses = np.zeros(2), np.zeros(2, dtype=bool), 0
     while not finished.all():
-        np.random.random(2)
-        _, rewards, terminated, truncated, info = envs.step(np.random.randint(4, size=2))
+        torch.rand(2)  # the coins (all heads at epsilon 1), then the random actions, drawn by torch as select_actions
+        _, rewards, terminated, truncated, info = envs.step(torch.randint(4, (2,)).numpy())
         assert np.array_equal(rewards, np.sign(info["reward"])), "the training env clips rewards"
         expected += info["reward"] * ~finished
         life_losses += int((terminated & ~info["terminated"].astype(bool) & ~finished).sum())

@@ -113,15 +113,18 @@ def scripted_stream(segments, frame_stack=4, side=2):
             fresh = pending_reset != "life"
             elapsed = 0 if fresh else elapsed
             obs = observe(push_all=fresh)
-            steps.append(dict(action=int(rng.integers(4)), reward=0.0, terminated=False, truncated=False, next_obs=obs, elapsed=elapsed))
+            steps.append(dict(action=int(rng.integers(4)), reward=0.0, terminated=False, truncated=False, next_obs=obs,
+                              elapsed=elapsed))
         for k in range(length):
             action, reward = int(rng.integers(4)), float(rng.integers(-1, 2))
             last = k == length - 1
             terminated, truncated = last and how in ("life", "game"), last and how == "time"
             elapsed += 1
             next_obs = observe(push_all=False)
-            steps.append(dict(action=action, reward=reward, terminated=terminated, truncated=truncated, next_obs=next_obs, elapsed=elapsed))
-            transitions.append(dict(obs=obs, action=action, reward=reward, terminated=terminated, truncated=truncated, next_obs=next_obs))
+            steps.append(dict(action=action, reward=reward, terminated=terminated, truncated=truncated, next_obs=next_obs,
+                              elapsed=elapsed))
+            transitions.append(dict(obs=obs, action=action, reward=reward, terminated=terminated, truncated=truncated,
+                                    next_obs=next_obs))
             obs = next_obs
         pending_reset = how
     return first_obs, steps, transitions
@@ -130,7 +133,7 @@ def scripted_stream(segments, frame_stack=4, side=2):
 def fill_replay(first_obs, steps, capacity):
     """Store a stream with the training loop's own `store_env_step` (one environment)."""
     replay = dqn.make_replay(1, capacity, first_obs.shape[-1], "cpu")
-    dqn.store_first_frame(replay, 0, torch.tensor(first_obs[None]), torch.tensor([0]))
+    assert dqn.store_reset(replay, 0, torch.tensor(first_obs[None]), {"elapsed_step": np.array([0])}) == 0
     episode_done = np.array([False])
     for t, step in enumerate(steps):
         episode_done = dqn.store_env_step(replay, t, np.array([step["action"]]), np.array([step["reward"]]),
@@ -212,9 +215,10 @@ def test_resume_cut_ends_stored_episodes_as_time_limits_before_the_new_games():
     first_obs, steps, transitions = scripted_stream([(12, "game")])
     replay, buffer_time = fill_replay(first_obs, steps[:8], capacity=64)  # stopped mid-episode at o_8
     dqn.cut_episodes_at_resume(replay, buffer_time)
-    fresh = np.full((4, 2, 2), 200, dtype=np.uint8)
-    dqn.store_step(replay, buffer_time, torch.tensor([0]), torch.tensor([0.0]), torch.tensor([False]), torch.tensor([False]),
-                   torch.tensor([True]), torch.tensor(fresh[None]), torch.tensor([0]))
+    fresh = np.full((4, 2, 2), 200, dtype=np.uint8)  # the new game's first observation, as the training loop stores it
+    assert dqn.store_reset(replay, buffer_time, torch.tensor(fresh[None]), {"elapsed_step": np.array([0])}) == buffer_time + 1
+    assert not replay["valid"][0, buffer_time] and np.array_equal(dqn.stack_frames(
+        replay, torch.tensor([0]), torch.tensor([buffer_time + 1]), 4)[0].numpy(), fresh)
     torch.manual_seed(0)
     batch = dqn.sample_batch(replay, buffer_time + 1, 1000, 3, 4, 0.5)
     for i in range(1000):
@@ -227,16 +231,26 @@ def test_resume_cut_ends_stored_episodes_as_time_limits_before_the_new_games():
 
 
 # network shapes and parameter counts
-@pytest.mark.parametrize("encoder,resolution", [("nature", 84), ("nature", 36), ("nature", 128), ("impala", 84), ("impala", 64)])
-def test_encoder_output_shape_matches_the_real_network(encoder, resolution):
+@pytest.mark.parametrize("encoder,resolution", [("nature", 84), ("nature", 36), ("nature", 128), ("impala", 84),
+                                                ("impala", 64)])
+def test_feature_map_shape_matches_the_real_network(encoder, resolution):
     args = dqn.Args(encoder=encoder, resolution=resolution, width=1)
-    channels, side = dqn.encoder_output_shape(encoder, 1, resolution)
-    output = dqn.QNetwork(args, 4).encoder(torch.zeros(1, 4, resolution, resolution))
+    network = dqn.QNetwork(args, 4)
+    channels, side = dqn.feature_map_shape(network.encoder, 4, resolution)
+    output = network.encoder(torch.zeros(1, 4, resolution, resolution))
     assert tuple(output.shape) == (1, channels, side, side)
+    # VALID padding: (((R - 8) // 4 + 1 - 4) // 2 + 1) - 2; Impala: three stride-2 pools, ceil(R / 8)
+    assert side == ((((resolution - 8) // 4 + 1) - 4) // 2 + 1 - 2 if encoder == "nature" else -(-resolution // 8))
+
+
+def test_a_frame_too_small_for_the_nature_encoder_has_no_feature_map():
+    with torch.device("meta"):
+        encoder = dqn.nature_encoder(4, 1)
+    assert dqn.feature_map_shape(encoder, 4, 35) == (0, 0) and dqn.feature_map_shape(encoder, 4, 36) == (64, 1)
 
 
 def test_nature_encoder_at_84_gives_7x7x64_and_flatten_bottleneck_has_hwc_times_dense_weights():
-    assert dqn.encoder_output_shape("nature", 1, 84) == (64, 7)
+    assert dqn.feature_map_shape(dqn.nature_encoder(4, 1), 4, 84) == (64, 7)
     flatten = dqn.parameter_counts(dqn.QNetwork(dqn.Args(pool="flatten", dense_scale=2), 4))
     pooled = dqn.parameter_counts(dqn.QNetwork(dqn.Args(pool="avg", dense_scale=2), 4))
     assert flatten["bottleneck"] == 7 * 7 * 64 * 1024 + 1024
@@ -314,6 +328,45 @@ def test_dqn_loss_ignores_transitions_with_weight_zero():
     loss, q_taken = dqn.dqn_loss(q_network, target_network, batch, double=False)
     with torch.no_grad():
         next_max = target_network(batch["next_observations"]).max(dim=1).values
-    errors = [(q_taken[i].item() - (batch["returns"][i].item() + batch["bootstrap_discount"][i].item() * next_max[i].item())) ** 2
+    errors = [(q_taken[i].item()
+               - (batch["returns"][i].item() + batch["bootstrap_discount"][i].item() * next_max[i].item())) ** 2
               for i in (0, 1, 3)]
     assert loss.item() == pytest.approx(sum(errors) / 3, rel=1e-5)
+
+
+def filled_replay():
+    """A replay of the scripted stream, as the training loop stores it."""
+    first_obs, steps, _ = scripted_stream(SEGMENTS, side=36)
+    return fill_replay(first_obs, steps, capacity=256)
+
+
+def test_learner_step_takes_one_adam_step_on_the_loss_of_a_uniform_batch():
+    """sample -> loss -> backward -> step: the loss returned is that of the batch sample_batch draws from the same
+    RNG state, measured before the step; the mean Q is that batch's mean Q(s, a); the weights move."""
+    torch.manual_seed(0)
+    args = dqn.Args(resolution=36, batch_size=16, n_step=3, double=True)
+    q_network, target_network = dqn.QNetwork(args, 4), dqn.QNetwork(args, 4)
+    replay, buffer_time = filled_replay()
+    torch.manual_seed(1)
+    batch = dqn.sample_batch(replay, buffer_time, args.batch_size, args.n_step, args.frame_stack, args.gamma)
+    expected_loss, q_taken = dqn.dqn_loss(q_network, target_network, batch, double=True)
+    before = [p.detach().clone() for p in q_network.parameters()]
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=1e-3)
+    torch.manual_seed(1)
+    loss, mean_q = dqn.learner_step(q_network, target_network, optimizer, replay, buffer_time, args)
+    assert not loss.requires_grad and not mean_q.requires_grad
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
+    assert mean_q.item() == pytest.approx(q_taken.mean().item(), rel=1e-6)
+    assert any(not torch.equal(b, p) for b, p in zip(before, q_network.parameters()))
+    assert optimizer.state_dict()["state"][0]["step"] == 1
+
+
+def test_soft_update_moves_the_target_by_the_rate_and_copies_it_exactly_at_rate_one():
+    torch.manual_seed(0)
+    online, target = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    start = [p.detach().clone() for p in target.parameters()]
+    dqn.soft_update(target, online, 0.25)
+    for old, new, source in zip(start, target.parameters(), online.parameters()):
+        assert torch.allclose(new, 0.75 * old + 0.25 * source, atol=1e-7)
+    dqn.soft_update(target, online, 1.0)
+    assert all(torch.equal(new, source) for new, source in zip(target.parameters(), online.parameters()))

@@ -25,6 +25,10 @@ RUNS = {
     "rainbow_atari_gap": ["--env-id", "Breakout", "--buffer-size", "400", "--learning-starts", "40", "--batch-size", "8",
                           "--total-timesteps", "200", "--log-every", "40", "--eval-every", "0", "--save-every", "0",
                           "--diag-every", "0", "--eval-episodes", "1", "--max-episode-steps", "150"],
+    "sac_dmc_gap": ["--env-id", "cartpole-swingup", "--resolution", "24", "--cheap-visuals-for-tests", "--batch-size", "8",
+                    "--hidden-dim", "32", "--buffer-size", "200", "--learning-starts", "20", "--total-timesteps", "100",
+                    "--log-every", "20", "--eval-every", "0", "--save-every", "0", "--diag-every", "0",
+                    "--eval-episodes", "1"],
 }
 
 

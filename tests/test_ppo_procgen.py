@@ -61,6 +61,58 @@ def test_compute_gae_without_episode_ends_is_discounted_td_errors():
     assert advantages[:, 0].tolist() == [1 + 0.5 + 0.25, 1 + 0.5, 1.0]
 
 
+# The PPO loss and update
+def behaviour_batch(agent, size, generator):
+    """A minibatch collected by `agent` itself, with random advantages and returns = values + advantages."""
+    obs = torch.randint(0, 256, (size, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    with torch.no_grad():
+        actions, logprobs, _, values = ppo.get_action_and_value(agent, obs)
+    advantages = torch.randn(size, generator=generator)
+    return {"obs": obs, "actions": actions, "logprobs": logprobs, "values": values, "advantages": advantages,
+            "returns": values + advantages}
+
+
+def test_ppo_loss_at_the_behaviour_policy():
+    """Where the data's policy is the current one the ratio is 1: the surrogate is minus the mean of the normalised
+    advantages (0), no KL, nothing clipped, and the value loss is half the mean squared advantage."""
+    torch.manual_seed(0)
+    agent = ppo.Agent(15, 16, "avg", width=1, dense_scale=1)
+    minibatch = behaviour_batch(agent, 8, torch.Generator().manual_seed(1))
+    raw_advantages = minibatch["advantages"]
+    minibatch["advantages"] = (raw_advantages - raw_advantages.mean()) / (raw_advantages.std() + 1e-8)  # as ppo_update
+    loss, parts = ppo.ppo_loss(agent, minibatch, 0.2, False, 0.01, 0.5)
+    assert set(parts) == {"policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"}
+    assert abs(parts["policy_loss"].item()) < 1e-6 and parts["approx_kl"].item() == 0 and parts["clipfrac"].item() == 0
+    assert parts["value_loss"].item() == pytest.approx(0.5 * (raw_advantages**2).mean().item(), rel=1e-5)
+    expected = parts["policy_loss"] - 0.01 * parts["entropy"] + 0.5 * parts["value_loss"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert loss.requires_grad and not any(part.requires_grad for part in parts.values())
+
+
+@pytest.mark.parametrize("target_kl,minibatches,micro_batch_size", [(None, 8, 4), (1e-12, 4, 4), (None, 8, 2), (1e-12, 4, 1)])
+def test_ppo_update_means_every_minibatch_and_stops_past_target_kl(target_kl, minibatches, micro_batch_size, monkeypatch):
+    """Minibatches of 4 steps, as micro-batches of `micro_batch_size`: ppo_loss once per micro-batch, progress once per
+    minibatch, the means over all of them."""
+    torch.manual_seed(0)
+    agent = ppo.Agent(15, 16, "avg", width=1, dense_scale=1)
+    batch = behaviour_batch(agent, 16, torch.Generator().manual_seed(2))
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
+    recorded, real_loss, refreshed = [], ppo.ppo_loss, []
+
+    def recording_loss(*args):
+        loss, parts = real_loss(*args)
+        recorded.append(parts)
+        return loss, parts
+
+    monkeypatch.setattr(ppo, "ppo_loss", recording_loss)
+    args = ppo.Args(num_minibatches=4, update_epochs=2, target_kl=target_kl)
+    means, finite = ppo.ppo_update(agent, agent, optimizer, batch, args, micro_batch_size, False, lambda: refreshed.append(1))
+    assert len(refreshed) == minibatches and len(recorded) == minibatches * 4 // micro_batch_size and bool(finite)
+    for name, value in means.items():
+        assert value == pytest.approx(np.mean([parts[name].item() for parts in recorded]), rel=1e-5, abs=1e-9), name
+    assert set(means) == set(recorded[0])
+
+
 # Reward normalisation
 def slow_normalize_rewards(reward_rows, done_rows, gamma, clip):
     """gym 0.23 NormalizeReward + clip: RunningMeanStd of the discounted return over all envs, in numpy."""
@@ -123,7 +175,7 @@ def slow_impala_encoder_params(width):
 @pytest.mark.parametrize("width,dense_scale", [(1, 1), (2, 2)])
 def test_parameter_counts_avg_independent_of_resolution_flatten_grows_with_r_squared(width, dense_scale):
     hidden = 256 * dense_scale
-    for resolution in (48, 64, 96, 128, 192):
+    for resolution in (1, 9, 48, 64, 65, 96, 128, 192):
         avg = ppo.parameter_counts(ppo.Agent(15, resolution, "avg", width, dense_scale))
         flat = ppo.parameter_counts(ppo.Agent(15, resolution, "flatten", width, dense_scale))
         side = math.ceil(resolution / 8)
@@ -132,6 +184,13 @@ def test_parameter_counts_avg_independent_of_resolution_flatten_grows_with_r_squ
         assert flat["bottleneck"] == 32 * width * side * side * hidden + hidden
         assert avg["head"] == flat["head"] == (hidden * 15 + 15) + (hidden + 1)
     assert ppo.parameter_counts(ppo.Agent(15, 64, "max", 1, 1)) == ppo.parameter_counts(ppo.Agent(15, 64, "avg", 1, 1))
+
+
+def test_bottleneck_holds_the_join_and_the_dense_layer():
+    agent = ppo.Agent(15, 64, "flatten", width=1, dense_scale=1)
+    assert isinstance(agent.bottleneck, ppo.Bottleneck) and agent.bottleneck.pool == "flatten"
+    assert agent.bottleneck.dense[0].in_features == ppo.pooled_size(32, 8, "flatten") == 32 * 8 * 8
+    assert ppo.feature_map_shape(agent.encoder, 3, 64) == (32, 8)
 
 
 def test_pool_features_against_numpy():
@@ -155,16 +214,17 @@ def slow_dormant_fractions(agent, obs, threshold):
     relu = torch.relu
     with torch.no_grad():
         x, encoder = obs.float() / 255, []
-        for stage in agent.encoder[:3]:
-            x = stage[1](stage[0](x))
-            for block in stage[2:]:
+        for stage in range(3):  # Conv, MaxPool, two residual blocks per stage, then the final ReLU
+            conv, maxpool, *blocks = agent.encoder[4 * stage : 4 * stage + 4]
+            x = maxpool(conv(x))
+            for block in blocks:
                 before = relu(x)
                 inner = relu(block.conv0(before))
                 encoder += [before, inner]
                 x = x + block.conv1(inner)
         x = relu(x)
         encoder.append(x)
-        hidden = relu(agent.dense[0](x.mean(dim=(2, 3))))
+        hidden = relu(agent.bottleneck.dense[0](x.mean(dim=(2, 3))))
         parts = {"encoder": encoder, "bottleneck": [hidden], "head": [agent.actor(hidden), agent.critic(hidden)]}
     fractions = {}
     for part, layers in parts.items():
@@ -175,7 +235,7 @@ def slow_dormant_fractions(agent, obs, threshold):
             layer_mean = sum(scores) / len(scores)
             dormant += sum(score / (layer_mean + 1e-9) <= threshold for score in scores)
             total += len(scores)
-        fractions[f"dormant_fraction/{part}"] = dormant / total
+        fractions[f"diag/dormant_fraction/{part}"] = dormant / total
     return fractions
 
 
@@ -184,19 +244,20 @@ def test_dormant_fraction_is_wired_per_part():
     agent = ppo.Agent(15, 64, "avg", width=1, dense_scale=1)
     obs = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
-        agent.encoder[2][3].conv0.weight[:3] = 0.0  # 3 channels of the last block's inner ReLU go dead
-        agent.encoder[2][3].conv0.bias[:3] = 0.0
-        agent.dense[0].weight[:5] = 0.0  # 5 dense units: pre-activation -1, ReLU output 0
-        agent.dense[0].bias[:5] = -1.0
+        agent.encoder[11].conv0.weight[:3] = 0.0  # 3 channels of the last block's inner ReLU go dead
+        agent.encoder[11].conv0.bias[:3] = 0.0
+        agent.bottleneck.dense[0].weight[:5] = 0.0  # 5 dense units: pre-activation -1, ReLU output 0
+        agent.bottleneck.dense[0].bias[:5] = -1.0
         agent.actor.weight[2] = 0.0  # one logit constant 0
     diagnostics = ppo.network_diagnostics(agent, obs, 0.025)
     expected = slow_dormant_fractions(agent, obs, 0.025)
     for part in ("encoder", "bottleneck", "head"):
-        assert diagnostics[f"dormant_fraction/{part}"] == pytest.approx(expected[f"dormant_fraction/{part}"])
+        tag = f"diag/dormant_fraction/{part}"
+        assert diagnostics[tag] == pytest.approx(expected[tag])
     # encoder neurons: per stage 2 blocks x 2 ReLUs x c channels, plus the trunk's final ReLU (32 channels)
-    assert diagnostics["dormant_fraction/encoder"] * (sum(4 * c for c in (16, 32, 32)) + 32) >= 3
-    assert diagnostics["dormant_fraction/bottleneck"] * 256 >= 5
-    assert diagnostics["dormant_fraction/head"] * 16 >= 1  # 15 logits + 1 value, one logit dead
+    assert diagnostics["diag/dormant_fraction/encoder"] * (sum(4 * c for c in (16, 32, 32)) + 32) >= 3
+    assert diagnostics["diag/dormant_fraction/bottleneck"] * 256 >= 5
+    assert diagnostics["diag/dormant_fraction/head"] * 16 >= 1  # 15 logits + 1 value, one logit dead
 
 
 def test_feature_norm_is_mean_l2_norm_of_pooled_vector():
@@ -206,7 +267,7 @@ def test_feature_norm_is_mean_l2_norm_of_pooled_vector():
     with torch.no_grad():
         pooled = agent.encoder(obs.float() / 255).amax(dim=(2, 3)).numpy()
     expected = np.mean([math.sqrt(sum(float(x) ** 2 for x in row)) for row in pooled])
-    assert ppo.network_diagnostics(agent, obs, 0.025)["feature_norm"] == pytest.approx(expected, rel=1e-5)
+    assert ppo.network_diagnostics(agent, obs, 0.025)["diag/feature_norm"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_saliency_grid_shape_and_range():
@@ -252,10 +313,16 @@ class FakeProcgen:
         self.elapsed[done] = 0
         return self.frames(), reward, done, {}
 
+    def step_async(self, action):
+        self.result = self.step(action)
 
-class ConstantCritic(torch.nn.Module):
-    def forward(self, obs):
-        return torch.zeros(len(obs), 15), torch.full((len(obs),), 0.5)
+    def step_wait(self):
+        return self.result
+
+
+def constant_critic(obs):
+    """A policy for collect_rollout: uniform actions, value 0.5."""
+    return ppo.sample_action(torch.zeros(len(obs), 15)), torch.full((len(obs),), -math.log(15)), torch.full((len(obs),), 0.5)
 
 
 def test_rollout_keeps_each_episode_to_itself():
@@ -264,9 +331,15 @@ def test_rollout_keeps_each_episode_to_itself():
     normalizer = ppo.new_reward_normalizer(2, "cpu")
     episodes = {"return": np.zeros(2), "length": np.zeros(2, dtype=np.int64)}
     obs, _ = envs.reset()
+    calls = []
     next_obs, next_done, returns, episode_lengths = ppo.collect_rollout(
-        ConstantCritic(), envs, rollout, torch.from_numpy(obs), torch.zeros(2), normalizer, episodes, gamma, 10.0
+        constant_critic, [envs], rollout, torch.from_numpy(obs), torch.zeros(2), normalizer, episodes, gamma, 10.0,
+        on_step=lambda steps, episodic_return: calls.append((steps, episodic_return)),
     )
+    # the progress callback follows every step: steps so far (both envs), the mean return of the episodes just ended
+    assert [steps for steps, _ in calls] == list(range(2, 2 * num_steps + 1, 2))
+    assert [(t, r) for t, (_, r) in enumerate(calls, 1) if r is not None] == [(3, 6.0), (5, 15.0), (6, 6.0), (9, 6.0),
+                                                                            (10, 15.0)]
     # finished episodes: env 0 three of length 3 (return 1+2+3), env 1 two of length 5 (return 15)
     assert sorted(zip(returns, episode_lengths)) == [(6.0, 3)] * 3 + [(15.0, 5)] * 2
     assert episodes["return"].tolist() == [1 + 2, 1] and episodes["length"].tolist() == [2, 1]  # the ones still running

@@ -74,8 +74,10 @@ def check_run(run, resolution):
     final = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)
     assert final["global_step"] == 128 and final["args"]["resolution"] == resolution
     # the first dense layer's input is the pooled channel vector: 32 * width, at any resolution
-    assert final["model"]["dense.0.weight"].shape == (256, 32)
-    assert final["model"]["encoder.0.0.weight"].shape == (16, 3, 3, 3)
+    assert final["model"]["bottleneck.dense.0.weight"].shape == (256, 32)
+    assert final["model"]["encoder.0.weight"].shape == (16, 3, 3, 3)
+    # not a terminal: no bar, one progress line at the end (and one every 30 s before it)
+    assert "progress: step 128/128 (100.0 %)" in run["result"].stdout
 
 
 def test_smoke_64_writes_tags_config_and_checkpoints(run64):
@@ -100,7 +102,8 @@ def test_learning_rate_rescaled_by_two_over_width(run64):
 
 def test_evaluation_video_written(run64):
     videos = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run64["run_dir"], "videos", "*.gif")))
-    assert videos == ["test_levels_step128.gif", "test_levels_step64.gif", "train_levels_step128.gif", "train_levels_step64.gif"]
+    assert videos == ["test_levels_step_000000000064.gif", "test_levels_step_000000000128.gif",
+                      "train_levels_step_000000000064.gif", "train_levels_step_000000000128.gif"]
 
 
 def test_a_stopped_and_resumed_run_equals_a_straight_one(run64, tmp_path_factory):
@@ -159,6 +162,8 @@ BAD_INPUTS = {
                                     "--total-timesteps", "10000000"], "--resolution"),
     "minibatches not dividing the batch": (["--num-minibatches", "7"], "--num-minibatches"),
     "budget below one rollout": (["--total-timesteps", "10"], "--total-timesteps"),
+    "micro-batches not dividing the minibatch": (["--micro-batch-size", "3"], "--micro-batch-size 3 must divide"),
+    "negative micro-batch size": (["--micro-batch-size", "-1"], "--micro-batch-size"),
     "zero width": (["--width", "0"], "--width"),
     "negative start level": (["--start-level", "-1"], "--start-level"),
     "negative number of levels": (["--num-levels", "-1"], "--num-levels"),
@@ -167,6 +172,7 @@ BAD_INPUTS = {
     "negative torch threads": (["--torch-threads", "-1"], "--torch-threads"),
     "missing checkpoint": (["--resume", "nowhere.pt"], "--resume"),
     "checkpoint of another script": (["--resume", "other.pt"], "dqn_atari_gap.py"),
+    "checkpoint with the old layer names": (["--resume", "old.pt"], "was written by an older"),  # format 1: no Bottleneck
 }
 
 
@@ -177,6 +183,10 @@ def test_bad_input_exits_2_with_one_line_before_any_work(case, tmp_path, monkeyp
     import ppo_procgen_impoola as ppo
 
     torch.save({"script": "dqn_atari_gap.py", "args": {}}, tmp_path / "other.pt")
+    tiny_architecture = {"env_id": "bossfight", "pool": "avg", "width": 1, "dense_scale": 1, "resolution": 64, "num_envs": 4,
+                         "distribution_mode": "easy"}  # a checkpoint of the script before agent.dense became agent.bottleneck
+    torch.save({"script": SCRIPT, "args": tiny_architecture, "global_step": 64, "env_states": [],
+                "model": {"dense.0.weight": torch.zeros(256, 32)}}, tmp_path / "old.pt")
     flags, named = BAD_INPUTS[case]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [SCRIPT, *TINY, *flags])
@@ -190,8 +200,9 @@ def test_bad_input_exits_2_with_one_line_before_any_work(case, tmp_path, monkeyp
 
 def test_full_distribution_training_with_num_levels_0(tmp_path):
     result = run_ppo(*TINY, "--num-levels", "0", "--total-timesteps", "64", "--eval-every", "0", "--final-eval-episodes", "0",
-                     "--diag-every", "0", cwd=tmp_path)
+                     "--diag-every", "0", "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "progress:" not in result.stdout
     (config,) = glob.glob(str(tmp_path / "runs" / "*" / "config.json"))
     assert json.load(open(config))["num_levels"] == 0
 

@@ -58,7 +58,8 @@ def test_projection_keeps_atoms_that_land_exactly_on_atoms_including_the_edges()
 
 def test_projection_clamps_targets_beyond_the_support():
     next_probs = torch.rand(2, 51, dtype=torch.float64).softmax(1)
-    projected = project(next_probs, torch.tensor([100.0, -100.0], dtype=torch.float64), torch.full((2,), 0.99, dtype=torch.float64))
+    projected = project(next_probs, torch.tensor([100.0, -100.0], dtype=torch.float64),
+                        torch.full((2,), 0.99, dtype=torch.float64))
     expected = slow_projection(next_probs.tolist(), [100.0, -100.0], [0.99, 0.99], -10.0, 10.0)
     assert torch.allclose(projected, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
     assert projected[0, -1].item() == pytest.approx(1.0) and projected[1, 0].item() == pytest.approx(1.0)
@@ -269,16 +270,18 @@ def network_args(**overrides):
     return rainbow.Args(**overrides)
 
 
-@pytest.mark.parametrize("encoder,pool,resolution", [("impala", "avg", 84), ("impala", "flatten", 84), ("nature", "max", 84), ("nature", "flatten", 100), ("impala", "flatten", 120)])
+@pytest.mark.parametrize("encoder,pool,resolution", [("impala", "avg", 84), ("impala", "flatten", 84), ("nature", "max", 84),
+                                                     ("nature", "flatten", 100), ("impala", "flatten", 120)])
 def test_network_outputs_logits_per_action_and_atom_and_sizes_the_bottleneck(encoder, pool, resolution):
     args = network_args(encoder=encoder, pool=pool, resolution=resolution, dense_scale=1, dueling=True, noisy=True)
     network = rainbow.QNetwork(args, num_actions=6)
     logits = network(torch.randint(0, 256, (2, 4, resolution, resolution), dtype=torch.uint8))
     assert logits.shape == (2, 6, 51)
     encoded = network.encoder(torch.zeros(1, 4, resolution, resolution))
-    assert (encoded.shape[1], encoded.shape[-1]) == rainbow.encoder_output_shape(encoder, 1, resolution)
+    assert (encoded.shape[1], encoded.shape[-1]) == rainbow.feature_map_shape(network.encoder, 4, resolution)
+    assert encoded.shape[-1] == math.ceil(resolution / 8)  # SAME padding (strides 4, 2, 1) and Impala's pools alike
     joined = encoded[0].numel() if pool == "flatten" else encoded.shape[1]
-    assert network.bottleneck[1].weight_mu.shape == (512, joined)
+    assert network.bottleneck.dense[0].weight_mu.shape == (512, joined)
 
 
 def flax_std(kind, weight):
@@ -329,7 +332,7 @@ def test_dopamine_init_leaves_noisy_layers_as_dopamines_noisy_network():
     args = network_args(encoder="nature", pool="flatten", dense_scale=1, noisy=True, dueling=True)
     network = rainbow.QNetwork(args, num_actions=4)
     rainbow.dopamine_init(network, args)
-    dense = network.bottleneck[1]
+    dense = network.bottleneck.dense[0]
     fan_in = dense.weight_mu.shape[1]
     assert dense.weight_mu.abs().max().item() <= 1 / math.sqrt(fan_in)  # mu ~ U(+-1/sqrt(fan_in))
     assert dense.weight_sigma.unique().tolist() == [pytest.approx(0.1 / math.sqrt(fan_in))]
@@ -337,12 +340,32 @@ def test_dopamine_init_leaves_noisy_layers_as_dopamines_noisy_network():
     assert conv.weight.std().item() == pytest.approx(flax_std("xavier_uniform", conv.weight), rel=0.12)
 
 
+def same_pads(side, kernel, stride):
+    """(before, after) zeros SamePad2d puts on each axis, read off a padded image of ones."""
+    padded = rainbow.SamePad2d(kernel, stride)(torch.ones(1, 1, side, side))[0, 0]
+    rows, cols = padded.amax(dim=1), padded.amax(dim=0)  # which rows / columns hold the image
+    before, after = int(rows.argmax()), int(rows.flip(0).argmax())  # the zeros before the first one, after the last
+    assert torch.equal(rows, cols), "both axes alike"
+    return before, after
+
+
 def test_nature_encoder_pads_same_as_dopamine_84_to_11x11x64():
     """Dopamine's Flax Nature CNN pads SAME: 84 -> 21 -> 11 -> 11, so flatten joins 7,744 features."""
-    assert [rainbow.same_padding(side, kernel, stride) for side, kernel, stride in ((84, 8, 4), (21, 4, 2), (11, 3, 1))] == [(2, 2), (1, 2), (1, 1)]
+    pads = [same_pads(side, kernel, stride) for side, kernel, stride in ((84, 8, 4), (21, 4, 2), (11, 3, 1))]
+    assert pads == [(2, 2), (1, 2), (1, 1)]
     network = rainbow.QNetwork(network_args(encoder="nature", pool="flatten", resolution=84, dense_scale=1), num_actions=4)
     assert network.encoder(torch.zeros(1, 4, 84, 84)).shape == (1, 64, 11, 11)
-    assert network.bottleneck[1].weight.shape == (512, 7744)
+    assert rainbow.feature_map_shape(network.encoder, 4, 84) == (64, 11)
+    assert network.bottleneck.dense[0].weight.shape == (512, 7744)
+
+
+@pytest.mark.parametrize("side,kernel,stride", [(7, 3, 2), (10, 4, 4), (1, 8, 4), (5, 1, 1)])
+def test_same_padding_gives_ceil_side_over_stride_with_the_odd_pixel_after(side, kernel, stride):
+    before, after = same_pads(side, kernel, stride)
+    total = max((math.ceil(side / stride) - 1) * stride + kernel - side, 0)
+    assert (before, after) == (total // 2, total - total // 2)
+    conv = torch.nn.Conv2d(1, 1, kernel, stride=stride)
+    assert conv(rainbow.SamePad2d(kernel, stride)(torch.zeros(1, 1, side, side))).shape[-1] == math.ceil(side / stride)
 
 
 def parse(monkeypatch, *flags):
@@ -354,12 +377,16 @@ def test_der_preset_sets_every_der_value(monkeypatch):
     args = parse(monkeypatch, "--preset", "der")
     # DER.gin's network is Dopamine's FullRainbowNetwork: Nature CNN, flatten, one noisy Dense(512)
     assert (args.encoder, args.pool, args.dense_scale, args.width, args.iteration_steps) == ("nature", "flatten", 1, 1, 10_000)
-    assert (args.noisy, args.dueling, args.double, args.n_step, args.learning_starts, args.train_frequency) == (True, True, True, 10, 1600, 1)
+    assert (args.noisy, args.dueling, args.double, args.n_step) == (True, True, True, 10)
+    assert (args.learning_starts, args.train_frequency) == (1600, 1)
     assert (args.target_network_frequency, args.learning_rate, args.adam_eps) == (2000, 1e-4, 1.5e-4)
-    assert (args.repeat_action_probability, args.episodic_life, args.total_timesteps, args.eval_episodes) == (0.0, True, 100_000, 100)
+    assert (args.repeat_action_probability, args.episodic_life) == (0.0, True)
+    assert (args.total_timesteps, args.eval_episodes) == (100_000, 100)
     assert (args.noisy_std, args.buffer_size) == (0.1, 100_000)  # Dopamine's NoisyNetwork sigma 0.1 / sqrt(fan_in)
     default = parse(monkeypatch)
-    assert (default.noisy, default.n_step, default.learning_rate, default.repeat_action_probability) == (False, 3, 6.25e-5, 0.25)
+    assert (default.noisy, default.n_step) == (False, 3)
+    assert (default.learning_rate, default.repeat_action_probability) == (6.25e-5, 0.25)
+    assert (default.encoder, default.pool, default.dense_scale) == ("impala", "avg", 4)  # the GAP paper's network
 
 
 def test_explicit_flags_override_the_preset(monkeypatch):
@@ -413,34 +440,56 @@ def test_rainbow_loss_is_the_cross_entropy_to_the_projected_target(double):
     assert logits.shape == (5, 3, 11)
 
 
-def test_prioritized_update_weights_the_loss_and_writes_sqrt_loss_priorities():
-    """Dopamine's step: loss = mean(w_i CE_i), w_i = p_i^-0.5 / max; leaf i gets sqrt(CE_i + 1e-10); the
-    running max priority grows to the largest of them (and never shrinks)."""
+def table_replay(priorities, rewards, terminated):
+    """A one-environment replay of 1 x 1 frames whose pixel is the slot's index into a TableNetwork, every slot
+    valid, with these leaf priorities: what learner_step samples from."""
+    capacity = len(priorities)
+    replay = rainbow.make_replay(1, capacity, 1, "cpu")
+    replay["frames"][0, :, 0, 0] = torch.arange(capacity, dtype=torch.uint8)
+    replay["rewards"][0] = torch.tensor(rewards)
+    replay["terminated"][0] = torch.tensor(terminated)
+    replay["actions"][0] = torch.arange(capacity) % 3
+    replay["valid"][:] = True
+    rainbow.sum_tree_update(replay["sum_tree"], torch.arange(capacity), torch.tensor(priorities, dtype=torch.float64))
+    return replay
+
+
+def test_learner_step_weights_the_loss_and_writes_sqrt_loss_priorities():
+    """Dopamine's step on a prioritised batch: loss = mean(w_i CE_i), w_i = p_i^-0.5 / max with p_i the sampling
+    probability (priority / total); leaf i gets sqrt(CE_i + 1e-10); the running max priority grows to the largest
+    of them (and never shrinks); the mean Q is that of the online network on the batch, before the step."""
     generator = torch.Generator().manual_seed(2)
-    online, target = torch.randn(4, 3, 11, generator=generator) * 3, torch.randn(4, 3, 11, generator=generator)
+    online, target = torch.randn(8, 3, 11, generator=generator) * 3, torch.randn(8, 3, 11, generator=generator)
     support = torch.linspace(-10, 10, 11)
-    batch = {
-        "observations": torch.tensor([0, 1, 2]).view(3, 1, 1, 1).expand(3, 4, 2, 2),
-        "next_observations": torch.tensor([1, 2, 3]).view(3, 1, 1, 1).expand(3, 4, 2, 2),
-        "actions": torch.tensor([0, 2, 1]), "returns": torch.tensor([0.0, 1.0, -2.5]),
-        "bootstrap_discount": torch.tensor([0.99, 0.0, 0.97]),
-        "leaves": torch.tensor([1, 4, 6]), "probabilities": torch.tensor([0.1, 0.4, 0.2]),
-    }
+    leaf_priorities = [1.0, 0.0, 2.0, 0.5, 3.0, 0.0, 1.5, 0.0]  # slot 7's window runs past the newest step: priority 0
+    replay = table_replay(leaf_priorities, [0.0, 1.0, -2.5, 0.7, 1.0, 0.0, 2.0, 0.0], [0, 0, 1, 0, 0, 1, 0, 0])
+    args = network_args(double=False, priority_exponent=0.5, importance_exponent=0.5, batch_size=4, n_step=1,
+                        frame_stack=1, gamma=0.9)
+    torch.manual_seed(7)
+    batch = rainbow.sample_batch(replay, args.batch_size, args.n_step, args.frame_stack, args.gamma)
+    leaves = batch["leaves"].tolist()
+    assert all(leaf_priorities[leaf] > 0 for leaf in leaves)
+    probabilities = [leaf_priorities[leaf] / sum(leaf_priorities) for leaf in leaves]
+    assert batch["probabilities"].tolist() == pytest.approx(probabilities, rel=1e-6)
     expected_losses = slow_rainbow_loss(online, target, batch, support, double=False)
-    weights = [(1 / p) ** 0.5 for p in (0.1, 0.4, 0.2)]
-    expected_loss = sum(w / max(weights) * l for w, l in zip(weights, expected_losses)) / 3
+    weights = [(1 / p) ** 0.5 for p in probabilities]
+    expected_loss = sum(w / max(weights) * l for w, l in zip(weights, expected_losses)) / len(leaves)
+    expected_q = [sum(p * z for p, z in zip(online[leaf].softmax(-1)[a].tolist(), support.tolist()))
+                  for leaf in leaves for a in range(3)]
     q_network = TableNetwork(online)
-    replay = {"sum_tree": make_tree([1.0] * 8), "max_priority": torch.tensor(1.0, dtype=torch.float64)}
     optimizer = torch.optim.SGD(q_network.parameters(), lr=0.1)
-    args = network_args(double=False, priority_exponent=0.5, importance_exponent=0.5)
-    loss, _ = rainbow.prioritized_update(q_network, TableNetwork(target), optimizer, replay, batch, support, args)
+    torch.manual_seed(7)  # the same draws: learner_step samples the batch above
+    loss, mean_q = rainbow.learner_step(q_network, TableNetwork(target), optimizer, replay, support, args)
+    assert not loss.requires_grad and not mean_q.requires_grad
     assert loss.item() == pytest.approx(expected_loss, rel=1e-4)
-    leaves = replay["sum_tree"][8:].tolist()
-    new_priorities = [math.sqrt(l + 1e-10) for l in expected_losses]
-    assert [leaves[i] for i in (1, 4, 6)] == pytest.approx(new_priorities, rel=1e-4)
-    assert [leaves[i] for i in (0, 2, 3, 5, 7)] == [1.0] * 5
-    assert replay["sum_tree"][1].item() == pytest.approx(5 + sum(new_priorities), rel=1e-4)
-    assert replay["max_priority"].item() == pytest.approx(max(1.0, *new_priorities), rel=1e-4)
+    assert mean_q.item() == pytest.approx(sum(expected_q) / len(expected_q), rel=1e-4)
+    tree_leaves = replay["sum_tree"][8:].tolist()
+    new_priorities = {leaf: math.sqrt(l + 1e-10) for leaf, l in zip(leaves, expected_losses)}
+    assert [tree_leaves[leaf] for leaf in new_priorities] == pytest.approx(list(new_priorities.values()), rel=1e-4)
+    assert [tree_leaves[i] for i in range(8) if i not in new_priorities] == [leaf_priorities[i] for i in range(8)
+                                                                               if i not in new_priorities]
+    assert replay["sum_tree"][1].item() == pytest.approx(sum(tree_leaves), rel=1e-9)
+    assert replay["max_priority"].item() == pytest.approx(max(1.0, *new_priorities.values()), rel=1e-4)
     assert not torch.equal(q_network.table.detach(), online)  # the step moved the weights
 
 

@@ -19,14 +19,14 @@ def record(capacity, episodic_life=True):
     obs, info = envs.reset()
     observations, records = [obs], []
     replay = rainbow.make_replay(2, capacity, 84, "cpu")
-    rainbow.store_first_frame(replay, 0, torch.tensor(obs), torch.tensor(info["elapsed_step"]))
+    rainbow.store_reset(replay, 0, torch.tensor(obs), info, N_STEP, 4)
     episode_done, previous_end = np.zeros(2, dtype=bool), np.zeros(2, dtype=bool)
     rng = np.random.default_rng(0)
     for t in range(STEPS):
         actions = rng.integers(envs.action_space.n, size=2)
         obs, rewards, terminated, truncated, info = envs.step(actions)
         episode_done = rainbow.store_env_step(replay, t, actions, rewards, terminated, truncated, info, torch.tensor(obs),
-                                              episode_done, args)
+                                              episode_done, N_STEP, args.frame_stack)
         records.append(dict(actions=actions, rewards=rewards, terminated=terminated, truncated=truncated,
                             auto_reset=previous_end, elapsed=info["elapsed_step"]))
         previous_end = terminated | truncated
@@ -96,8 +96,8 @@ def test_every_sampleable_transition_matches_the_recorded_n_step_transition(roll
     replay, observations, records = rollout
     priorities = leaf_priorities(replay)
     leaves = torch.nonzero(priorities.flatten() > 0).flatten()
-    batch = rainbow.gather_batch(replay, leaves, N_STEP, 4, GAMMA)
     capacity = replay["valid"].shape[1]
+    batch = rainbow.gather_batch(replay, leaves // capacity, leaves % capacity, N_STEP, 4, GAMMA)
     for i, leaf in enumerate(leaves.tolist()):
         env, t = divmod(leaf, capacity)
         total, discount, next_obs = slow_transition(observations, records, env, t)
@@ -138,7 +138,7 @@ def test_resume_cut_ends_stored_episodes_before_the_new_games():
     replay, observations, records = record(capacity=400, episodic_life=False)
     rainbow.cut_episodes_at_resume(replay, STEPS)
     leaves = torch.tensor([STEPS - 2, 400 + STEPS - 2])  # windows that reach the cut
-    batch = rainbow.gather_batch(replay, leaves, N_STEP, 4, GAMMA)
+    batch = rainbow.gather_batch(replay, leaves // 400, leaves % 400, N_STEP, 4, GAMMA)
     for i, env in enumerate(range(2)):
         if not (records[STEPS - 2]["terminated"][env] or records[STEPS - 2]["truncated"][env]):
             assert np.array_equal(batch["next_observations"][i].numpy(), observations[STEPS][env])

@@ -25,7 +25,8 @@ def test_egl_is_visible_to_mujoco_after_the_loader_fix(base_path):
 
 def test_every_task_is_an_envpool_dmc_task_and_drq_action_repeats_are_the_defaults():
     assert {task_id for task_id, _, _ in sac.DMC_TASKS.values()} <= set(envpool.list_all_envs())
-    drq = {"cartpole-swingup": 8, "reacher-easy": 4, "cheetah-run": 4, "ball_in_cup-catch": 4, "finger-spin": 2, "walker-walk": 2}
+    drq = {"cartpole-swingup": 8, "reacher-easy": 4, "cheetah-run": 4, "ball_in_cup-catch": 4, "finger-spin": 2,
+           "walker-walk": 2}
     assert {env_id: sac.DMC_TASKS[env_id][1] for env_id in drq} == drq
 
 
@@ -40,7 +41,8 @@ def test_action_repeat_sums_control_rewards_renders_the_last_frame_and_ends_afte
     obs = sac.reset_env(env)
     reference_obs, _ = reference.reset()
     assert obs.shape == (num_envs, 9, 24, 24) and obs.dtype == np.uint8
-    assert np.array_equal(obs[:, :3], obs[:, 3:6]) and np.array_equal(obs[:, 3:6], obs[:, 6:])  # a reset repeats the first frame
+    # a reset repeats the first frame
+    assert np.array_equal(obs[:, :3], obs[:, 3:6]) and np.array_equal(obs[:, 3:6], obs[:, 6:])
     assert np.array_equal(obs[:, 6:], reference_obs)
     rng = np.random.default_rng(0)
     for step in range(1, 1000 // k + 1):

@@ -1,6 +1,8 @@
 """SAC / DrQ pieces of sac_dmc_gap.py against slow, independent references on small hand-made data."""
 
+import copy
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +20,8 @@ def test_soft_q_target_bootstraps_through_time_limits_but_not_through_terminals(
     alpha, gamma = 0.2, 0.9
     target = sac.soft_q_target(rewards, terminated, next_q1, next_q2, next_log_prob, alpha, gamma)
     expected = []
-    for r, done, q1, q2, log_prob in zip(rewards.tolist(), terminated.tolist(), next_q1.tolist(), next_q2.tolist(), next_log_prob.tolist()):
+    for r, done, q1, q2, log_prob in zip(rewards.tolist(), terminated.tolist(), next_q1.tolist(), next_q2.tolist(),
+                                         next_log_prob.tolist()):
         soft_value = min(q1, q2) - alpha * log_prob
         expected.append(r if done else r + gamma * soft_value)
     assert target.tolist() == pytest.approx(expected)
@@ -81,8 +84,8 @@ def test_sample_action_is_in_the_open_box_and_its_log_prob_is_the_squashed_densi
 
 
 def test_actor_log_std_stays_within_drq_bounds():
-    actor = sac.Actor(8, 6, 16, 3, (-10.0, 2.0))
-    mean, log_std = actor(torch.randn(64, 8) * 1e4)
+    actor = sac.Actor("avg", 8, 6, 16, 3, (-10.0, 2.0))
+    mean, log_std = actor(torch.randn(64, 8, 3, 3) * 1e4)
     assert log_std.min() >= -10.0 and log_std.max() <= 2.0
     assert mean.shape == log_std.shape == (64, 3)
 
@@ -117,7 +120,8 @@ def test_replay_rebuilds_the_next_stack_from_the_stored_newest_frame_and_wraps_a
     batch = sac.sample_batch(replay, capacity, 64, views=1, pad=4)
     by_reward = {reward: (obs, next_obs) for obs, next_obs, reward in transitions[-capacity:]}
     assert set(batch["rewards"].tolist()) <= set(by_reward)
-    for obs, next_obs, reward, action in zip(batch["observations"], batch["next_observations"], batch["rewards"], batch["actions"]):
+    for obs, next_obs, reward, action in zip(batch["observations"], batch["next_observations"], batch["rewards"],
+                                             batch["actions"]):
         assert torch.equal(obs, by_reward[reward.item()][0]) and torch.equal(next_obs, by_reward[reward.item()][1])
         assert action.item() == reward.item()
 
@@ -135,9 +139,9 @@ def test_two_augmented_views_repeat_actions_rewards_and_flags():
 def test_critic_loss_is_drq_sum_over_views_of_both_critics_against_the_view_averaged_target(monkeypatch):
     torch.manual_seed(3)
     monkeypatch.setattr(sac, "sample_action", lambda mean, log_std: (torch.tanh(mean), mean.sum(1) * 0.1))
-    encoder = sac.Encoder(9, 1, "avg")
-    actor, critic = sac.Actor(32, 4, 8, 1, (-10.0, 2.0)), sac.Critic(32, 4, 8, 1)
-    target_encoder, target_critic = sac.Encoder(9, 1, "avg"), sac.Critic(32, 4, 8, 1)
+    encoder = sac.Encoder(9, 1)
+    actor, critic = sac.Actor("avg", 32, 4, 8, 1, (-10.0, 2.0)), sac.Critic("avg", 32, 4, 8, 1)
+    target_encoder, target_critic = sac.Encoder(9, 1), sac.Critic("avg", 32, 4, 8, 1)
     log_alpha, gamma, batch_size = torch.tensor(math.log(0.1)), 0.99, 3
     views = 2
     batch = {
@@ -163,15 +167,17 @@ def test_critic_loss_is_drq_sum_over_views_of_both_critics_against_the_view_aver
             targets.append(sum(per_view) / views)
         expected = 0.0
         for view in range(views):
-            q1, q2 = critic(encoder(batch["observations"][view * batch_size:(view + 1) * batch_size]), batch["actions"][:batch_size])
+            observations = batch["observations"][view * batch_size:(view + 1) * batch_size]
+            q1, q2 = critic(encoder(observations), batch["actions"][:batch_size])
             expected += sum((a - t) ** 2 for a, t in zip(q1.tolist(), targets)) / batch_size
             expected += sum((a - t) ** 2 for a, t in zip(q2.tolist(), targets)) / batch_size
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_critic_loss_trains_the_encoder_and_critic_but_not_the_targets_actor_or_temperature():
-    encoder, target_encoder = sac.Encoder(9, 1, "avg"), sac.Encoder(9, 1, "avg")
-    actor, critic, target_critic = sac.Actor(32, 4, 8, 1, (-10.0, 2.0)), sac.Critic(32, 4, 8, 1), sac.Critic(32, 4, 8, 1)
+    encoder, target_encoder = sac.Encoder(9, 1), sac.Encoder(9, 1)
+    actor, critic = sac.Actor("avg", 32, 4, 8, 1, (-10.0, 2.0)), sac.Critic("avg", 32, 4, 8, 1)
+    target_critic = sac.Critic("avg", 32, 4, 8, 1)
     log_alpha = torch.tensor(-1.0, requires_grad=True)
     batch = {"observations": torch.randint(0, 256, (3, 9, 16, 16), dtype=torch.uint8),
              "next_observations": torch.randint(0, 256, (3, 9, 16, 16), dtype=torch.uint8),
@@ -185,9 +191,9 @@ def test_critic_loss_trains_the_encoder_and_critic_but_not_the_targets_actor_or_
 
 
 def test_actor_loss_does_not_reach_the_encoder():
-    encoder = sac.Encoder(9, 1, "flatten")
-    side = sac.encoder_side(20)
-    actor, critic = sac.Actor(32 * side * side, 4, 8, 2, (-10.0, 2.0)), sac.Critic(32 * side * side, 4, 8, 2)
+    encoder = sac.Encoder(9, 1)
+    features = sac.pooled_size(*sac.feature_map_shape(encoder, 9, 20), "flatten")
+    actor, critic = sac.Actor("flatten", features, 4, 8, 2, (-10.0, 2.0)), sac.Critic("flatten", features, 4, 8, 2)
     log_alpha = torch.tensor(0.0, requires_grad=True)
     actor_loss, alpha_loss = sac.actor_and_temperature_losses(
         encoder, actor, critic, log_alpha, torch.randint(0, 256, (4, 9, 20, 20), dtype=torch.uint8), -2.0)
@@ -200,35 +206,75 @@ def test_actor_loss_does_not_reach_the_encoder():
 
 
 @pytest.mark.parametrize("resolution, side", [(84, 35), (64, 25), (15, 1)])
-def test_encoder_side_matches_the_convolutions(resolution, side):
-    encoder = sac.Encoder(9, 1, "flatten")
-    feature_map = encoder.convs(torch.zeros(1, 9, resolution, resolution))
-    assert sac.encoder_side(resolution) == side == feature_map.shape[-1] == feature_map.shape[-2]
-    assert sac.encoder_side(sac.MIN_RESOLUTION - 1) < 1
+def test_feature_map_shape_matches_the_convolutions(resolution, side):
+    encoder = sac.Encoder(9, 1)
+    feature_map = encoder(torch.zeros(1, 9, resolution, resolution, dtype=torch.uint8))
+    assert sac.feature_map_shape(encoder, 9, resolution) == (32, side) == (feature_map.shape[1], feature_map.shape[-1])
+    assert feature_map.shape[-1] == feature_map.shape[-2]
+    assert sac.feature_map_shape(encoder, 9, 14) == (0, 0)  # the 4 VALID convs need 15 pixels
 
 
 @pytest.mark.parametrize("pool, join_features", [("flatten", 35 * 35 * 64), ("avg", 64), ("max", 64)])
 def test_bottleneck_weights_are_hwc_times_dim_for_flatten_and_c_times_dim_for_pooling(pool, join_features):
-    encoder = sac.Encoder(9, 2, pool)
-    features = encoder(torch.randint(0, 256, (2, 9, 84, 84), dtype=torch.uint8))
-    assert features.shape == (2, join_features)
-    critic = sac.Critic(join_features, 100, 16, 6)
-    assert critic.bottleneck[0].weight.numel() == join_features * 100
+    encoder = sac.Encoder(9, 2)
+    feature_map = encoder(torch.randint(0, 256, (2, 9, 84, 84), dtype=torch.uint8))
+    assert feature_map.shape == (2, 64, 35, 35)
+    assert sac.pool_features(feature_map, pool).shape == (2, join_features)
+    assert sac.pooled_size(*sac.feature_map_shape(encoder, 9, 84), pool) == join_features
+    critic = sac.Critic(pool, join_features, 100, 16, 6)
+    assert critic.bottleneck.dense[0].weight.numel() == join_features * 100
+    assert critic.bottleneck(feature_map).shape == (2, 100)
 
 
 def test_global_pools_reduce_each_channel_over_space():
-    encoder = sac.Encoder(9, 1, "avg")
+    encoder = sac.Encoder(9, 1)
     obs = torch.randint(0, 256, (2, 9, 20, 20), dtype=torch.uint8)
     feature_map = encoder.convs(obs.float() / 255.0)
-    assert torch.allclose(encoder(obs), feature_map.mean(dim=(2, 3)))
-    encoder.pool = "max"
-    assert torch.allclose(encoder(obs), feature_map.amax(dim=(2, 3)))
+    assert torch.equal(encoder(obs), feature_map)  # the encoder returns the feature map, the bottleneck pools
+    assert torch.allclose(sac.pool_features(feature_map, "avg"), feature_map.mean(dim=(2, 3)))
+    assert torch.allclose(sac.pool_features(feature_map, "max"), feature_map.amax(dim=(2, 3)))
 
 
-def test_soft_update_moves_target_parameters_by_tau():
+# (pool, width, padding, resolution, dense_scale, frame_stack): (encoder, bottleneck, head weights, pooled features),
+# recorded from the script before the shared skeleton (issue 10), with --hidden-dim 64 and 6 actions
+PARAMETER_COUNTS = {
+    ("flatten", 1, "valid", 84, 1, 3): (30368, 3920300, 23950, 39200),  # DrQ: 35x35x32
+    ("flatten", 1, "same", 84, 1, 3): (30368, 5645100, 23950, 56448),  # Dopamine: 42x42x32
+    ("avg", 2, "valid", 84, 2, 3): (116032, 13400, 33550, 64),
+    ("max", 1, "same", 63, 1, 3): (30368, 3500, 23950, 32),
+    ("flatten", 1, "valid", 24, 1, 3): (30368, 80300, 23950, 800),
+    ("flatten", 1, "same", 24, 1, 3): (30368, 461100, 23950, 4608),
+    ("avg", 1, "valid", 15, 1, 1): (28640, 3500, 23950, 32),
+    ("flatten", 2, "same", 85, 1, 2): (114304, 11833900, 23950, 118336),
+    ("flatten", 1, "valid", 64, 4, 3): (30368, 8001200, 52750, 20000),
+}
+
+
+@pytest.mark.parametrize("config", sorted(PARAMETER_COUNTS))
+def test_parameter_counts_per_part_and_pooled_features_stay_as_recorded(config):
+    pool, width, padding, resolution, dense_scale, frame_stack = config
+    args = SimpleNamespace(pool=pool, width=width, padding=padding, resolution=resolution, dense_scale=dense_scale,
+                           feature_dim=50, hidden_dim=64, bound_log_std=True, log_std_min=-10.0, log_std_max=2.0, init="drq")
+    with torch.device("meta"):  # shapes only: no compute
+        encoder, actor, critic = sac.make_networks(args, 3 * frame_stack, 6, "meta")
+    counts = sac.parameter_counts(encoder, actor, critic)
+    pooled = sac.pooled_size(*sac.feature_map_shape(encoder, 3 * frame_stack, resolution), pool)
+    assert (counts["encoder"], counts["bottleneck"], counts["head"], pooled) == PARAMETER_COUNTS[config]
+    assert actor.bottleneck.dense[0].in_features == critic.bottleneck.dense[0].in_features == pooled
+
+
+def test_same_pad_is_tensorflows_same_padding_with_the_odd_pixel_after():
+    """TF / Flax SAME: output ceil(side / stride), total pad (out - 1) * stride + kernel - side, the larger half after."""
+    x = torch.randn(1, 2, 84, 85)
+    padded = sac.SamePad2d(3, 2)(x)  # height 84: total 1 -> (0, 1); width 85: total 2 -> (1, 1)
+    assert torch.equal(padded, torch.nn.functional.pad(x, (1, 1, 0, 1)))
+    assert sac.SamePad2d(3, 1)(x).shape == (1, 2, 86, 87)  # stride 1: one pixel each side
+
+
+def test_soft_update_moves_target_parameters_by_the_update_rate():
     online, target = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     before = [p.detach().clone() for p in target.parameters()]
-    sac.soft_update(target, online, 0.01)
+    sac.soft_update([target], [online], 0.01)
     for old, new, source in zip(before, target.parameters(), online.parameters()):
         assert torch.allclose(new, 0.99 * old + 0.01 * source)
 
@@ -253,12 +299,13 @@ def test_obs_and_next_obs_get_independent_random_shifts():
 
 def test_same_padding_keeps_dopamines_42x42x32_feature_map_at_84():
     """Dopamine's Flax convs pad SAME: 84 -> 42 -> 42 -> 42 -> 42, flatten joins 56,448 features (DrQ's VALID: 39,200)."""
-    encoder = sac.Encoder(9, 1, "flatten", "same", 84)
-    assert encoder(torch.zeros(2, 9, 84, 84, dtype=torch.uint8)).shape == (2, 42 * 42 * 32) == (2, 56_448)
-    assert sac.encoder_side(84, "same") == 42 and sac.encoder_side(84) == 35
-    for resolution in (15, 24, 63, 85):
-        feature_map = sac.Encoder(9, 1, "flatten", "same", resolution).convs(torch.zeros(1, 9, resolution, resolution))
-        side = sac.encoder_side(resolution, "same")
+    encoder = sac.Encoder(9, 1, "same")
+    feature_map = encoder(torch.zeros(2, 9, 84, 84, dtype=torch.uint8))
+    assert sac.pool_features(feature_map, "flatten").shape == (2, 42 * 42 * 32) == (2, 56_448)
+    assert sac.feature_map_shape(encoder, 9, 84) == (32, 42) and sac.feature_map_shape(sac.Encoder(9, 1), 9, 84) == (32, 35)
+    for resolution in (1, 15, 24, 63, 85):  # one SAME-padded encoder serves every resolution
+        feature_map = encoder(torch.zeros(1, 9, resolution, resolution, dtype=torch.uint8))
+        side = sac.feature_map_shape(encoder, 9, resolution)[1]
         assert feature_map.shape[-1] == feature_map.shape[-2] == side == math.ceil(resolution / 2)
 
 
@@ -273,9 +320,9 @@ def test_temperature_loss_on_log_alpha_is_dopamines():
 
 def test_combined_step_applies_half_the_critic_gradient_and_the_actor_gradient_with_a_frozen_critic():
     torch.manual_seed(0)
-    encoder = sac.Encoder(9, 1, "avg")
-    actor, critic = sac.Actor(32, 4, 8, 2, (-10.0, 2.0)), sac.Critic(32, 4, 8, 2)
-    target_encoder, target_critic = sac.Encoder(9, 1, "avg"), sac.Critic(32, 4, 8, 2)
+    encoder = sac.Encoder(9, 1)
+    actor, critic = sac.Actor("avg", 32, 4, 8, 2, (-10.0, 2.0)), sac.Critic("avg", 32, 4, 8, 2)
+    target_encoder, target_critic = sac.Encoder(9, 1), sac.Critic("avg", 32, 4, 8, 2)
     log_alpha = torch.tensor(0.0, requires_grad=True)
     batch = {"observations": torch.randint(0, 256, (6, 9, 20, 20), dtype=torch.uint8),
              "next_observations": torch.randint(0, 256, (6, 9, 20, 20), dtype=torch.uint8),
@@ -301,6 +348,38 @@ def test_combined_step_applies_half_the_critic_gradient_and_the_actor_gradient_w
     after = critic_params + list(actor.parameters()) + [log_alpha]
     for old, new, grad in zip(before, after, [*expected_critic, *expected_actor, expected_alpha]):
         assert torch.allclose(old - new, grad, atol=1e-6)
+
+
+def test_learner_step_updates_the_actor_temperature_and_targets_on_drqs_schedule():
+    """--actor-update-frequency 2 and --target-update-frequency 2: the critic at every update; the actor, the
+    temperature and the targets at every second one, each target moved by the update rate towards its network."""
+    torch.manual_seed(0)
+    encoder, actor, critic = sac.Encoder(9, 1), sac.Actor("avg", 32, 4, 8, 2, (-10.0, 2.0)), sac.Critic("avg", 32, 4, 8, 2)
+    log_alpha = torch.tensor(0.0, requires_grad=True)
+    parts = {"encoder": encoder, "actor": actor, "critic": critic, "target_encoder": copy.deepcopy(encoder),
+             "target_critic": copy.deepcopy(critic),
+             "critic_optimizer": torch.optim.Adam([*encoder.parameters(), *critic.parameters()]),
+             "actor_optimizer": torch.optim.Adam(actor.parameters()), "alpha_optimizer": torch.optim.Adam([log_alpha])}
+    args = SimpleNamespace(gamma=0.99, combined_loss=False, alpha_loss_on="alpha", batch_size=6, actor_update_frequency=2,
+                           target_update_frequency=2, tau=0.5, target_entropy_scale=1.0)
+    batch = {"observations": torch.randint(0, 256, (6, 9, 20, 20), dtype=torch.uint8),
+             "next_observations": torch.randint(0, 256, (6, 9, 20, 20), dtype=torch.uint8),
+             "actions": torch.rand(6, 2) * 2 - 1, "rewards": torch.randn(6), "terminated": torch.zeros(6)}
+    losses = (sac.critic_loss, sac.actor_and_temperature_losses)
+    actor_before = [p.detach().clone() for p in actor.parameters()]
+    targets_before = [p.detach().clone() for name in ("target_encoder", "target_critic") for p in parts[name].parameters()]
+    critic_before = [p.detach().clone() for p in critic.parameters()]
+    assert set(sac.learner_step(parts, log_alpha, batch, 1, losses, args, 1)) == {"qf_loss", "qf1_values", "qf2_values"}
+    assert not any(torch.equal(a, b) for a, b in zip(critic_before, critic.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(actor_before, actor.parameters())) and log_alpha.item() == 0.0
+    targets = [p for name in ("target_encoder", "target_critic") for p in parts[name].parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(targets_before, targets))
+    updated = sac.learner_step(parts, log_alpha, batch, 2, losses, args, 1)
+    assert set(updated) == {"qf_loss", "qf1_values", "qf2_values", "actor_loss", "alpha_loss"}
+    assert not any(torch.equal(a, b) for a, b in zip(actor_before, actor.parameters())) and log_alpha.item() != 0.0
+    online = [*encoder.parameters(), *critic.parameters()]
+    for old, new, source in zip(targets_before, targets, online):
+        assert torch.allclose(new, 0.5 * old + 0.5 * source)
 
 
 def parse(monkeypatch, *flags):
@@ -334,15 +413,16 @@ def test_dopamine_target_rates_the_target_actors_mean_action_minus_alpha_times_a
     """sac_agent.py: network_def.apply(target_params, next_state, rng, True) -> the critic at the mean action,
     actor.log_probability of the sampled one, all with the target network's weights."""
     torch.manual_seed(0)
-    encoder, target_encoder = sac.Encoder(9, 1, "avg"), sac.Encoder(9, 1, "avg")
-    actor, target_actor = sac.Actor(32, 4, 8, 2, None), sac.Actor(32, 4, 8, 2, None)
-    critic, target_critic = sac.Critic(32, 4, 8, 2), sac.Critic(32, 4, 8, 2)
+    encoder, target_encoder = sac.Encoder(9, 1), sac.Encoder(9, 1)
+    actor, target_actor = sac.Actor("avg", 32, 4, 8, 2, None), sac.Actor("avg", 32, 4, 8, 2, None)
+    critic, target_critic = sac.Critic("avg", 32, 4, 8, 2), sac.Critic("avg", 32, 4, 8, 2)
     log_alpha = torch.tensor(math.log(0.5))
     batch = {"observations": torch.randint(0, 256, (5, 9, 20, 20), dtype=torch.uint8),
              "next_observations": torch.randint(0, 256, (5, 9, 20, 20), dtype=torch.uint8),
              "actions": torch.rand(5, 2) * 2 - 1, "rewards": torch.randn(5), "terminated": torch.tensor([0.0, 1, 0, 0, 0])}
     torch.manual_seed(7)
-    loss, _, _ = sac.critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch, 1, 0.9, target_actor)
+    loss, _, _ = sac.critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch, 1, 0.9,
+                                 target_actor)
     with torch.no_grad():
         features = target_encoder(batch["next_observations"])
         mean, log_std = target_actor(features)
@@ -360,20 +440,20 @@ def test_dopamine_target_rates_the_target_actors_mean_action_minus_alpha_times_a
 
 
 def test_unbounded_actor_returns_the_raw_log_std_as_dopamine():
-    actor = sac.Actor(8, 6, 16, 3, None)
-    features = torch.randn(4, 8) * 100
-    mean, log_std = actor(features)
-    raw_mean, raw_log_std = actor.trunk(actor.bottleneck(features)).chunk(2, dim=1)
+    actor = sac.Actor("max", 8, 6, 16, 3, None)
+    feature_map = torch.randn(4, 8, 5, 5) * 100
+    mean, log_std = actor(feature_map)
+    raw_mean, raw_log_std = actor.trunk(actor.bottleneck.dense(feature_map.amax(dim=(2, 3)))).chunk(2, dim=1)
     assert torch.equal(mean, raw_mean) and torch.equal(log_std, raw_log_std)
 
 
 def test_dopamine_init_is_orthogonal_in_the_encoder_and_glorot_uniform_in_the_mlps():
     torch.manual_seed(0)
-    encoder = sac.Encoder(9, 1, "flatten", "same", 24)
-    actor, critic = sac.Actor(4608, 50, 256, 6, None), sac.Critic(4608, 50, 256, 6)
+    encoder = sac.Encoder(9, 1, "same")
+    actor, critic = sac.Actor("flatten", 4608, 50, 256, 6, None), sac.Critic("flatten", 4608, 50, 256, 6)
     sac.dopamine_init_weights(encoder, actor, critic)
     convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
-    for layer in convs + [actor.bottleneck[0], critic.bottleneck[0]]:
+    for layer in convs + [actor.bottleneck.dense[0], critic.bottleneck.dense[0]]:
         rows = layer.weight.detach().flatten(1)  # out x fan_in, out <= fan_in: orthonormal rows, gain 1 (not DrQ's sqrt 2)
         assert torch.allclose(rows @ rows.T, torch.eye(rows.shape[0]), atol=1e-4)
     for network in (actor.trunk, critic.q1, critic.q2):

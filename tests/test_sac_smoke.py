@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+import utils
 from conftest import read_image_tags, read_scalars, run_script
 
 SCRIPT = "sac_dmc_gap.py"
@@ -43,15 +44,16 @@ def test_tensorboard_has_the_contract_tags_on_the_agent_step_axis(smoke_run):
     scalars = read_scalars(run_dir)
     for tag in ("charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
                 "losses/qf1_values", "losses/qf2_values", "losses/qf_loss", "losses/actor_loss", "losses/alpha",
-                "losses/alpha_loss", "eval/return", "eval/normalized_score", "diag/dormant_fraction/encoder", "diag/dormant_fraction/bottleneck",
-                "diag/dormant_fraction/head", "diag/feature_norm", "diag/params/encoder", "diag/params/bottleneck",
-                "diag/params/head"):
+                "losses/alpha_loss", "eval/return", "eval/normalized_score", "diag/dormant_fraction/encoder",
+                "diag/dormant_fraction/bottleneck", "diag/dormant_fraction/head", "diag/feature_norm", "diag/params/encoder",
+                "diag/params/bottleneck", "diag/params/head"):
         assert tag in scalars, tag
     assert [step for step, _ in scalars["charts/episodic_length"]] == [125, 250]
     assert [value for _, value in scalars["charts/episodic_length"]] == [125, 125]  # 1000 control steps / 8
     assert [step for step, _ in scalars["eval/return"]] == [125, 250]
     assert all(0 <= value <= 125 * 8 for _, value in scalars["eval/return"])
-    assert scalars["diag/params/bottleneck"] == [(0, 2 * (32 * 50 + 50 + 2 * 50))]  # actor and critic: C x dim + bias + LayerNorm
+    # actor and critic: C x dim + bias + LayerNorm
+    assert scalars["diag/params/bottleneck"] == [(0, 2 * (32 * 50 + 50 + 2 * 50))]
     assert "images/saliency" in read_image_tags(run_dir)
 
 
@@ -111,6 +113,22 @@ def test_a_non_finite_loss_stops_the_run_and_leaves_the_last_good_state(tmp_path
     assert not os.path.exists(os.path.join(run_dir, "final.pt"))
 
 
+def test_a_checkpoint_due_between_two_log_intervals_is_checked_finite_before_it_is_written(tmp_path):
+    """The check at step 25 passes, the first update breaks the weights, the checkpoint due at step 30 is refused:
+    the last good state (step 25) is written instead."""
+    result = run_script(SCRIPT, *TINY, "--total-timesteps", "100", "--learning-starts", "25", "--buffer-size", "100",
+                        "--batch-size", "8", "--log-every", "25", "--eval-every", "0", "--diag-every", "0",
+                        "--save-every", "30", "--learning-rate", "1e30", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "error: non-finite loss" in result.stderr
+    (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", "*"))
+    paths = glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt"))
+    assert [os.path.basename(path) for path in paths] == ["step_000000000025.pt"]
+    checkpoint = torch.load(paths[0], map_location="cpu", weights_only=True)
+    networks = [value for key, value in checkpoint.items() if isinstance(value, dict) and key not in ("args", "rng")]
+    assert networks and all(torch.isfinite(t).all() for n in networks for t in utils.floating_tensors(n))
+
+
 @pytest.fixture(scope="module")
 def dopamine_run(tmp_path_factory):
     """`--preset dopamine` for one cartpole episode (250 agent steps at its action repeat 4), some values overridden."""
@@ -149,7 +167,9 @@ def test_dopamine_preset_runs_with_its_values_and_the_explicit_overrides(dopamin
 @pytest.mark.parametrize("flags, message", [
     (["--env-id", "pong-run"], "--env-id 'pong-run' is not allowed"),
     (["--pool", "mean"], "--pool 'mean' is not allowed"),
-    (["--resolution", "14"], "--resolution 14 is outside [15, 2048]"),
+    (["--resolution", "14"], "--resolution 14 is too small for --padding valid; use at least 15"),
+    (["--resolution", "2049"], "--resolution 2049 is outside [1, 2048]"),
+    (["--diag-batch-size", "0"], "--diag-batch-size 0 is outside [1, inf)"),
     (["--action-repeat", "3"], "--action-repeat 3 must divide"),
     (["--batch-size", "1000", "--buffer-size", "100"], "--batch-size 1000 is larger than --buffer-size 100"),
     (["--width", "0"], "--width 0 is outside [1, inf)"),

@@ -76,6 +76,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 @dataclasses.dataclass
 class FakeArgs:
     runs_dir: str = "runs"
+    track: bool = False
     env_id: str = "game"
     exp_name: str = "exp"
     seed: int = 1
@@ -104,7 +105,8 @@ def make_run(tmp_path, name, steps=(), final=False, **config):
 
 def test_load_checkpoint_refuses_other_script_and_other_network(tmp_path, capsys):
     path = str(tmp_path / "c.pt")
-    utils.save_checkpoint(path, {"script": "a.py", "args": {"pool": "avg", "width": 2}, "global_step": 0})
+    utils.save_checkpoint(path, {"script": "a.py", "format": utils.CHECKPOINT_FORMAT, "args": {"pool": "avg", "width": 2},
+                                 "global_step": 0})
     assert utils.load_checkpoint(path, "a.py", args_like(tmp_path), ["pool", "width"])["script"] == "a.py"
     with pytest.raises(SystemExit) as exit_info:
         utils.load_checkpoint(path, "b.py", args_like(tmp_path), ["pool"])
@@ -113,6 +115,15 @@ def test_load_checkpoint_refuses_other_script_and_other_network(tmp_path, capsys
         utils.load_checkpoint(path, "a.py", args_like(tmp_path, pool="flatten"), ["pool", "width"])
     assert exit_info.value.code == 2
     assert "--pool" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_load_checkpoint_refuses_an_older_format_with_one_line(tmp_path, capsys):
+    path = str(tmp_path / "c.pt")
+    utils.save_checkpoint(path, {"script": "a.py", "args": {"pool": "avg"}, "global_step": 0})  # before formats: 1
+    with pytest.raises(SystemExit) as exit_info:
+        utils.load_checkpoint(path, "a.py", args_like(tmp_path), ["pool"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "checkpoint format 1" in err
 
 
 def test_load_checkpoint_without_its_arguments_exits_2_with_one_line(tmp_path, capsys):
@@ -190,6 +201,7 @@ import sys, time; sys.path.insert(0, {os.path.dirname(utils.__file__)!r}); impor
 @dataclasses.dataclass
 class A:
     runs_dir: str = {str(tmp_path)!r}
+    track: bool = False
 utils.start_run(A(), {run_dir!r}); print("locked", flush=True); time.sleep(30)
 """], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "locked\n"
@@ -198,6 +210,7 @@ import sys; sys.path.insert(0, {os.path.dirname(utils.__file__)!r}); import util
 @dataclasses.dataclass
 class A:
     runs_dir: str = {str(tmp_path)!r}
+    track: bool = False
 utils.start_run(A(), {run_dir!r})
 """], capture_output=True, text=True, timeout=60)
     holder.kill(), holder.wait()
@@ -271,3 +284,87 @@ def test_free_memory_on_cpu_is_the_available_ram():
     free = utils.free_memory_bytes(torch.device("cpu"))
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert 0 < free <= total
+
+
+@pytest.mark.parametrize("previous,step,every,expected", [
+    (0, 4, 4, True), (3, 4, 4, True), (4, 7, 4, False), (7, 9, 4, True), (0, 100, 0, False), (5, 13, 4, True),
+])
+def test_crossed_is_true_when_a_multiple_of_the_interval_lies_in_the_step(previous, step, every, expected):
+    slow = every > 0 and any(k % every == 0 for k in range(previous + 1, step + 1))
+    assert utils.crossed(previous, step, every) == slow == expected
+
+
+def test_checkpoint_payload_holds_what_every_checkpoint_needs_and_the_scripts_state():
+    payload = utils.checkpoint_payload("x.py", FakeArgs(), 12, model={"w": torch.ones(1)})
+    assert (payload["script"], payload["global_step"], payload["args"]["seed"]) == ("x.py", 12, 1)
+    assert set(payload["rng"]) >= {"python", "numpy", "torch"} and torch.equal(payload["model"]["w"], torch.ones(1))
+
+
+def test_stop_if_nonfinite_writes_the_last_good_state_and_exits_1(tmp_path, capsys):
+    class Writer:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    writer, run_dir = Writer(), str(tmp_path / "run")
+    utils.stop_if_nonfinite(True, None, run_dir, 10, writer)  # finite: nothing happens
+    assert not writer.closed and not os.path.exists(run_dir)
+    last_good = utils.checkpoint_payload("x.py", FakeArgs(), 8)
+    with pytest.raises(SystemExit) as stop:
+        utils.stop_if_nonfinite(False, last_good, run_dir, 10, writer)
+    assert stop.value.code == 1 and writer.closed
+    saved = torch.load(utils.checkpoint_path(run_dir, 8), weights_only=True)
+    assert saved["global_step"] == 8
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "non-finite" in err and "step_000000000008.pt" in err
+
+
+def test_stop_if_nonfinite_before_any_good_state_writes_nothing(tmp_path, capsys):
+    class Writer:
+        def close(self):
+            pass
+
+    with pytest.raises(SystemExit):
+        utils.stop_if_nonfinite(False, None, str(tmp_path / "run"), 3, Writer())
+    assert not os.path.exists(tmp_path / "run") and "no checkpoint was written" in capsys.readouterr().err
+
+
+def test_log_scalars_writes_every_tag_and_prints_one_line(tmp_path, capsys):
+    from conftest import read_scalars
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    utils.log_scalars(writer, 64, {"charts/SPS": 123.456, "losses/td_loss": 0.012345})
+    writer.close()
+    assert capsys.readouterr().out == "step 64: SPS 123.5, td_loss 0.01235\n"
+    scalars = read_scalars(str(tmp_path))
+    assert scalars["charts/SPS"] == [(64, pytest.approx(123.456))] and scalars["losses/td_loss"][0][0] == 64
+
+
+def test_progress_off_the_terminal_prints_a_plain_line_per_interval(capsys, monkeypatch):
+    clock = iter([0.0, 10.0, 31.0, 31.5, 62.0])
+    monkeypatch.setattr(utils.time, "time", lambda: next(clock))
+    progress = utils.Progress(total=1000, step=0, enabled=True, interval=30.0)  # pytest's stderr is not a terminal
+    progress.update(100)  # t = 10: within the interval, nothing
+    progress.update(300, episodic_return=7.5)  # t = 31: a line
+    progress.update()  # t = 31.5: nothing
+    progress.close()  # t = 62: the last line
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["progress: step 300/1,000 (30.0 %), SPS 9.7, 0:01:12 left, latest return 7.5",
+                     "progress: step 300/1,000 (30.0 %), SPS 4.8, 0:02:25 left, latest return 7.5"]
+
+
+def test_progress_disabled_prints_nothing(capsys):
+    progress = utils.Progress(total=10, step=0, enabled=False, interval=0.0)
+    progress.update(5, episodic_return=1.0)
+    progress.close()
+    assert capsys.readouterr().out == ""
+
+
+def test_configure_cuda_leaves_a_cpu_run_as_it_was():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    args = dataclasses.make_dataclass("A", [("tf32", bool, True), ("cudnn_benchmark", bool, True),
+                                            ("torch_deterministic", bool, False)])()
+    utils.configure_cuda(args, torch.device("cpu"))
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) == before

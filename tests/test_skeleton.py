@@ -1,0 +1,104 @@
+"""The four scripts keep one skeleton: the definitions they share are the same text, the sections come in
+the same order, the shared flags read the same, and no line runs past 127 characters."""
+
+import ast
+import glob
+import inspect
+import os
+import re
+
+import pytest
+
+import dqn_atari_gap
+import ppo_procgen_impoola
+import rainbow_atari_gap
+import sac_dmc_gap
+
+SCRIPTS = {"ppo": ppo_procgen_impoola, "dqn": dqn_atari_gap, "rainbow": rainbow_atari_gap, "sac": sac_dmc_gap}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A definition and the scripts that must hold it word for word (what is not listed differs by algorithm)
+SHARED = {
+    "pool_features": ("ppo", "dqn", "rainbow", "sac"),
+    "pooled_size": ("ppo", "dqn", "rainbow", "sac"),
+    "feature_map_shape": ("ppo", "dqn", "rainbow", "sac"),
+    "Bottleneck": ("ppo", "dqn", "rainbow", "sac"),
+    "ResidualBlock": ("ppo", "dqn", "rainbow"),
+    "impala_encoder": ("ppo", "dqn", "rainbow"),
+    "SamePad2d": ("rainbow", "sac"),
+    "atari_game": ("dqn", "rainbow"),
+    "atari_games": ("dqn", "rainbow"),
+    "finished_games": ("dqn", "rainbow"),
+    "parameter_counts": ("dqn", "rainbow"),
+    "network_diagnostics": ("dqn", "rainbow"),
+    "q_saliency": ("dqn", "rainbow"),
+    "stack_frames": ("dqn", "rainbow"),
+    "n_step_returns": ("dqn", "rainbow"),
+    "gather_batch": ("dqn", "rainbow"),
+    "recent_observations": ("dqn", "rainbow"),
+    "cut_episodes_at_resume": ("dqn", "rainbow"),
+    "load_saved_replay": ("dqn", "rainbow"),
+    "linear_schedule": ("dqn", "rainbow"),
+    "soft_update": ("dqn", "rainbow"),
+    "select_actions": ("dqn", "rainbow"),
+    "evaluate": ("dqn", "rainbow"),
+}
+
+SECTIONS = ("Args", "Environment", "Network", "Storage", "Algorithm", "Evaluation", "Main")
+HEADER = re.compile(r"^# (\w+)(: .+)?$")
+
+# Flags that mean the same in every script: their type and docstring must read the same (defaults may differ by
+# paper: width 2 in Impoola, dense scale 4 in Rainbow, flatten in DrQ's SAC)
+SHARED_FLAGS = ("exp_name", "seed", "torch_deterministic", "cuda", "track", "wandb_project_name", "wandb_entity",
+                "capture_video", "runs_dir", "resume", "keep_checkpoints", "pool", "width", "dense_scale",
+                "dormant_threshold", "diag_batch_size", "compile", "torch_threads", "progress", "tf32", "cudnn_benchmark")
+
+
+@pytest.mark.parametrize("name", sorted(SHARED))
+def test_shared_definition_is_the_same_text_in_every_script(name):
+    sources = {script: inspect.getsource(getattr(SCRIPTS[script], name)) for script in SHARED[name]}
+    first = sources[SHARED[name][0]]
+    differing = [script for script, source in sources.items() if source != first]
+    assert not differing, f"{name} differs from {SHARED[name][0]}'s in {differing}"
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_sections_come_in_the_skeleton_order(script):
+    lines = inspect.getsource(SCRIPTS[script]).splitlines()
+    headers = [m.group(1) for m in map(HEADER.match, lines) if m and m.group(1) in SECTIONS]
+    assert tuple(headers) == SECTIONS
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_main_is_the_last_section_and_check_args_opens_it(script):
+    source = inspect.getsource(SCRIPTS[script])
+    tree = ast.parse(source)
+    functions = [node.name for node in tree.body if isinstance(node, ast.FunctionDef)]
+    assert functions[-2:] == ["check_args", "main"]
+    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+    calls = [ast.unparse(statement) for statement in main.body[:2]]
+    assert calls[1] == "check_args(args)"
+
+
+def field_text(module, name):
+    """One Args field's `name: type` and its docstring line."""
+    lines = inspect.getsource(module.Args).splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"    {name}: ", line))
+    return [lines[start].split(" = ")[0], lines[start + 1]]
+
+
+@pytest.mark.parametrize("flag", SHARED_FLAGS)
+def test_shared_flag_reads_the_same_in_every_script(flag):
+    texts = {script: field_text(module, flag) for script, module in SCRIPTS.items()}
+    assert all(text == texts["dqn"] for text in texts.values()), texts
+
+
+PYTHON_FILES = sorted(os.path.relpath(path, REPO) for folder in ("cleanrl_pool", "benchmark", "tests", "procgen_hd")
+                      for path in glob.glob(os.path.join(REPO, folder, "**", "*.py"), recursive=True))
+
+
+@pytest.mark.parametrize("path", PYTHON_FILES)
+def test_lines_fit_in_127_characters(path):
+    with open(os.path.join(REPO, path)) as f:
+        long_lines = [number for number, line in enumerate(f, 1) if len(line.rstrip("\n")) > 127]
+    assert not long_lines, f"{path}: lines {long_lines} are longer than 127 characters"
