@@ -7,7 +7,7 @@ Then every device call names `.carry` in `carry` and runs `benchmark/gpu_evidenc
 matplotlib, but no envpool, gymnasium, tyro, Qt or registry. The bundle holds:
 
   site/   envpool (its cp312 wheel, trimmed to Atari + DeepMind Control), optree (cp312 wheel), the
-          pure-Python packages copied from .venv (gymnasium, tyro, ...), envpool_assets (Atari ROMs, DMC
+          pure-Python packages copied from .venv (gymnasium, tyro, tqdm, ...), envpool_assets (Atari ROMs, DMC
           models without the dog) and procgen_hd (ctypes binding, libenv.so, assets)
   lib/    the shared libraries procgen_hd's libenv.so links beyond glibc, libstdc++ and libglvnd
   debs/   Debian's libglvnd loaders (libegl1, ...) that the NVIDIA EGL needs (device README)
@@ -31,7 +31,8 @@ import zipfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAVEL_LIMIT_MIB = 64  # what one device call may carry, working tree included
-PURE_PYTHON = ["gymnasium", "Farama-Notifications", "tyro", "docstring_parser", "typeguard", "typing_extensions", "dm-env"]
+PURE_PYTHON = ["gymnasium", "Farama-Notifications", "tyro", "tqdm", "docstring_parser", "typeguard", "typing_extensions",
+               "dm-env"]
 WHEELS = ["envpool", "optree"]  # compiled: their cp312 wheels are downloaded
 ENVPOOL_KEEP_SO = {"envpool/atari/atari_envpool.so", "envpool/mujoco/mujoco_dmc_envpool.so"}
 ENVPOOL_KEEP_PACKAGES = {"envpool", "envpool/python", "envpool/atari", "envpool/mujoco", "envpool/mujoco/dmc"}

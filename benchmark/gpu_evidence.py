@@ -304,7 +304,7 @@ def random_policy_returns(size: str, path: str):
 
     dqn_args = dqn.Args(env_id="Breakout", eval_epsilon=1.0)
     envs = dqn.make_env(dqn_args, sizes["dqn_games"], seed)
-    returns, _ = dqn.evaluate(None, envs, dqn_args, envs.action_space.n, cpu, False)  # epsilon 1 never calls the network
+    returns, _ = dqn.evaluate(None, envs, dqn_args.eval_epsilon, envs.action_space.n, cpu, False)  # epsilon 1: no network
     envs.close()
     results["dqn"] = (float(returns.mean()), len(returns))
     write_json(path, results)
