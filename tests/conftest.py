@@ -59,3 +59,14 @@ def target_is_online_after_sync(run_dir):
 @pytest.fixture
 def script_runner():
     return run_script
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The test machine's 2 cores are shared: one intra-op thread avoids OpenMP spin contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

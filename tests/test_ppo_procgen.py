@@ -9,13 +9,7 @@ import torch
 import ppo_procgen_impoola as ppo
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The test machine's 2 cores are shared: one intra-op thread avoids OpenMP spin contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # GAE
