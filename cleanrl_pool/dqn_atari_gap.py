@@ -644,7 +644,7 @@ def check_args(args):
         utils.fail(f"--buffer-size {args.buffer_size} leaves {args.buffer_size // args.num_envs} slots per environment; "
                    f"--num-envs {args.num_envs} needs at least {args.frame_stack + args.n_step + 1} each")
     utils.check_tracking(args)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = utils.training_device(args)
     utils.check_memory(args.buffer_size // args.num_envs * args.num_envs * args.resolution**2, device,
                        f"--buffer-size {args.buffer_size} at --resolution {args.resolution}")
 
@@ -657,7 +657,7 @@ def main():
     replay_capacity = args.buffer_size // args.num_envs  # slots per environment
     replay_gib = args.num_envs * replay_capacity * args.resolution**2 / 2**30  # uint8 frames
     exploration_steps = args.exploration_fraction * args.total_timesteps
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = utils.training_device(args)
     run_dir, checkpoint_file = utils.resolve_run(args)
     checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
     resumed_replay = None  # (replay, buffer_time) beside the newest checkpoint, if this is it

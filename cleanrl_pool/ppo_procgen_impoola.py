@@ -650,7 +650,7 @@ def check_args(args):
     if args.total_timesteps < batch_size:
         utils.fail(f"--total-timesteps {args.total_timesteps} is less than one rollout of {batch_size} steps")
     utils.check_tracking(args)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = utils.training_device(args)
     rollout_bytes = batch_size * 3 * args.resolution**2
     what = f"the uint8 rollout (--num-envs {args.num_envs} x --num-steps {args.num_steps} at --resolution {args.resolution})"
     utils.check_memory(rollout_bytes, device, what)
@@ -672,7 +672,7 @@ def main():
     micro_batch_size = args.micro_batch_size or minibatch_size  # 0 left by check_args (not on CUDA): the whole minibatch
     num_iterations = args.total_timesteps // batch_size
     learning_rate = args.learning_rate * (2 / args.width if args.rescale_lr else 1.0)  # Impoola: lr / (τ / 2)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = utils.training_device(args)
     fast = speed_plan(args, device)  # the speed switches acting here (none on a CPU)
     run_dir, checkpoint_file = utils.resolve_run(args)
     checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None

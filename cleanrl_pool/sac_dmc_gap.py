@@ -847,7 +847,7 @@ def check_args(args):
     if args.augment and args.image_pad >= args.resolution:
         utils.fail(f"--image-pad {args.image_pad} must be smaller than --resolution {args.resolution}")
     utils.check_tracking(args)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = utils.training_device(args)
     utils.check_memory(replay_bytes(args.buffer_size, channels, args.resolution), device, f"--buffer-size {args.buffer_size} "
                        f"at --resolution {args.resolution} and --frame-stack {args.frame_stack}")
     make_egl_visible()
@@ -860,7 +860,7 @@ def main():
     args.action_repeat = args.action_repeat or DMC_TASKS[args.env_id][1]
     views = 2 if args.augment else 1  # DrQ's K = M = 2 augmented views
     obs_shape = (3 * args.frame_stack, args.resolution, args.resolution)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = utils.training_device(args)
     run_dir, checkpoint_file = utils.resolve_run(args)
     checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
     if checkpoint:  # the replay saved beside the newest checkpoint, if this is it

@@ -87,6 +87,11 @@ def seed_everything(seed: int, torch_deterministic: bool):
     torch.backends.cudnn.deterministic = torch_deterministic
 
 
+def training_device(args) -> torch.device:
+    """CUDA when it is available and `--cuda` (the default), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+
 def configure_cuda(args, device: torch.device):
     """The speed switches every script shares, on CUDA only: TF32 matmuls and convolutions (`--tf32`), and
     cuDNN autotuning (`--cudnn-benchmark`) unless `--torch-deterministic` asks for reproducible kernels."""

@@ -368,3 +368,12 @@ def test_configure_cuda_leaves_a_cpu_run_as_it_was():
                                             ("torch_deterministic", bool, False)])()
     utils.configure_cuda(args, torch.device("cpu"))
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) == before
+
+
+def test_training_device_is_cuda_only_when_available_and_asked(monkeypatch):
+    flags = dataclasses.make_dataclass("A", [("cuda", bool, True)])
+    asked, refused = flags(), flags(cuda=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (utils.training_device(asked).type, utils.training_device(refused).type) == ("cuda", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert utils.training_device(asked).type == "cpu"
