@@ -5,7 +5,9 @@ On a GPU nearly every dispatched op is a kernel launch and every `aten::_local_s
 launch-bound script's GPU rate follows (issue 13). Each script runs twice for real, in-process under a
 counting dispatch mode, with the same flags but two lengths; the difference divided by the extra agent
 steps leaves set-up, warm-up and saving out; evaluation (whose episodes differ in length) is not counted.
-View ops (no kernel) are not counted.
+View ops (no kernel) are not counted. For DQN and Rainbow the table also projects the launches per agent step
+with --cuda-graphs on a GPU: the ops outside what it captures (acting, the store, the learner step), plus one
+replay per captured call.
 
     python benchmark/op_count.py                          # all four scripts, their CPU recipes
     python benchmark/op_count.py --scripts dqn_atari_gap --out benchmark/results/op_count_cpu.md
@@ -37,10 +39,13 @@ RECIPES = {
     "sac_dmc_gap": (["--env-id", "cartpole-swingup", "--cheap-visuals-for-tests", "--batch-size", "32", "--learning-starts",
                      "100", "--buffer-size", "1000", "--log-every", "50", "--eval-episodes", "1"], 200, 300),
 }
+# What --cuda-graphs captures, per script: on a GPU each call of these is one graph replay
+CAPTURED = {name: ("select_actions", "store_env_step", "learner_step") for name in ("dqn_atari_gap", "rainbow_atari_gap")}
 
 
 def count_child(script: str, flags: list) -> dict:
-    """Run one script's main() in this process under a counting dispatch mode: {ops, syncs, top}."""
+    """Run one script's main() in this process under a counting dispatch mode: {ops, syncs, by_name, and the ops
+    inside and calls of the functions --cuda-graphs captures}."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -48,12 +53,14 @@ def count_child(script: str, flags: list) -> dict:
         def __init__(self):
             super().__init__()
             self.ops, self.syncs, self.by_name, self.paused = 0, 0, {}, False
+            self.graph_ops, self.graph_calls, self.in_graph = 0, 0, False
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if self.paused:
                 return func(*args, **(kwargs or {}))
             if not func.is_view:
                 self.ops += 1
+                self.graph_ops += self.in_graph
                 self.by_name[func.name()] = self.by_name.get(func.name(), 0) + 1
             if func is torch.ops.aten._local_scalar_dense.default:
                 self.syncs += 1
@@ -72,10 +79,25 @@ def count_child(script: str, flags: list) -> dict:
         finally:
             counter.paused = False
 
+    def as_one_replay(function):
+        def call(*args, **kwargs):
+            outermost = not counter.in_graph and not counter.paused
+            counter.graph_calls += outermost
+            counter.in_graph |= outermost
+            try:
+                return function(*args, **kwargs)
+            finally:
+                counter.in_graph &= not outermost
+
+        return call
+
     module.evaluate = uncounted_evaluate
+    for name in CAPTURED.get(script, ()):
+        setattr(module, name, as_one_replay(getattr(module, name)))
     with counter:
         module.main()
-    return {"ops": counter.ops, "syncs": counter.syncs, "by_name": counter.by_name}
+    return {"ops": counter.ops, "syncs": counter.syncs, "by_name": counter.by_name,
+            "graph_ops": counter.graph_ops, "graph_calls": counter.graph_calls}
 
 
 def count(script: str, steps: int, workdir: str) -> dict:
@@ -97,8 +119,13 @@ def measure(script: str) -> dict:
     extra = long - short
     names = {name: (second["by_name"].get(name, 0) - first["by_name"].get(name, 0)) / extra for name in second["by_name"]}
     top = sorted(names.items(), key=lambda item: -item[1])[:5]
-    return {"ops_per_step": (second["ops"] - first["ops"]) / extra,
-            "syncs_per_step": (second["syncs"] - first["syncs"]) / extra, "top": top, "steps": (short, long)}
+    result = {"ops_per_step": (second["ops"] - first["ops"]) / extra,
+              "syncs_per_step": (second["syncs"] - first["syncs"]) / extra, "top": top, "steps": (short, long)}
+    if script in CAPTURED:
+        outside = (second["ops"] - second["graph_ops"]) - (first["ops"] - first["graph_ops"])
+        replays = second["graph_calls"] - first["graph_calls"]
+        result["graphed_per_step"] = (outside + replays) / extra
+    return result
 
 
 def main():
@@ -115,11 +142,13 @@ def main():
     if unknown:
         print(f"error: --scripts {','.join(unknown)!r}: choose from {', '.join(RECIPES)}", file=sys.stderr)
         sys.exit(2)
-    rows = ["| script | ops / agent step | host syncs / agent step | most dispatched (per step) |", "|---|---|---|---|"]
+    rows = ["| script | ops / agent step | host syncs / agent step | launches / agent step with --cuda-graphs "
+            "(projected) | most dispatched (per step) |", "|---|---|---|---|---|"]
     for script in scripts:
         result = measure(script)
         top = ", ".join(f"{name} {value:.1f}" for name, value in result["top"])
-        rows.append(f"| {script} | {result['ops_per_step']:.1f} | {result['syncs_per_step']:.2f} | {top} |")
+        graphed = f"{result['graphed_per_step']:.1f}" if "graphed_per_step" in result else "–"
+        rows.append(f"| {script} | {result['ops_per_step']:.1f} | {result['syncs_per_step']:.2f} | {graphed} | {top} |")
         print(rows[-1], flush=True)
     commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     table = "\n".join([

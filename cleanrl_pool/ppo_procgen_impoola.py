@@ -761,7 +761,7 @@ def main():
         batch["advantages"], batch["returns"] = advantages.flatten(), returns.flatten()
         losses, finite = ppo_update(model, agent, optimizer, batch, args, micro_batch_size, fast["bf16"], progress.update)
 
-        # logging, and the non-finite check (one host sync per log interval: the iteration)
+        # logging, and the non-finite check (a few host syncs per iteration, none per environment step)
         utils.stop_if_nonfinite(bool(finite) and utils.finite_state(agent, optimizer), last_good, run_dir, global_step, writer)
         scalars = {"charts/SPS": (global_step - start_step) / (time.time() - start_time),
                    "charts/learning_rate": optimizer.param_groups[0]["lr"],

@@ -255,24 +255,25 @@ def finished_games(episode_return, info, truncated):
 
 
 class HostStaging:
-    """Host arrays to the device: with `pinned`, through one reused pinned buffer per name and a non_blocking copy
-    (safe to reuse: each step's copy of the actions to the host waits for the previous step's copies); else as_tensor."""
+    """Host arrays to the device, each name always into the same device buffer (what a captured graph reads), with
+    `pinned` through a reused pinned host buffer and a non_blocking copy (safe to reuse: each step's copy of the actions
+    to the host waits for the previous step's copies); else a plain, blocking copy."""
 
     def __init__(self, device, pinned: bool):
         self.device, self.pinned, self.buffers = device, pinned, {}
 
     def __call__(self, name: str, array):
-        if not self.pinned:
-            return torch.as_tensor(array, device=self.device)
-        host = torch.from_numpy(np.asarray(array))
+        host = torch.from_numpy(np.ascontiguousarray(array))
         if name not in self.buffers:
-            self.buffers[name] = torch.empty_like(host).pin_memory()
-        return self.buffers[name].copy_(host).to(self.device, non_blocking=True)
+            pinned = torch.empty_like(host).pin_memory() if self.pinned else None
+            self.buffers[name] = (pinned, torch.empty_like(host, device=self.device))
+        pinned, staged = self.buffers[name]
+        return staged.copy_(pinned.copy_(host) if self.pinned else host, non_blocking=self.pinned)
 
-    def env_step(self, actions, rewards, terminated, truncated, info) -> tuple:
-        """The arrays of one EnvPool step that store_env_step records, on the device."""
-        return (self("actions", actions), self("rewards", rewards), self("terminated", terminated),
-                self("truncated", truncated), {"elapsed_step": self("elapsed_step", info["elapsed_step"])})
+    def env_step(self, rewards, terminated, truncated, info) -> tuple:
+        """(rewards, terminated, truncated, elapsed steps) of one EnvPool step, on the device."""
+        return (self("rewards", rewards), self("terminated", terminated), self("truncated", truncated),
+                self("elapsed_step", info["elapsed_step"]))
 
 
 # Network: encoder (nature | impala) -> bottleneck (pool + Linear(512 x dense_scale) + ReLU) -> C51 head
@@ -585,41 +586,50 @@ def sum_tree_sample(tree, batch_size: int):
     return leaves, tree[leaves + tree.numel() // 2]
 
 
-def prioritize_new_transitions(replay: dict, slot_time: int, n_step: int, frame_stack: int):
-    """The priorities after the store of slot t = slot_time: transition t + 1 - n_step now has its whole window
-    and gets the largest priority seen so far (Schaul et al.: new transitions first); the slots whose frame
-    stacks reach back into the overwritten slot t + 1 get priority 0."""
+def prioritize_new_transitions(replay: dict, slot_time, n_step: int, frame_stack: int):
+    """The priorities after the store of slot t = slot_time (a 0-d tensor on the device): transition t + 1 - n_step now
+    has its whole window and gets the largest priority seen so far (Schaul et al.: new transitions first); the slots
+    whose frame stacks reach back into the overwritten slot t + 1 get priority 0. No host value is read."""
     num_envs, capacity = replay["valid"].shape
     device = replay["valid"].device
     env_offsets = torch.arange(num_envs, device=device)[:, None] * capacity
     stale_slots = (slot_time + 1 + torch.arange(frame_stack, device=device)) % capacity
-    leaves = [(env_offsets + stale_slots).flatten()]
-    priorities = [torch.zeros(num_envs * frame_stack, dtype=torch.float64, device=device)]
-    if slot_time + 1 >= n_step:
-        complete_slot = (slot_time + 1 - n_step) % capacity
-        leaves.append(env_offsets[:, 0] + complete_slot)
-        priorities.append(replay["max_priority"] * replay["valid"][:, complete_slot])
-    sum_tree_update(replay["sum_tree"], torch.cat(leaves), torch.cat(priorities))
+    complete_slot = ((slot_time + 1 - n_step) % capacity).reshape(1)
+    complete = (slot_time + 1 >= n_step) & replay["valid"].index_select(1, complete_slot)[:, 0]  # before t + 1 = n_step,
+    leaves = torch.cat([(env_offsets + stale_slots).flatten(), env_offsets[:, 0] + complete_slot])  # its leaf is still 0
+    priorities = torch.cat([torch.zeros(num_envs * frame_stack, dtype=torch.float64, device=device),
+                            replay["max_priority"] * complete])
+    sum_tree_update(replay["sum_tree"], leaves, priorities)
 
 
-def store_env_step(replay: dict, slot_time: int, actions, rewards, terminated, truncated, info, next_obs, episode_done,
+def write_slot(replay: dict, key: str, slot, values):
+    """replay[key][:, slot] = values for a 1-element slot tensor, as one in-place index_copy_ (indexing with a device
+    tensor would read it on the host); host arrays or tensors of any dtype."""
+    values = torch.as_tensor(values, device=replay[key].device).to(replay[key].dtype)
+    replay[key].index_copy_(1, slot, values.unsqueeze(1))
+
+
+def store_env_step(replay: dict, slot_time, actions, rewards, terminated, truncated, info, next_obs, episode_done,
                    n_step: int, frame_stack: int):
-    """Record the EnvPool step taken from o_t (t = slot_time) and the newest frame of o_{t+1} (host arrays
-    or tensors; `next_obs` already on the replay's device). Returns `episode_done` for the next step.
+    """Record the EnvPool step taken from o_t (t = slot_time: an int, or a 0-d tensor on the device) and the newest
+    frame of o_{t+1} (host arrays or tensors; `next_obs` already on the replay's device). No host value is read: a
+    CUDA graph can capture it. Returns `episode_done` for the next step.
 
     The step is a transition unless the previous one ended an episode (`episode_done`): then it was
     EnvPool's auto-reset step, whose action was ignored. Its slot is stored as not valid, so it is
     never sampled and an n-step return never crosses it. Then the priorities: see prioritize_new_transitions.
     """
     capacity, device = replay["frames"].shape[1], replay["frames"].device
-    slot, next_slot = slot_time % capacity, (slot_time + 1) % capacity
-    replay["actions"][:, slot] = torch.as_tensor(actions, device=device)
-    replay["rewards"][:, slot] = torch.as_tensor(rewards, device=device)
-    replay["terminated"][:, slot] = torch.as_tensor(terminated, device=device)
-    replay["truncated"][:, slot] = torch.as_tensor(truncated, device=device)
-    replay["valid"][:, slot] = ~torch.as_tensor(episode_done, device=device)
-    replay["frames"][:, next_slot] = next_obs[:, -1]
-    replay["episode_start"][:, next_slot] = torch.as_tensor(info["elapsed_step"], device=device) == 0
+    slot_time = torch.as_tensor(slot_time, device=device)
+    slot = slot_time.reshape(1) % capacity
+    next_slot = (slot + 1) % capacity
+    write_slot(replay, "actions", slot, actions)
+    write_slot(replay, "rewards", slot, rewards)
+    write_slot(replay, "terminated", slot, terminated)
+    write_slot(replay, "truncated", slot, truncated)
+    write_slot(replay, "valid", slot, ~torch.as_tensor(episode_done, device=device))
+    write_slot(replay, "frames", next_slot, next_obs[:, -1])
+    write_slot(replay, "episode_start", next_slot, torch.as_tensor(info["elapsed_step"], device=device) == 0)
     prioritize_new_transitions(replay, slot_time, n_step, frame_stack)
     return terminated | truncated
 
@@ -824,27 +834,34 @@ def soft_update(target, online, rate: float):
         target_param.data.lerp_(param.data, rate)
 
 
-def select_actions(q_function, obs, epsilon: float, num_actions: int):
-    """Epsilon-greedy per environment on observations already on the device, coins drawn there by torch; one copy
-    of the actions to the host. At epsilon 1 the network is skipped. `q_function`: obs -> Q (B, actions)."""
+def select_actions(q_function, obs, epsilon, num_actions: int):
+    """Epsilon-greedy per environment on observations already on the device, coins drawn there by torch; the actions
+    stay there. `epsilon`: a float (at 1 the network is skipped) or a 0-d tensor on the device (no host value is read:
+    a CUDA graph can capture it). `q_function`: obs -> Q (B, actions)."""
     explore = torch.rand(len(obs), device=obs.device) < epsilon
     actions = torch.randint(num_actions, (len(obs),), device=obs.device)
-    if epsilon < 1:
+    if torch.is_tensor(epsilon) or epsilon < 1:
         with torch.no_grad():
             actions = torch.where(explore, actions, q_function(obs).argmax(dim=1))
-    return actions.cpu().numpy()
+    return actions
 
 
 class CapturedStep:
-    """`step()` (no arguments: it reads and writes tensors that stay in place) run eagerly on a side stream for
-    `warmup` calls (Adam's state is created), then captured once as a CUDA graph and replayed at every later call;
-    returns the graph's static output tensors, overwritten by each replay."""
+    """`step(*tensors)` run eagerly on a side stream for `warmup` calls (Adam's state is created), then captured
+    once as a CUDA graph and replayed at every later call, which must pass the very same tensors (a graph reads fixed
+    addresses: callers fill them in place); returns the graph's static outputs, overwritten by each replay. If the
+    capture fails, one line says why and the step runs eagerly from then on."""
 
-    def __init__(self, step, warmup: int = 3):
-        self.step, self.warmup, self.graph, self.outputs = step, warmup, None, None
+    def __init__(self, step, name: str, warmup: int = 3):
+        self.step, self.name, self.warmup = step, name, warmup
+        self.graph, self.inputs, self.outputs, self.eager = None, None, None, False
 
-    def __call__(self):
+    def __call__(self, *tensors):
+        if self.eager:
+            return self.step(*tensors)
         if self.graph is not None:
+            if any(given is not captured for given, captured in zip(tensors, self.inputs, strict=True)):
+                raise ValueError(f"the captured {self.name} was called with other tensors than it was captured with")
             self.graph.replay()
             return self.outputs
         if self.warmup > 0:
@@ -852,13 +869,18 @@ class CapturedStep:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                outputs = self.step()
+                outputs = self.step(*tensors)
             torch.cuda.current_stream().wait_stream(side)
             return outputs
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the kernels without running them: the replay below runs them
-            self.outputs = self.step()
-        return self()
+        try:
+            self.graph, self.inputs = torch.cuda.CUDAGraph(), tensors
+            with torch.cuda.graph(self.graph):  # records the kernels without running them: the replay below runs them
+                self.outputs = self.step(*tensors)
+        except RuntimeError as error:
+            reason = str(error).splitlines()[0]
+            utils.echo(f"warning: --cuda-graphs could not capture the {self.name} ({reason}); it runs eagerly")
+            self.graph, self.eager = None, True
+        return self(*tensors)
 
 
 # Evaluation: whole games at a fixed epsilon
@@ -871,7 +893,7 @@ def evaluate(q_function, eval_envs, epsilon: float, num_actions: int, device, ca
     returns, finished = np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
     frames = [obs[0, -1]] if capture_video else None
     while not finished.all():
-        actions = select_actions(q_function, torch.as_tensor(obs, device=device), epsilon, num_actions)
+        actions = select_actions(q_function, torch.as_tensor(obs, device=device), epsilon, num_actions).cpu().numpy()
         obs, _, _, truncated, info = eval_envs.step(actions)
         returns += info["reward"] * ~finished
         if capture_video and not finished[0]:
@@ -955,13 +977,28 @@ def main():
     utils.log_parameter_counts(writer, parameter_counts(q_network), fresh=checkpoint is None)
     q_forward = torch.compile(q_network) if args.compile else q_network
     target_forward = torch.compile(target_network) if args.compile else target_network
+    q_function = expected_q(q_forward, support)
     stage = HostStaging(device, args.pinned_staging and device.type == "cuda")
+    captured = args.cuda_graphs and device.type == "cuda"
+    # the device tensors the steps below read and write in place (what a captured graph needs)
+    newest_slot = torch.zeros((), dtype=torch.long, device=device)  # buffer_time: the slot of o_t
+    epsilon_now = torch.ones((), device=device)  # the captured acting's epsilon
+    actions_now = torch.zeros(args.num_envs, dtype=torch.long, device=device)  # a_t
+    episode_done = torch.zeros(args.num_envs, dtype=torch.bool, device=device)  # did the last step end a game
 
-    def update():  # one learner step on tensors that stay in place: what --cuda-graphs captures
+    def act(obs, epsilon):  # epsilon-greedy on the staged observations, into actions_now
+        actions_now.copy_(select_actions(q_function, obs, epsilon, num_actions))
+
+    def store(actions, rewards, terminated, truncated, elapsed_step, next_obs):  # the staged step, into the replay
+        done = store_env_step(replay, newest_slot, actions, rewards, terminated, truncated,
+                              {"elapsed_step": elapsed_step}, next_obs, episode_done, args.n_step, args.frame_stack)
+        episode_done.copy_(done)
+
+    def update():  # one learner step on tensors that stay in place
         return learner_step(q_forward, target_forward, optimizer, replay, support, args)
 
-    learner_update = CapturedStep(update) if args.cuda_graphs and device.type == "cuda" else update
-    q_function = expected_q(q_forward, support)
+    if captured:  # each of the three a CUDA graph, replayed at every call
+        act, store, update = CapturedStep(act, "acting"), CapturedStep(store, "store"), CapturedStep(update, "learner step")
 
     def checkpoint_payload():
         return utils.checkpoint_payload(SCRIPT, args, global_step, q_network=q_network.state_dict(),
@@ -984,9 +1021,9 @@ def main():
 
     # training loop
     obs, info = envs.reset()
-    obs_device = stage("obs", obs)
+    obs_device = stage("obs", obs)  # the same device buffer at every step (HostStaging)
     buffer_time = store_reset(replay, buffer_time, obs_device, info, args.n_step, args.frame_stack)
-    episode_done, episode_return = np.zeros(args.num_envs, dtype=bool), np.zeros(args.num_envs)
+    episode_return = np.zeros(args.num_envs)
     loss_total, q_total = torch.zeros((), device=device), torch.zeros((), device=device)
     logged_updates = update_count
     last_good = None
@@ -994,8 +1031,9 @@ def main():
     start_step, start_time = global_step, time.time()
     while global_step < args.total_timesteps:
         epsilon = dopamine_epsilon(args, global_step)
-        actions = select_actions(q_function, obs_device, epsilon, num_actions)
-        envs.send(actions)  # the emulators step in EnvPool's threads while the learner updates below
+        newest_slot.fill_(buffer_time)
+        act(obs_device, epsilon_now.fill_(epsilon) if captured else epsilon)
+        envs.send(actions_now.cpu().numpy())  # the step's one host sync; the emulators step while the learner updates
         previous_step = global_step
         global_step += args.num_envs
 
@@ -1005,7 +1043,7 @@ def main():
             update_credit += args.num_envs
             while update_credit >= args.train_frequency:
                 update_credit -= args.train_frequency
-                loss, mean_q = learner_update()
+                loss, mean_q = update()
                 update_count += 1
                 loss_total += loss
                 q_total += mean_q
@@ -1015,8 +1053,7 @@ def main():
         # store the step taken from o_t; an auto-reset step (after an episode end) is never a transition
         next_obs, rewards, terminated, truncated, info = envs.recv()
         obs_device = stage("obs", next_obs)
-        episode_done = store_env_step(replay, buffer_time, *stage.env_step(actions, rewards, terminated, truncated, info),
-                                      obs_device, episode_done, args.n_step, args.frame_stack)
+        store(actions_now, *stage.env_step(rewards, terminated, truncated, info), obs_device)
         buffer_time += 1
         for game_return, game_length in finished_games(episode_return, info, truncated):
             utils.log_scalars(writer, global_step, {"charts/episodic_return": game_return,
@@ -1029,15 +1066,16 @@ def main():
                 writer.add_scalar("charts/iteration_return", np.mean(iteration_returns), global_step)
             iteration_returns = []
 
-        # logging, and the non-finite check (one host sync per log interval)
+        # logging, and the non-finite check: the interval's one host sync reads both
         if utils.crossed(previous_step, global_step, args.log_every):
-            utils.stop_if_nonfinite(state_is_finite(), last_good, run_dir, global_step, writer)
+            updates, logged_updates = update_count - logged_updates, update_count
+            finite, mean_loss, mean_q_value = torch.stack([utils.finite_flag(loss_total, q_network, optimizer),
+                                                           loss_total / max(updates, 1), q_total / max(updates, 1)]).tolist()
+            utils.stop_if_nonfinite(finite == 1, last_good, run_dir, global_step, writer)
             last_good = copy.deepcopy(checkpoint_payload())
             scalars = {"charts/SPS": (global_step - start_step) / (time.time() - start_time),
                        "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/epsilon": epsilon}
-            if update_count > logged_updates:
-                updates, logged_updates = update_count - logged_updates, update_count
-                mean_loss, mean_q_value = (torch.stack([loss_total, q_total]) / updates).tolist()  # one host sync
+            if updates:
                 scalars.update({"losses/loss": mean_loss, "losses/q_values": mean_q_value})
                 loss_total.zero_(), q_total.zero_()
             utils.log_scalars(writer, global_step, scalars)

@@ -972,14 +972,18 @@ def main():
             utils.crossed(previous_step, global_step, every) for every in state_reads) else 0
         run_updates(updates - deferred_updates)
 
-        # logging, and the non-finite check (one host sync per log interval)
+        # logging, and the non-finite check: the interval's one host sync reads both
         if utils.crossed(previous_step, global_step, args.log_every):
-            utils.stop_if_nonfinite(finite(), last_good, run_dir, global_step, writer)
+            means = loss_means()
+            finite_now, alpha, *mean_values = torch.stack([
+                utils.finite_flag(log_alpha, *parts.values(), *means.values()), log_alpha.detach().exp().reshape(()),
+                *(mean.float() for mean in means.values())]).tolist()
+            utils.stop_if_nonfinite(finite_now == 1, last_good, run_dir, global_step, writer)
             last_good = copy.deepcopy(checkpoint_payload())
             utils.log_scalars(writer, global_step, {
-                "charts/SPS": (global_step - start_step) / (time.time() - start_time), "losses/alpha": log_alpha.exp().item(),
+                "charts/SPS": (global_step - start_step) / (time.time() - start_time), "losses/alpha": alpha,
                 "charts/learning_rate": parts["critic_optimizer"].param_groups[0]["lr"],
-                **{f"losses/{name}": mean.item() for name, mean in loss_means().items()}})
+                **{f"losses/{name}": value for name, value in zip(means, mean_values)}})
             recent_losses = {name: [] for name in recent_losses}
 
         # diagnostics on recent observations

@@ -526,11 +526,19 @@ def floating_tensors(value) -> list:
     return []
 
 
-def finite_state(*parts) -> bool:
-    """Whether every floating-point tensor of these modules, optimisers (their moments too) and tensors
-    is finite: the test a "last good" state must pass. One host sync."""
+def finite_flag(*parts) -> torch.Tensor:
+    """1.0 when every floating-point tensor of these modules, optimisers (their moments too) and tensors is
+    finite, else 0.0: the test a "last good" state must pass, as a 0-d float32 tensor on their device, so that a
+    training loop reads it together with its losses in one host sync."""
     found = [t for part in parts for t in floating_tensors(part if isinstance(part, torch.Tensor) else part.state_dict())]
-    return bool(torch.stack([torch.isfinite(t).all() for t in found]).all()) if found else True
+    if not found:
+        return torch.ones(())
+    return torch.stack([torch.isfinite(t).all() for t in found]).all().float()
+
+
+def finite_state(*parts) -> bool:
+    """finite_flag read on the host: one sync."""
+    return bool(finite_flag(*parts))
 
 
 def parameter_count(*modules) -> int:

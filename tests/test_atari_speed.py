@@ -1,10 +1,14 @@
 """The value-based scripts' fast paths (issue 13), proven on a CPU at function level: the learner step that
 --cuda-graphs captures (static in-place tensors, no host value read) equals the plain eager step, and
 torch.compile(fullgraph=True) traces its sample -> loss -> priorities without a graph break and equals eager on
-fresh inputs; epsilon-greedy runs on the device; the staged store equals the plain one. The CUDA graph replay
-itself (CapturedStep) and the pinned, non_blocking copies need a GPU and are not run here."""
+fresh inputs; epsilon-greedy runs on the device, and with a device epsilon reads nothing on the host; the store
+main() runs (staged buffers, a device slot, episode_done in place) equals the plain one and reads nothing on the host.
+CapturedStep's control flow (warm-ups, one capture, replays on the same tensors, the eager fallback) runs on CPU
+stand-ins for torch.cuda; a real graph replay and the pinned, non_blocking copies need a GPU and are not run here."""
 
+import contextlib
 import copy
+import types
 
 import numpy as np
 import pytest
@@ -145,27 +149,147 @@ def test_dqn_samples_slots_uniformly_with_the_newest_slot_as_a_tensor():
 @pytest.mark.parametrize("name", ["dqn", "rainbow"])
 def test_epsilon_greedy_runs_on_the_device_and_mixes_by_epsilon(name):
     q_values = torch.tensor([[0.0, 2.0, 1.0]]).repeat(4000, 1)
+    for epsilon in (0.3, torch.tensor(0.3)):  # a host float (eager), a 0-d tensor (what the captured acting reads)
+        torch.manual_seed(0)
+        actions = SCRIPTS[name].select_actions(lambda obs: q_values, torch.zeros(4000, 4, 2, 2), epsilon, 3)
+        assert isinstance(actions, torch.Tensor) and actions.shape == (4000,)
+        greedy_share = (actions == 1).float().mean()  # 0.7 greedy + 0.3 / 3 random picks of action 1
+        assert abs(greedy_share - 0.8) < 0.03 and abs((actions == 0).float().mean() - 0.1) < 0.02
     torch.manual_seed(0)
-    actions = SCRIPTS[name].select_actions(lambda obs: q_values, torch.zeros(4000, 4, 2, 2), 0.3, 3)
-    assert isinstance(actions, np.ndarray) and actions.shape == (4000,)
-    greedy_share = (actions == 1).mean()  # 0.7 greedy + 0.3 / 3 random picks of action 1
-    assert abs(greedy_share - 0.8) < 0.03 and abs((actions == 0).mean() - 0.1) < 0.02
+    expected = SCRIPTS[name].select_actions(lambda obs: q_values, torch.zeros(4000, 4, 2, 2), 0.3, 3)
+    torch.manual_seed(0)
+    assert torch.equal(SCRIPTS[name].select_actions(lambda obs: q_values, torch.zeros(4000, 4, 2, 2), torch.tensor(0.3), 3),
+                       expected)  # the same coins and actions either way
 
 
 @pytest.mark.parametrize("name", ["dqn", "rainbow"])
-def test_the_staged_store_equals_the_plain_store(name):
+def test_acting_on_a_device_epsilon_reads_no_tensor_value_on_the_host(name):
+    counter = SyncCounter()
+    with counter:
+        SCRIPTS[name].select_actions(lambda obs: obs.flatten(1)[:, :3].float(), torch.zeros(8, 4, 2, 2), torch.tensor(0.5), 3)
+    assert counter.syncs == 0
+
+
+def env_steps(num_envs: int, steps: int, seed: int = 1):
+    """Random EnvPool-like steps: (actions, rewards, terminated, truncated, info, next stacked obs)."""
+    generator = np.random.default_rng(seed)
+    for _ in range(steps):
+        yield (generator.integers(0, 3, num_envs), generator.normal(size=num_envs).astype(np.float32),
+               generator.random(num_envs) < 0.2, generator.random(num_envs) < 0.1,
+               {"elapsed_step": generator.integers(0, 3, num_envs).astype(np.int32)},
+               generator.integers(0, 256, (num_envs, 4, 3, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("name", ["dqn", "rainbow"])
+def test_the_in_place_store_of_main_equals_the_plain_store_and_reads_nothing_on_the_host(name):
+    """main()'s store: the staged arrays (one device buffer per name), the slot as a 0-d tensor and episode_done as
+    a buffer updated in place, against the plain store of host arrays at an int slot; over the wrap of the circular
+    slots and (Rainbow) the sum tree. The in-place one reads no tensor value on the host, so a CUDA graph can capture
+    it (a 20-slot replay: 30 steps wrap it)."""
     script = SCRIPTS[name]
-    generator = np.random.default_rng(1)
-    replays = [script.make_replay(2, 16, 3, "cpu") for _ in range(2)]
+    more = (3, 4) if name == "rainbow" else ()
+    plain, in_place = script.make_replay(2, 20, 3, "cpu"), script.make_replay(2, 20, 3, "cpu")
     stage = script.HostStaging(torch.device("cpu"), pinned=False)
-    done = [np.zeros(2, dtype=bool)] * 2
-    more = (1, 1) if name == "rainbow" else ()
-    for t in range(20):
-        step = (generator.integers(0, 3, 2), generator.normal(size=2).astype(np.float32), generator.random(2) < 0.2,
-                generator.random(2) < 0.1, {"elapsed_step": generator.integers(0, 3, 2)})
-        obs = torch.as_tensor(generator.integers(0, 256, (2, 4, 3, 3), dtype=np.uint8))
-        done[0] = script.store_env_step(replays[0], t, *step, obs, done[0], *more)
-        done[1] = script.store_env_step(replays[1], t, *stage.env_step(*step), stage("obs", obs.numpy()), done[1], *more)
-        assert np.array_equal(np.asarray(done[0]), np.asarray(done[1]))
-    for key in replays[0]:
-        assert torch.equal(replays[0][key], replays[1][key]), key
+    plain_done, done_buffer = np.zeros(2, dtype=bool), torch.zeros(2, dtype=torch.bool)
+    slot = torch.zeros((), dtype=torch.long)
+    staged_buffers = None
+    counter = SyncCounter()
+    for t, (actions, rewards, terminated, truncated, info, next_obs) in enumerate(env_steps(2, 30)):
+        plain_done = script.store_env_step(plain, t, actions, rewards, terminated, truncated, info,
+                                           torch.as_tensor(next_obs), plain_done, *more)
+        staged = (stage("actions", actions), *stage.env_step(rewards, terminated, truncated, info), stage("obs", next_obs))
+        if staged_buffers is not None:
+            assert all(a is b for a, b in zip(staged, staged_buffers))  # the same tensors at every step
+        staged_buffers = staged
+        slot.fill_(t)
+        with counter:
+            done = script.store_env_step(in_place, slot, *staged[:4], {"elapsed_step": staged[4]}, staged[5], done_buffer,
+                                         *more)
+            done_buffer.copy_(done)
+        assert np.array_equal(np.asarray(plain_done), done_buffer.numpy())
+    assert counter.syncs == 0
+    for key in plain:
+        assert torch.equal(plain[key], in_place[key]), key
+
+
+def test_rainbow_new_transitions_get_the_running_maximum_and_stale_stacks_priority_zero():
+    """Independent of the vectorised tree: after each store, leaf (env, slot) holds max_priority exactly when the
+    transition at that slot time is complete (its n-step window stored), valid, and its frame stack not overwritten."""
+    capacity, n_step, frame_stack = 12, 3, 4
+    replay = rainbow.make_replay(2, capacity, 3, "cpu")
+    replay["max_priority"].fill_(2.5)
+    done = np.zeros(2, dtype=bool)
+    valid_at = {}
+    leaves = replay["sum_tree"].numel() // 2
+    for t, (actions, rewards, terminated, truncated, info, next_obs) in enumerate(env_steps(2, 40, seed=3)):
+        valid_at[t] = ~done
+        done = rainbow.store_env_step(replay, torch.tensor(t), actions, rewards, terminated, truncated, info,
+                                      torch.as_tensor(next_obs), done, n_step, frame_stack)
+        for env in range(2):
+            for s in range(capacity):
+                times = [u for u in range(t + 1) if u % capacity == s]  # the newest slot time stored at slot s
+                u = times[-1] if times else None
+                expected = 0.0
+                if u is not None and u + n_step <= t + 1 and u > t + 1 - capacity + frame_stack - 1 and valid_at[u][env]:
+                    expected = 2.5
+                assert replay["sum_tree"][leaves + env * capacity + s].item() == expected, (t, env, s)
+    assert replay["sum_tree"][1].item() == pytest.approx(replay["sum_tree"][leaves:].sum().item())
+
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's streams and graphs as CPU stand-ins: `captures` counts the graphs entered; a graph's replay runs
+    `fake.replay` (set by the test: on a GPU it reruns the recorded kernels, writing the static outputs in place)."""
+    fake = types.SimpleNamespace(captures=0, replay=None)
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            fake.replay()
+
+    @contextlib.contextmanager
+    def capture(graph):
+        fake.captures += 1
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    return fake
+
+
+@pytest.mark.parametrize("name", ["dqn", "rainbow"])
+def test_captured_step_warms_up_eagerly_captures_once_then_replays_on_the_same_tensors(name, fake_cuda):
+    counter, x = torch.zeros(()), torch.zeros(())
+
+    def step(x):
+        return (x + counter.add_(1),)
+
+    captured = SCRIPTS[name].CapturedStep(step, "test step", warmup=2)
+    fake_cuda.replay = lambda: captured.outputs[0].copy_(step(x)[0])
+    outputs = [captured(x)[0].item() for _ in range(5)]
+    assert fake_cuda.captures == 1
+    assert outputs == [1.0, 2.0, 4.0, 5.0, 6.0]  # 2 warm-ups, the capture (the stand-in runs it once: 3), replays
+    assert captured(x)[0] is captured.outputs[0]  # the static output, overwritten in place
+    with pytest.raises(ValueError, match="other tensors"):
+        captured(torch.zeros(()))
+
+
+@pytest.mark.parametrize("name", ["dqn", "rainbow"])
+def test_a_failed_capture_says_so_in_one_line_and_runs_the_step_eagerly(name, fake_cuda, monkeypatch, capsys):
+    def refuse(graph):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    captured = SCRIPTS[name].CapturedStep(lambda x: x + 1, "store", warmup=1)
+    assert [captured(torch.tensor(float(i))).item() for i in range(4)] == [1.0, 2.0, 3.0, 4.0]
+    assert captured.eager and captured.graph is None and fake_cuda.captures == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert lines == ["warning: --cuda-graphs could not capture the store (operation not permitted when stream is "
+                     "capturing); it runs eagerly"]

@@ -287,7 +287,7 @@ def test_select_actions_is_greedy_at_epsilon_zero_and_skips_the_network_at_one()
     def no_network(obs):
         raise AssertionError("a fully random step must not run the network")
 
-    actions = dqn.select_actions(no_network, torch.zeros(2, 4, 8, 8), 1.0, 3)
+    actions = dqn.select_actions(no_network, torch.zeros(2, 4, 8, 8), 1.0, 3)  # a host epsilon of 1 (eager acting)
     assert actions.shape == (2,) and set(actions.tolist()) <= {0, 1, 2}
 
 

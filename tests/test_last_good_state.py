@@ -14,7 +14,7 @@ import torch
 
 import utils
 
-REAL_STEP, REAL_CHECK = torch.optim.Adam.step, utils.finite_state
+REAL_STEP, REAL_CHECK = torch.optim.Adam.step, utils.finite_flag
 RUNS = {
     "ppo_procgen_impoola": ["--env-id", "bossfight", "--width", "1", "--num-envs", "2", "--num-steps", "8",
                             "--num-minibatches", "2", "--update-epochs", "1", "--total-timesteps", "64", "--eval-every", "0",
@@ -53,7 +53,7 @@ def run_main(script, tmp_path, monkeypatch, break_at=None):
         return REAL_CHECK(*parts)
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
-    monkeypatch.setattr(utils, "finite_state", check)
+    monkeypatch.setattr(utils, "finite_flag", check)  # finite_state reads it too
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [script + ".py", *RUNS[script], "--runs-dir", "runs", "--torch-threads", "1"])
     module.main()

@@ -41,6 +41,9 @@ SHARED = {
     "linear_schedule": ("dqn", "rainbow"),
     "soft_update": ("dqn", "rainbow"),
     "select_actions": ("dqn", "rainbow"),
+    "CapturedStep": ("dqn", "rainbow"),
+    "HostStaging": ("dqn", "rainbow"),
+    "write_slot": ("dqn", "rainbow"),
     "evaluate": ("dqn", "rainbow"),
 }
 
