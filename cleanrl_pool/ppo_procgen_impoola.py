@@ -71,7 +71,7 @@ class Args:
     """the folder that holds the run folders"""
     resume: str = ""
     """a checkpoint to continue from, or `auto`: the newest of this env id, experiment and seed with the same training
-    configuration (else a new run)"""
+    configuration (a finished one: exit 0, nothing trained; none: a new run)"""
 
     # Environment (Procgen generalisation protocol: train on a fixed set of levels, test on all)
     env_id: str = "bigfish"

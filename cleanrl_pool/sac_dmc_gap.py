@@ -150,7 +150,7 @@ class Args:
     """how many of the newest periodic checkpoints stay on disk (older ones are deleted)"""
     resume: str = ""
     """a checkpoint to continue from, or `auto`: the newest of this env id, experiment and seed with the same training
-    configuration (else a new run)"""
+    configuration (a finished one: exit 0, nothing trained; none: a new run)"""
     diag_every: int = 10_000
     """agent steps between diagnostics (dormant neurons, feature norm, saliency); 0 turns them off"""
     diag_batch_size: int = 256

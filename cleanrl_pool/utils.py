@@ -177,8 +177,9 @@ def resolve_run(args):
     in it (a run folder moved as a whole continues where it is); a checkpoint copied elsewhere starts a
     new run folder under --runs-dir. `--resume auto` continues the newest run folder of the same env id,
     experiment name and seed that has a checkpoint and the same training configuration (config.json,
-    RUN_NEUTRAL_FLAGS aside); else it starts fresh, reusing a folder of that configuration that a kill
-    left without any checkpoint.
+    RUN_NEUTRAL_FLAGS aside); when that folder holds final.pt the run is finished: one line says so and the
+    script exits 0 without training (Dopamine's runner does the same). Else it starts fresh, reusing a folder
+    of that configuration that a kill left without any checkpoint.
     """
     for flag in ("exp_name", "env_id"):
         name = str(getattr(args, flag))
@@ -194,10 +195,13 @@ def resolve_run(args):
                     same = training_config(json.load(f)) == wanted
             except (OSError, ValueError):
                 continue
-            checkpoint = latest_checkpoint(run_dir)
+            checkpoint, finished = latest_checkpoint(run_dir), os.path.exists(os.path.join(run_dir, "final.pt"))
+            if same and finished:
+                print(f"--resume auto: {run_dir} has finished (final.pt); nothing to train", flush=True)
+                sys.exit(0)
             if same and checkpoint is not None:
                 return run_dir, checkpoint
-            if same and orphan is None and not os.path.exists(os.path.join(run_dir, "final.pt")):
+            if same and orphan is None:
                 orphan = run_dir
         args.resume = ""
         return orphan or fresh, None

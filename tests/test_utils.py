@@ -161,6 +161,20 @@ def test_resume_auto_reuses_a_folder_a_kill_left_without_checkpoint(tmp_path):
     assert utils.resolve_run(args_like(tmp_path, resume="auto")) == (orphan, None)
 
 
+def test_resume_auto_of_a_finished_run_says_so_and_exits_0_without_touching_it(tmp_path, capsys):
+    older = make_run(tmp_path, "game__exp__1__100", steps=(5,))  # an older, unfinished run of the same configuration
+    finished = make_run(tmp_path, "game__exp__1__150", steps=(5, 10), final=True)
+    make_run(tmp_path, "game__exp__1__200", steps=(5,), learning_rate=3e-4)  # newer, another experiment
+    before = sorted((path, os.path.getmtime(path)) for path in glob.glob(str(tmp_path / "**"), recursive=True))
+    with pytest.raises(SystemExit) as exit_info:
+        utils.resolve_run(args_like(tmp_path, resume="auto"))
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"--resume auto: {finished} has finished (final.pt); nothing to train"
+    assert sorted((path, os.path.getmtime(path)) for path in glob.glob(str(tmp_path / "**"), recursive=True)) == before
+    assert utils.resolve_run(args_like(tmp_path, resume="auto", learning_rate=3e-4))[1].endswith("step_000000000005.pt")
+    assert older
+
+
 @pytest.mark.parametrize("exp_name", ["a/b", "a__b", ""])
 def test_an_experiment_name_that_cannot_name_a_run_folder_exits_2_with_one_line(exp_name, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
