@@ -611,12 +611,14 @@ class CapturedStep:
                 outputs = self.step(*tensors)
             torch.cuda.current_stream().wait_stream(side)
             return outputs
+        previous_stream = torch.cuda.current_stream()
         try:
             self.graph, self.inputs = torch.cuda.CUDAGraph(), tensors
             with torch.cuda.graph(self.graph):  # records the kernels without running them: the replay below runs them
                 self.outputs = self.step(*tensors)
         except RuntimeError as error:
-            reason = str(error).splitlines()[0]
+            torch.cuda.set_stream(previous_stream)  # a capture_end that fails leaves the capture stream current
+            reason = str(error.__context__ or error).splitlines()[0]  # the step's error, not capture_end's
             utils.echo(f"warning: --cuda-graphs could not capture the {self.name} ({reason}); it runs eagerly")
             self.graph, self.eager = None, True
         return self(*tensors)

@@ -241,7 +241,7 @@ def test_rainbow_new_transitions_get_the_running_maximum_and_stale_stacks_priori
 def fake_cuda(monkeypatch):
     """torch.cuda's streams and graphs as CPU stand-ins: `captures` counts the graphs entered; a graph's replay runs
     `fake.replay` (set by the test: on a GPU it reruns the recorded kernels, writing the static outputs in place)."""
-    fake = types.SimpleNamespace(captures=0, replay=None)
+    fake = types.SimpleNamespace(captures=0, replay=None, streams=[])
 
     class Stream:
         def wait_stream(self, other):
@@ -261,6 +261,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "set_stream", fake.streams.append)
     return fake
 
 
@@ -293,3 +294,35 @@ def test_a_failed_capture_says_so_in_one_line_and_runs_the_step_eagerly(name, fa
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
     assert lines == ["warning: --cuda-graphs could not capture the store (operation not permitted when stream is "
                      "capturing); it runs eagerly"]
+
+
+@pytest.mark.parametrize("name", ["dqn", "rainbow"])
+def test_a_step_that_fails_inside_the_capture_restores_the_stream_and_names_its_own_error(name, fake_cuda, monkeypatch,
+                                                                                           capsys):
+    """torch.cuda.graph's exit calls capture_end first; when the capture was invalidated that raises too, so the
+    stream the capture made current is never reset by it and the error caught is capture_end's."""
+
+    fake_cuda.capturing = False
+
+    @contextlib.contextmanager
+    def invalidated_capture(graph):
+        fake_cuda.capturing = True
+        try:
+            yield
+        except RuntimeError:
+            raise RuntimeError("operation failed due to a previous error during capture")
+        finally:
+            fake_cuda.capturing = False
+
+    def step(x):
+        if fake_cuda.capturing:
+            raise RuntimeError("cannot read a CUDA value during stream capture")
+        return x * 2
+
+    monkeypatch.setattr(torch.cuda, "graph", invalidated_capture)
+    captured = SCRIPTS[name].CapturedStep(step, "learner step", warmup=1)
+    assert [captured(torch.tensor(float(i))).item() for i in range(3)] == [0.0, 2.0, 4.0]
+    assert captured.eager and len(fake_cuda.streams) == 1  # the stream current before the capture, set back once
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert lines == ["warning: --cuda-graphs could not capture the learner step (cannot read a CUDA value during stream "
+                     "capture); it runs eagerly"]
