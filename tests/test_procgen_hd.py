@@ -182,6 +182,22 @@ print("ok")
         "close those environments or use another process)", "ok"]
 
 
+def test_an_env_only_a_reference_cycle_keeps_does_not_block_another_size():
+    """An env nothing reaches any more (here a cycle, in a test often an old traceback) is collected before refusing."""
+    code = """
+import gc
+import procgen_hd
+gc.disable()
+holder = {"envs": procgen_hd.ProcgenHDEnv("bigfish", 1, 64)}
+holder["self"] = holder
+del holder  # only the cycle refers to the 64x64 envs now
+procgen_hd.ProcgenHDEnv("bigfish", 1, 96).reset()
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.splitlines() == ["ok"], result.stderr
+
+
 def test_build_info_names_the_pinned_commit():
     assert procgen_hd.BUILD_INFO["commit"] == "30a146f155f0a7272e9996724b0adb2c90126439"
 

@@ -14,6 +14,7 @@ just taken, the level it was taken in (`prev_level_seed`) and whether it complet
 """
 
 import ctypes
+import gc
 import json
 import os
 
@@ -105,6 +106,8 @@ def check_options(game: str, resolution: int, num_levels: int, start_level: int,
         raise ValueError(f"start_level {start_level} + num_levels {num_levels} must stay below 2**31")
     if distribution_mode == "exploration" and (num_levels, start_level) != (0, 0):
         raise ValueError("the exploration mode plays one fixed level: leave num_levels and start_level at 0")
+    if _open_resolutions and resolution != _open_resolutions[0]:
+        gc.collect()  # environments nothing refers to any more (a reference cycle, an old traceback) close when collected
     if _open_resolutions and resolution != _open_resolutions[0]:
         raise ValueError(f"resolution {resolution}: this process already draws {_open_resolutions[0]}x{_open_resolutions[0]} "
                          "(Procgen-HD draws one size per process; close those environments or use another process)")
