@@ -740,8 +740,8 @@ def main():
                                         target_network=target_network.state_dict(), optimizer=optimizer.state_dict(),
                                         update_count=update_count, update_credit=update_credit)
 
-    def state_is_finite():  # one host sync: the losses since the last check (their sum), the weights and Adam's moments
-        return utils.finite_state(loss_total, q_network, optimizer)
+    def finite_flag():  # on the device: are the losses since the last check (their sum), the weights and Adam's moments finite
+        return utils.finite_flag(loss_total, q_network, optimizer)
 
     def run_evaluation():
         returns, video = evaluate(q_forward, eval_envs, args.eval_epsilon, num_actions, device, args.capture_video)
@@ -796,7 +796,7 @@ def main():
         # logging, and the non-finite check: the interval's one host sync reads both
         if utils.crossed(previous_step, global_step, args.log_every):
             updates, logged_updates = update_count - logged_updates, update_count
-            finite, mean_loss, mean_q_value = torch.stack([utils.finite_flag(loss_total, q_network, optimizer),
+            finite, mean_loss, mean_q_value = torch.stack([finite_flag(),
                                                            loss_total / max(updates, 1), q_total / max(updates, 1)]).tolist()
             utils.stop_if_nonfinite(finite == 1, last_good, run_dir, global_step, writer)
             last_good = copy.deepcopy(checkpoint_payload())
@@ -819,13 +819,13 @@ def main():
         if utils.crossed(previous_step, global_step, args.eval_every) and global_step < args.total_timesteps:
             run_evaluation()
         if utils.crossed(previous_step, global_step, args.save_every):
-            utils.stop_if_nonfinite(state_is_finite(), last_good, run_dir, global_step, writer)
+            utils.stop_if_nonfinite(bool(finite_flag()), last_good, run_dir, global_step, writer)
             saved_replay = {"replay": replay, "buffer_time": buffer_time} if args.save_buffer else None
             utils.save_periodic_checkpoint(run_dir, global_step, checkpoint_payload(), args.keep_checkpoints, saved_replay)
 
     # evaluation and saving at the end
     progress.close()
-    utils.stop_if_nonfinite(state_is_finite(), last_good, run_dir, global_step, writer)
+    utils.stop_if_nonfinite(bool(finite_flag()), last_good, run_dir, global_step, writer)
     run_evaluation()
     utils.save_checkpoint(os.path.join(run_dir, "final.pt"), checkpoint_payload())
     envs.close()

@@ -909,8 +909,8 @@ def main():
     def loss_means():  # since the last log
         return {name: torch.stack(values).mean() for name, values in recent_losses.items() if values}
 
-    def finite():  # the losses since the last log, and every weight and Adam moment (the last step may have broken them)
-        return utils.finite_state(log_alpha, *parts.values(), *loss_means().values())
+    def finite_flag(means):  # on the device: are these loss means, every weight and Adam moment finite (the last step
+        return utils.finite_flag(log_alpha, *parts.values(), *means.values())  # may have broken the weights)
 
     def run_updates(count: int):  # `count` gradient updates on the replay as it is now
         nonlocal update_count
@@ -976,7 +976,7 @@ def main():
         if utils.crossed(previous_step, global_step, args.log_every):
             means = loss_means()
             finite_now, alpha, *mean_values = torch.stack([
-                utils.finite_flag(log_alpha, *parts.values(), *means.values()), log_alpha.detach().exp().reshape(()),
+                finite_flag(means), log_alpha.detach().exp().reshape(()),
                 *(mean.float() for mean in means.values())]).tolist()
             utils.stop_if_nonfinite(finite_now == 1, last_good, run_dir, global_step, writer)
             last_good = copy.deepcopy(checkpoint_payload())
@@ -997,14 +997,15 @@ def main():
         if utils.crossed(previous_step, global_step, args.eval_every) and global_step < args.total_timesteps:
             run_evaluation()
         if utils.crossed(previous_step, global_step, args.save_every):
-            utils.stop_if_nonfinite(finite(), last_good, run_dir, global_step, writer)  # checked since the last log too
+            # checked since the last log too: its losses, every weight and Adam moment
+            utils.stop_if_nonfinite(bool(finite_flag(loss_means())), last_good, run_dir, global_step, writer)
             saved_replay = {"replay": replay, "replay_position": replay_position, "replay_size": replay_size}
             utils.save_periodic_checkpoint(run_dir, global_step, checkpoint_payload(), args.keep_checkpoints,
                                            saved_replay if args.save_buffer else None)
 
     # evaluation and saving at the end
     progress.close()
-    utils.stop_if_nonfinite(finite(), last_good, run_dir, global_step, writer)
+    utils.stop_if_nonfinite(bool(finite_flag(loss_means())), last_good, run_dir, global_step, writer)
     run_evaluation()
     utils.save_checkpoint(os.path.join(run_dir, "final.pt"), checkpoint_payload())
     for simulator in (*env, *eval_env):
