@@ -152,74 +152,7 @@ FLAG_RANGES = {
 }
 
 
-# Environment: EnvPool Atari, one frame per step stored, whole games measured from the raw rewards
-def atari_game(env_id: str) -> str:
-    """`Breakout` or `Breakout-v5` -> `Breakout`."""
-    return env_id[: -len("-v5")] if env_id.endswith("-v5") else env_id
-
-
-def atari_games() -> list:
-    """The Atari games EnvPool registers, as plain names (its other `-v5` ids are MuJoCo tasks)."""
-    from envpool.registration import registry
-
-    specs = registry.specs.items()
-    return sorted(name[: -len("-v5")] for name, spec in specs if spec[0] == "envpool.atari" and name.endswith("-v5"))
-
-
-def make_env(args, num_envs: int, seed: int):
-    """EnvPool Atari set to CleanRL's `dqn_atari` wrappers, every option explicit, for training and
-    evaluation alike (CleanRL's `dqn_eval` reuses the training env).
-
-    Life loss is terminal and rewards are clipped to their sign (Mnih et al. 2015). `info["reward"]`
-    is always the raw reward and `info["terminated"]` the real game over, so full-game returns are
-    measured from them.
-    """
-    return envpool.make(
-        f"{atari_game(args.env_id)}-v5", env_type="gymnasium", num_envs=num_envs, seed=seed,
-        img_height=args.resolution, img_width=args.resolution, gray_scale=True, use_inter_area_resize=True,
-        stack_num=args.frame_stack, frame_skip=args.frame_skip, full_action_space=False,
-        max_episode_steps=args.max_episode_steps,
-        noop_max=30,
-        use_fire_reset=True,  # as CleanRL's FireResetEnv, for games whose action set has FIRE
-        episodic_life=True,
-        reward_clip=True,
-        repeat_action_probability=0.0,  # CleanRL's NoFrameskip-v4: no sticky actions
-    )
-
-
-def finished_games(episode_return, info, truncated):
-    """Full-game statistics: add a step's raw rewards (`info["reward"]`, all lives) to the running
-    returns and give (return, length) of each game that ended (game over or time limit)."""
-    episode_return += info["reward"]
-    game_over = info["terminated"].astype(bool) | truncated
-    finished = [(episode_return[i], int(info["elapsed_step"][i])) for i in np.flatnonzero(game_over)]
-    episode_return[game_over] = 0.0
-    return finished
-
-
-class HostStaging:
-    """Host arrays to the device, each name always into the same device buffer (what a captured graph reads), with
-    `pinned` through a reused pinned host buffer and a non_blocking copy (safe to reuse: each step's copy of the actions
-    to the host waits for the previous step's copies); else a plain, blocking copy."""
-
-    def __init__(self, device, pinned: bool):
-        self.device, self.pinned, self.buffers = device, pinned, {}
-
-    def __call__(self, name: str, array):
-        host = torch.from_numpy(np.ascontiguousarray(array))
-        if name not in self.buffers:
-            pinned = torch.empty_like(host).pin_memory() if self.pinned else None
-            self.buffers[name] = (pinned, torch.empty_like(host, device=self.device))
-        pinned, staged = self.buffers[name]
-        return staged.copy_(pinned.copy_(host) if self.pinned else host, non_blocking=self.pinned)
-
-    def env_step(self, rewards, terminated, truncated, info) -> tuple:
-        """(rewards, terminated, truncated, elapsed steps) of one EnvPool step, on the device."""
-        return (self("rewards", rewards), self("terminated", terminated), self("truncated", truncated),
-                self("elapsed_step", info["elapsed_step"]))
-
-
-# Network: encoder (nature | impala) -> bottleneck (pool + Linear(512 x dense_scale) + ReLU) -> Q head
+# Network: bottleneck (pool + Linear(512 x dense_scale) + ReLU) on the encoder (nature | impala) -> Q head
 def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
     """The join between encoder and dense layer, the papers' subject: (B, C, H, W) -> (B, C*H*W) for flatten,
     (B, C) for global average pooling (avg: GAP, Impoola) or global max pooling (max)."""
@@ -235,17 +168,6 @@ def pooled_size(channels: int, side: int, pool: str) -> int:
     return channels * side * side if pool == "flatten" else channels
 
 
-def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
-    """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
-    only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
-    frame = torch.zeros(1, in_channels, resolution, resolution, device="meta")
-    try:
-        shape = copy.deepcopy(encoder).to("meta")(frame).shape
-    except RuntimeError:  # a kernel larger than its padded input
-        return 0, 0
-    return shape[1], shape[2]
-
-
 class Bottleneck(nn.Module):
     """The join and the dense layer after it, dense(pool_features(feature map)): the weights that grow with the
     feature map under flatten and stay C x dense under GAP. `diag/params/bottleneck` counts them."""
@@ -256,6 +178,17 @@ class Bottleneck(nn.Module):
 
     def forward(self, feature_map):
         return self.dense(pool_features(feature_map, self.pool))
+
+
+def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
+    """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
+    only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
+    frame = torch.zeros(1, in_channels, resolution, resolution, device="meta")
+    try:
+        shape = copy.deepcopy(encoder).to("meta")(frame).shape
+    except RuntimeError:  # a kernel larger than its padded input
+        return 0, 0
+    return shape[1], shape[2]
 
 
 def nature_encoder(in_channels: int, width: int) -> nn.Sequential:
@@ -312,42 +245,108 @@ class QNetwork(nn.Module):
         return self.head(self.bottleneck(self.encoder(obs.float() / 255.0)))
 
 
-def parameter_counts(q_network) -> dict:
-    return {part: utils.parameter_count(getattr(q_network, part)) for part in ("encoder", "bottleneck", "head")}
+# Algorithm: DQN's TD target and loss (CleanRL), the learner step, epsilon-greedy acting
+def compute_td_target(returns, bootstrap_discount, next_q_target, next_q_online=None):
+    """r^(n) + gamma^m max_a Q_target(s_{t+m}, a); with `next_q_online`, double DQN picks a by the online net."""
+    if next_q_online is None:
+        next_value = next_q_target.max(dim=1).values
+    else:
+        next_value = next_q_target.gather(1, next_q_online.argmax(dim=1, keepdim=True)).squeeze(1)
+    return returns + bootstrap_discount * next_value
 
 
-@torch.no_grad()
-def network_diagnostics(q_network, obs, threshold: float) -> dict:
-    """Dormant fractions per part and the feature norm (REFERENCE section 5) on a batch of observations.
-
-    The encoder's neurons are its ReLU outputs (conv channels), the bottleneck's its dense layer's ReLU
-    output; the head is linear, so its neurons are its outputs (one per action, and per atom for C51).
-    """
-    encoder_activations = []
-    hooks = [
-        module.register_forward_hook(lambda module, inputs, output: encoder_activations.append(output))
-        for module in q_network.encoder.modules() if isinstance(module, nn.ReLU)
-    ]
-    feature_map = q_network.encoder(obs.float() / 255.0)
-    for hook in hooks:
-        hook.remove()
-    features = pool_features(feature_map, q_network.bottleneck.pool)
-    hidden = q_network.bottleneck.dense(features)
-    outputs = q_network.head(hidden)
-    return {
-        "diag/dormant_fraction/encoder": utils.dormant_fraction(encoder_activations, threshold),
-        "diag/dormant_fraction/bottleneck": utils.dormant_fraction([hidden], threshold),
-        "diag/dormant_fraction/head": utils.dormant_fraction([outputs.flatten(1)], threshold),
-        "diag/feature_norm": features.norm(dim=1).mean().item(),
-    }
+def dqn_loss(q_network, target_network, batch: dict, double: bool):
+    """Mean squared TD error (CleanRL), over the valid transitions of the batch; also returns Q(s, a)."""
+    with torch.no_grad():
+        next_q_target = target_network(batch["next_observations"])
+        next_q_online = q_network(batch["next_observations"]) if double else None
+        td_target = compute_td_target(batch["returns"], batch["bootstrap_discount"], next_q_target, next_q_online)
+    q_taken = q_network(batch["observations"]).gather(1, batch["actions"][:, None]).squeeze(1)
+    weights = batch["weights"]
+    loss = (weights * (q_taken - td_target) ** 2).sum() / weights.sum().clamp(min=1.0)
+    return loss, q_taken
 
 
-def q_saliency(q_function, obs) -> torch.Tensor:
-    """Vanilla-gradient saliency |dQ(s, a*)/ds| of the greedy action, as (B, 1, H, W) images in [0, 1];
-    `q_function` maps observations to Q-values (B, actions)."""
-    obs = obs.float().requires_grad_(True)
-    q_function(obs).max(dim=1).values.sum().backward()
-    return utils.saliency_image(obs.grad)
+def make_learner(args, num_actions: int, device):
+    """The online network, the target network (its copy) and Adam."""
+    q_network = QNetwork(args, num_actions).to(device)
+    target_network = QNetwork(args, num_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    capturable = torch.device(device).type == "cuda"  # Adam's step count stays on the device: no sync, graph-safe
+    return q_network, target_network, torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, capturable=capturable)
+
+
+def learner_step(q_network, target_network, optimizer, replay: dict, buffer_time, args):
+    """One update: a uniform batch, the mean squared TD error, one gradient step; no host value is read (a CUDA graph
+    can capture it, with `buffer_time` a device tensor). Returns the (detached) loss and the mean Q(s, a) of the batch."""
+    batch = sample_batch(replay, buffer_time, args.batch_size, args.n_step, args.frame_stack, args.gamma)
+    loss, q_taken = dqn_loss(q_network, target_network, batch, args.double)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), q_taken.detach().mean()
+
+
+def soft_update(target, online, rate: float):
+    """target <- target + rate (online - target), parameter by parameter (rate 1: an exact copy)."""
+    for target_param, param in zip(target.parameters(), online.parameters()):
+        target_param.data.lerp_(param.data, rate)
+
+
+def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
+    slope = (end_e - start_e) / duration
+    return max(slope * t + start_e, end_e)
+
+
+def select_actions(q_function, obs, epsilon, num_actions: int):
+    """Epsilon-greedy per environment on observations already on the device, coins drawn there by torch; the actions
+    stay there. `epsilon`: a float (at 1 the network is skipped) or a 0-d tensor on the device (no host value is read:
+    a CUDA graph can capture it). `q_function`: obs -> Q (B, actions)."""
+    explore = torch.rand(len(obs), device=obs.device) < epsilon
+    actions = torch.randint(num_actions, (len(obs),), device=obs.device)
+    if torch.is_tensor(epsilon) or epsilon < 1:
+        with torch.no_grad():
+            actions = torch.where(explore, actions, q_function(obs).argmax(dim=1))
+    return actions
+
+
+class CapturedStep:
+    """`step(*tensors)` run eagerly on a side stream for `warmup` calls (Adam's state is created), then captured
+    once as a CUDA graph and replayed at every later call, which must pass the very same tensors (a graph reads fixed
+    addresses: callers fill them in place); returns the graph's static outputs, overwritten by each replay. If the
+    capture fails, one line says why and the step runs eagerly from then on."""
+
+    def __init__(self, step, name: str, warmup: int = 3):
+        self.step, self.name, self.warmup = step, name, warmup
+        self.graph, self.inputs, self.outputs, self.eager = None, None, None, False
+
+    def __call__(self, *tensors):
+        if self.eager:
+            return self.step(*tensors)
+        if self.graph is not None:
+            if any(given is not captured for given, captured in zip(tensors, self.inputs, strict=True)):
+                raise ValueError(f"the captured {self.name} was called with other tensors than it was captured with")
+            self.graph.replay()
+            return self.outputs
+        if self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outputs = self.step(*tensors)
+            torch.cuda.current_stream().wait_stream(side)
+            return outputs
+        previous_stream = torch.cuda.current_stream()
+        try:
+            self.graph, self.inputs = torch.cuda.CUDAGraph(), tensors
+            with torch.cuda.graph(self.graph):  # records the kernels without running them: the replay below runs them
+                self.outputs = self.step(*tensors)
+        except RuntimeError as error:
+            torch.cuda.set_stream(previous_stream)  # a capture_end that fails leaves the capture stream current
+            reason = str(error.__context__ or error).splitlines()[0]  # the step's error, not capture_end's
+            utils.echo(f"warning: --cuda-graphs could not capture the {self.name} ({reason}); it runs eagerly")
+            self.graph, self.eager = None, True
+        return self(*tensors)
 
 
 # Storage: each frame stored once per environment, stacks rebuilt at sample time
@@ -520,111 +519,74 @@ def load_saved_replay(checkpoint_file: str, step: int, num_envs: int, capacity: 
     return replay, saved["buffer_time"]
 
 
-# Algorithm: DQN's TD target and loss (CleanRL), the learner step, epsilon-greedy acting
-def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
-    slope = (end_e - start_e) / duration
-    return max(slope * t + start_e, end_e)
+# Environment: EnvPool Atari, one frame per step stored, whole games measured from the raw rewards
+def atari_game(env_id: str) -> str:
+    """`Breakout` or `Breakout-v5` -> `Breakout`."""
+    return env_id[: -len("-v5")] if env_id.endswith("-v5") else env_id
 
 
-def compute_td_target(returns, bootstrap_discount, next_q_target, next_q_online=None):
-    """r^(n) + gamma^m max_a Q_target(s_{t+m}, a); with `next_q_online`, double DQN picks a by the online net."""
-    if next_q_online is None:
-        next_value = next_q_target.max(dim=1).values
-    else:
-        next_value = next_q_target.gather(1, next_q_online.argmax(dim=1, keepdim=True)).squeeze(1)
-    return returns + bootstrap_discount * next_value
+def atari_games() -> list:
+    """The Atari games EnvPool registers, as plain names (its other `-v5` ids are MuJoCo tasks)."""
+    from envpool.registration import registry
+
+    specs = registry.specs.items()
+    return sorted(name[: -len("-v5")] for name, spec in specs if spec[0] == "envpool.atari" and name.endswith("-v5"))
 
 
-def dqn_loss(q_network, target_network, batch: dict, double: bool):
-    """Mean squared TD error (CleanRL), over the valid transitions of the batch; also returns Q(s, a)."""
-    with torch.no_grad():
-        next_q_target = target_network(batch["next_observations"])
-        next_q_online = q_network(batch["next_observations"]) if double else None
-        td_target = compute_td_target(batch["returns"], batch["bootstrap_discount"], next_q_target, next_q_online)
-    q_taken = q_network(batch["observations"]).gather(1, batch["actions"][:, None]).squeeze(1)
-    weights = batch["weights"]
-    loss = (weights * (q_taken - td_target) ** 2).sum() / weights.sum().clamp(min=1.0)
-    return loss, q_taken
+def make_env(args, num_envs: int, seed: int):
+    """EnvPool Atari set to CleanRL's `dqn_atari` wrappers, every option explicit, for training and
+    evaluation alike (CleanRL's `dqn_eval` reuses the training env).
+
+    Life loss is terminal and rewards are clipped to their sign (Mnih et al. 2015). `info["reward"]`
+    is always the raw reward and `info["terminated"]` the real game over, so full-game returns are
+    measured from them.
+    """
+    return envpool.make(
+        f"{atari_game(args.env_id)}-v5", env_type="gymnasium", num_envs=num_envs, seed=seed,
+        img_height=args.resolution, img_width=args.resolution, gray_scale=True, use_inter_area_resize=True,
+        stack_num=args.frame_stack, frame_skip=args.frame_skip, full_action_space=False,
+        max_episode_steps=args.max_episode_steps,
+        noop_max=30,
+        use_fire_reset=True,  # as CleanRL's FireResetEnv, for games whose action set has FIRE
+        episodic_life=True,
+        reward_clip=True,
+        repeat_action_probability=0.0,  # CleanRL's NoFrameskip-v4: no sticky actions
+    )
 
 
-def make_learner(args, num_actions: int, device):
-    """The online network, the target network (its copy) and Adam."""
-    q_network = QNetwork(args, num_actions).to(device)
-    target_network = QNetwork(args, num_actions).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    capturable = torch.device(device).type == "cuda"  # Adam's step count stays on the device: no sync, graph-safe
-    return q_network, target_network, torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, capturable=capturable)
+def finished_games(episode_return, info, truncated):
+    """Full-game statistics: add a step's raw rewards (`info["reward"]`, all lives) to the running
+    returns and give (return, length) of each game that ended (game over or time limit)."""
+    episode_return += info["reward"]
+    game_over = info["terminated"].astype(bool) | truncated
+    finished = [(episode_return[i], int(info["elapsed_step"][i])) for i in np.flatnonzero(game_over)]
+    episode_return[game_over] = 0.0
+    return finished
 
 
-def learner_step(q_network, target_network, optimizer, replay: dict, buffer_time, args):
-    """One update: a uniform batch, the mean squared TD error, one gradient step; no host value is read (a CUDA graph
-    can capture it, with `buffer_time` a device tensor). Returns the (detached) loss and the mean Q(s, a) of the batch."""
-    batch = sample_batch(replay, buffer_time, args.batch_size, args.n_step, args.frame_stack, args.gamma)
-    loss, q_taken = dqn_loss(q_network, target_network, batch, args.double)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), q_taken.detach().mean()
+class HostStaging:
+    """Host arrays to the device, each name always into the same device buffer (what a captured graph reads), with
+    `pinned` through a reused pinned host buffer and a non_blocking copy (safe to reuse: each step's copy of the actions
+    to the host waits for the previous step's copies); else a plain, blocking copy."""
+
+    def __init__(self, device, pinned: bool):
+        self.device, self.pinned, self.buffers = device, pinned, {}
+
+    def __call__(self, name: str, array):
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        if name not in self.buffers:
+            pinned = torch.empty_like(host).pin_memory() if self.pinned else None
+            self.buffers[name] = (pinned, torch.empty_like(host, device=self.device))
+        pinned, staged = self.buffers[name]
+        return staged.copy_(pinned.copy_(host) if self.pinned else host, non_blocking=self.pinned)
+
+    def env_step(self, rewards, terminated, truncated, info) -> tuple:
+        """(rewards, terminated, truncated, elapsed steps) of one EnvPool step, on the device."""
+        return (self("rewards", rewards), self("terminated", terminated), self("truncated", truncated),
+                self("elapsed_step", info["elapsed_step"]))
 
 
-def soft_update(target, online, rate: float):
-    """target <- target + rate (online - target), parameter by parameter (rate 1: an exact copy)."""
-    for target_param, param in zip(target.parameters(), online.parameters()):
-        target_param.data.lerp_(param.data, rate)
-
-
-def select_actions(q_function, obs, epsilon, num_actions: int):
-    """Epsilon-greedy per environment on observations already on the device, coins drawn there by torch; the actions
-    stay there. `epsilon`: a float (at 1 the network is skipped) or a 0-d tensor on the device (no host value is read:
-    a CUDA graph can capture it). `q_function`: obs -> Q (B, actions)."""
-    explore = torch.rand(len(obs), device=obs.device) < epsilon
-    actions = torch.randint(num_actions, (len(obs),), device=obs.device)
-    if torch.is_tensor(epsilon) or epsilon < 1:
-        with torch.no_grad():
-            actions = torch.where(explore, actions, q_function(obs).argmax(dim=1))
-    return actions
-
-
-class CapturedStep:
-    """`step(*tensors)` run eagerly on a side stream for `warmup` calls (Adam's state is created), then captured
-    once as a CUDA graph and replayed at every later call, which must pass the very same tensors (a graph reads fixed
-    addresses: callers fill them in place); returns the graph's static outputs, overwritten by each replay. If the
-    capture fails, one line says why and the step runs eagerly from then on."""
-
-    def __init__(self, step, name: str, warmup: int = 3):
-        self.step, self.name, self.warmup = step, name, warmup
-        self.graph, self.inputs, self.outputs, self.eager = None, None, None, False
-
-    def __call__(self, *tensors):
-        if self.eager:
-            return self.step(*tensors)
-        if self.graph is not None:
-            if any(given is not captured for given, captured in zip(tensors, self.inputs, strict=True)):
-                raise ValueError(f"the captured {self.name} was called with other tensors than it was captured with")
-            self.graph.replay()
-            return self.outputs
-        if self.warmup > 0:
-            self.warmup -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                outputs = self.step(*tensors)
-            torch.cuda.current_stream().wait_stream(side)
-            return outputs
-        previous_stream = torch.cuda.current_stream()
-        try:
-            self.graph, self.inputs = torch.cuda.CUDAGraph(), tensors
-            with torch.cuda.graph(self.graph):  # records the kernels without running them: the replay below runs them
-                self.outputs = self.step(*tensors)
-        except RuntimeError as error:
-            torch.cuda.set_stream(previous_stream)  # a capture_end that fails leaves the capture stream current
-            reason = str(error.__context__ or error).splitlines()[0]  # the step's error, not capture_end's
-            utils.echo(f"warning: --cuda-graphs could not capture the {self.name} ({reason}); it runs eagerly")
-            self.graph, self.eager = None, True
-        return self(*tensors)
-
-
-# Evaluation: whole games at a fixed epsilon
+# Evaluation: whole games at a fixed epsilon; the network's diagnostics
 def evaluate(q_function, eval_envs, epsilon: float, num_actions: int, device, capture_video: bool):
     """Play one whole game per evaluation environment at `epsilon`. The return sums the raw rewards
     (`info["reward"]`) of all lives until the real game over (`info["terminated"]`) or the time limit,
@@ -642,6 +604,44 @@ def evaluate(q_function, eval_envs, epsilon: float, num_actions: int, device, ca
         finished |= info["terminated"].astype(bool) | truncated
     video = np.repeat(np.stack(frames)[..., None], 3, axis=-1) if capture_video else None
     return returns, video
+
+
+def parameter_counts(q_network) -> dict:
+    return {part: utils.parameter_count(getattr(q_network, part)) for part in ("encoder", "bottleneck", "head")}
+
+
+@torch.no_grad()
+def network_diagnostics(q_network, obs, threshold: float) -> dict:
+    """Dormant fractions per part and the feature norm (REFERENCE section 5) on a batch of observations.
+
+    The encoder's neurons are its ReLU outputs (conv channels), the bottleneck's its dense layer's ReLU
+    output; the head is linear, so its neurons are its outputs (one per action, and per atom for C51).
+    """
+    encoder_activations = []
+    hooks = [
+        module.register_forward_hook(lambda module, inputs, output: encoder_activations.append(output))
+        for module in q_network.encoder.modules() if isinstance(module, nn.ReLU)
+    ]
+    feature_map = q_network.encoder(obs.float() / 255.0)
+    for hook in hooks:
+        hook.remove()
+    features = pool_features(feature_map, q_network.bottleneck.pool)
+    hidden = q_network.bottleneck.dense(features)
+    outputs = q_network.head(hidden)
+    return {
+        "diag/dormant_fraction/encoder": utils.dormant_fraction(encoder_activations, threshold),
+        "diag/dormant_fraction/bottleneck": utils.dormant_fraction([hidden], threshold),
+        "diag/dormant_fraction/head": utils.dormant_fraction([outputs.flatten(1)], threshold),
+        "diag/feature_norm": features.norm(dim=1).mean().item(),
+    }
+
+
+def q_saliency(q_function, obs) -> torch.Tensor:
+    """Vanilla-gradient saliency |dQ(s, a*)/ds| of the greedy action, as (B, 1, H, W) images in [0, 1];
+    `q_function` maps observations to Q-values (B, actions)."""
+    obs = obs.float().requires_grad_(True)
+    q_function(obs).max(dim=1).values.sum().backward()
+    return utils.saliency_image(obs.grad)
 
 
 # Main: check the flags, then train

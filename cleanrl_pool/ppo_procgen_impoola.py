@@ -167,71 +167,7 @@ FLAG_RANGES = {
 }
 
 
-# Environment: Procgen-HD, drawn natively at R x R, reset in the step that ends an episode; reward normalisation
-PROCGEN_GAMES = sorted(utils.PROCGEN_SCORE_RANGES)
-
-
-def make_envs(args, num_envs: int, num_levels: int, seed: int) -> procgen_hd.ProcgenHDEnv:
-    """`num_envs` games on `num_levels` levels from `start_level` (0 levels: the full distribution)."""
-    return procgen_hd.ProcgenHDEnv(args.env_id, num_envs, args.resolution, num_levels=num_levels,
-                                   start_level=args.start_level if num_levels else 0,
-                                   distribution_mode=args.distribution_mode, seed=seed)
-
-
-class EnvHalves:
-    """`envs` (closed) continued by two ProcgenHDEnv halves from `make(num_envs)`, each with its games' states: the same
-    games as `envs`, stepped in turn by the overlapped rollout (--overlap-envs). Checkpoints hold the per-env states."""
-
-    def __init__(self, envs, make):
-        self.num_envs, self.num_actions = envs.num_envs, envs.num_actions
-        states = envs.get_state()
-        envs.close()
-        self.halves = [make(self.num_envs // 2) for _ in range(2)]
-        self.set_state(states)
-
-    def get_state(self) -> list:
-        return [state for half in self.halves for state in half.get_state()]
-
-    def set_state(self, states: list):
-        """Like ProcgenHDEnv.set_state: (frames, info) of the restored games, channel-first views of frame-last memory."""
-        frames = [half.set_state(states[i * half.num_envs : (i + 1) * half.num_envs])[0] for i, half in enumerate(self.halves)]
-        return np.concatenate([f.transpose(0, 2, 3, 1) for f in frames]).transpose(0, 3, 1, 2), {}
-
-    def close(self):
-        for half in self.halves:
-            half.close()
-
-
-def new_reward_normalizer(num_envs: int, device) -> dict:
-    """Running variance of the discounted return (gym's NormalizeReward), as tensors."""
-    return {
-        "mean": torch.zeros((), dtype=torch.float64, device=device),
-        "var": torch.ones((), dtype=torch.float64, device=device),
-        "count": torch.full((), 1e-4, dtype=torch.float64, device=device),
-        "discounted_return": torch.zeros(num_envs, dtype=torch.float64, device=device),
-    }
-
-
-def normalize_reward(normalizer: dict, reward, done, gamma: float, clip: float):
-    """Scale rewards by the running std of the discounted return, then clip (CleanRL / gym 0.23).
-
-    `reward` of a step that ends an episode is that episode's last: it joins the return, which then
-    restarts at zero for the next episode.
-    """
-    returns = normalizer["discounted_return"] * gamma + reward
-    batch_mean, batch_var, batch_count = returns.mean(), returns.var(unbiased=False), returns.numel()
-    delta = batch_mean - normalizer["mean"]
-    total = normalizer["count"] + batch_count
-    normalizer["mean"] = normalizer["mean"] + delta * batch_count / total
-    count = normalizer["count"]
-    normalizer["var"] = (normalizer["var"] * count + batch_var * batch_count + delta**2 * count * batch_count / total) / total
-    normalizer["count"] = total
-    normalizer["discounted_return"] = returns * (1 - done)
-    scaled = reward / torch.sqrt(normalizer["var"] + 1e-8)
-    return scaled.clamp(-clip, clip).float()
-
-
-# Network: Impala-CNN encoder -> bottleneck (flatten | avg | max, then Linear -> ReLU) -> actor and critic heads
+# Network: the bottleneck (the join flatten | avg | max, then Linear -> ReLU) on the Impala-CNN encoder -> actor, critic
 def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
     """The join between encoder and dense layer, the papers' subject: (B, C, H, W) -> (B, C*H*W) for flatten,
     (B, C) for global average pooling (avg: GAP, Impoola) or global max pooling (max)."""
@@ -247,17 +183,6 @@ def pooled_size(channels: int, side: int, pool: str) -> int:
     return channels * side * side if pool == "flatten" else channels
 
 
-def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
-    """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
-    only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
-    frame = torch.zeros(1, in_channels, resolution, resolution, device="meta")
-    try:
-        shape = copy.deepcopy(encoder).to("meta")(frame).shape
-    except RuntimeError:  # a kernel larger than its padded input
-        return 0, 0
-    return shape[1], shape[2]
-
-
 class Bottleneck(nn.Module):
     """The join and the dense layer after it, dense(pool_features(feature map)): the weights that grow with the
     feature map under flatten and stay C x dense under GAP. `diag/params/bottleneck` counts them."""
@@ -268,6 +193,17 @@ class Bottleneck(nn.Module):
 
     def forward(self, feature_map):
         return self.dense(pool_features(feature_map, self.pool))
+
+
+def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
+    """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
+    only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
+    frame = torch.zeros(1, in_channels, resolution, resolution, device="meta")
+    try:
+        shape = copy.deepcopy(encoder).to("meta")(frame).shape
+    except RuntimeError:  # a kernel larger than its padded input
+        return 0, 0
+    return shape[1], shape[2]
 
 
 class ResidualBlock(nn.Module):
@@ -322,53 +258,153 @@ class Agent(nn.Module):
             return self.actor(hidden), self.critic(hidden).squeeze(-1)
 
 
-def parameter_counts(agent: Agent) -> dict:
-    """Weights per part (CONVENTIONS): encoder = conv trunk, bottleneck = the dense layer after the join."""
-    return {
-        "encoder": utils.parameter_count(agent.encoder),
-        "bottleneck": utils.parameter_count(agent.bottleneck),
-        "head": utils.parameter_count(agent.actor, agent.critic),
-    }
+# Algorithm: GAE, the clipped PPO loss, action sampling, the update epochs and what the speed switches turn on
+def compute_gae(rewards, values, dones, next_value, next_done, gamma: float, gae_lambda: float):
+    """Generalised advantage estimation (Schulman et al. 2016), CleanRL's convention:
+    dones[t] = 1 when obs[t] follows the end of an episode, so step t - 1 does not bootstrap.
+    Returns (advantages, returns), both (T, N). Compiled with --compile."""
+    num_steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(next_value)
+    for t in reversed(range(num_steps)):
+        if t == num_steps - 1:
+            next_nonterminal, next_values = 1.0 - next_done, next_value
+        else:
+            next_nonterminal, next_values = 1.0 - dones[t + 1], values[t + 1]
+        delta = rewards[t] + gamma * next_values * next_nonterminal - values[t]
+        advantages[t] = last_gae = delta + gamma * gae_lambda * next_nonterminal * last_gae
+    return advantages, advantages + values
 
 
-def network_diagnostics(agent: Agent, obs: torch.Tensor, threshold: float) -> dict:
-    """Dormant fraction per part and feature norm on a batch of observations (REFERENCE §5), as TensorBoard tags.
+def ppo_loss(model, minibatch: dict, clip_coef: float, clip_vloss: bool, ent_coef: float, vf_coef: float, bf16: bool = False):
+    """The clipped surrogate, value and entropy terms on one (micro-)batch (obs, actions, logprobs, values, advantages
+    already normalised, returns), each a mean over it; returns (loss, its named parts and statistics, detached). With
+    `bf16` only the network runs under autocast: ratio, advantages, value targets and losses stay float32."""
+    _, newlogprob, entropy, newvalue = get_action_and_value(model, minibatch["obs"], minibatch["actions"], bf16)
+    logratio = newlogprob - minibatch["logprobs"]
+    ratio = logratio.exp()
+    advantages = minibatch["advantages"]
+    policy_loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)).mean()
+    # Value loss (unclipped by default, as the Impoola / HD papers)
+    value_error = (newvalue - minibatch["returns"]) ** 2
+    if clip_vloss:
+        clipped = minibatch["values"] + torch.clamp(newvalue - minibatch["values"], -clip_coef, clip_coef)
+        value_error = torch.max(value_error, (clipped - minibatch["returns"]) ** 2)
+    value_loss = 0.5 * value_error.mean()
+    entropy_loss = entropy.mean()
+    loss = policy_loss - ent_coef * entropy_loss + value_loss * vf_coef
+    with torch.no_grad():
+        stats = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy_loss,
+                 "old_approx_kl": (-logratio).mean(), "approx_kl": ((ratio - 1) - logratio).mean(),
+                 "clipfrac": ((ratio - 1.0).abs() > clip_coef).float().mean()}
+    return loss, {name: value.detach() for name, value in stats.items()}
 
-    encoder: every ReLU output of the trunk; bottleneck: the dense layer's activated output;
-    head: the actor's logits and the critic's value; feature norm: mean L2 norm of the pooled vector.
-    """
-    activations = {"encoder": [], "pooled": [], "bottleneck": [], "head": []}
 
-    def recorder(part, record_input=False):
-        return lambda module, inputs, output: activations[part].append(inputs[0] if record_input else output)
+def get_action_and_value(model, obs, action=None, bf16: bool = False):
+    """(action, its log-prob, entropy, value); with `bf16` the network runs under bfloat16 autocast, the distribution in
+    the weights' dtype (float32)."""
+    with torch.autocast(obs.device.type, torch.bfloat16, enabled=bf16):
+        logits, value = model(obs)
+    distribution = Categorical(logits=logits, validate_args=False)
+    if action is None:
+        action = sample_action(logits)
+    return action, distribution.log_prob(action), distribution.entropy(), value
 
-    hooks = [m.register_forward_hook(recorder("encoder")) for m in agent.encoder.modules() if isinstance(m, nn.ReLU)]
-    hooks.append(agent.bottleneck.dense.register_forward_hook(recorder("pooled", record_input=True)))
-    hooks.append(agent.bottleneck.register_forward_hook(recorder("bottleneck")))
-    hooks += [agent.actor.register_forward_hook(recorder("head")), agent.critic.register_forward_hook(recorder("head"))]
+
+def sample_action(logits, generator=None):
+    """A sample of softmax(logits) by the Gumbel-max trick: unlike Categorical.sample, non-finite
+    logits do not crash mid-rollout, so the once-per-iteration non-finite check can report them."""
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+    return torch.argmax(logits - torch.log(-torch.log(uniform)), dim=1)
+
+
+def policy_step(model, obs, bf16: bool = False):
+    """The rollout's inference (compiled with --compile): (action, log-prob, value) of a batch of frames, no gradient."""
+    with torch.no_grad():
+        action, logprob, _, value = get_action_and_value(model, obs, bf16=bf16)
+    return action, logprob, value
+
+
+def ppo_update(model, agent, optimizer, batch: dict, args, micro_batch_size: int, bf16: bool, on_minibatch):
+    """`--update-epochs` epochs of `--num-minibatches` shuffled minibatches of the rollout, an Adam step and `on_minibatch()`
+    each (stopping past `--target-kl`). A minibatch's advantages are normalised over all of it, then its gradient is summed
+    over micro-batches of `micro_batch_size` steps, each loss scaled by its share. Returns ppo_loss's named parts' means
+    and whether all were finite (a tensor)."""
+    batch_size = len(batch["obs"])
+    minibatch_size = batch_size // args.num_minibatches
+    totals, num_parts = {}, 0
+    finite = torch.ones((), dtype=torch.bool, device=batch["obs"].device)
+    for _ in range(args.update_epochs):
+        order = torch.randperm(batch_size, device=batch["obs"].device)
+        for start in range(0, batch_size, minibatch_size):
+            minibatch = {key: value[order[start : start + minibatch_size]] for key, value in batch.items()}
+            if args.norm_adv:
+                advantages = minibatch["advantages"]
+                minibatch["advantages"] = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            optimizer.zero_grad()
+            approx_kls = []
+            for micro_start in range(0, minibatch_size, micro_batch_size):
+                micro_batch = {key: value[micro_start : micro_start + micro_batch_size] for key, value in minibatch.items()}
+                loss, stats = ppo_loss(model, micro_batch, args.clip_coef, args.clip_vloss, args.ent_coef, args.vf_coef, bf16)
+                (loss * (micro_batch_size / minibatch_size)).backward()
+                finite &= torch.isfinite(loss)
+                totals = {name: totals.get(name, 0.0) + value for name, value in stats.items()}
+                num_parts += 1
+                approx_kls.append(stats["approx_kl"])
+            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+            finite &= torch.isfinite(grad_norm)
+            on_minibatch()
+        if args.target_kl is not None and torch.stack(approx_kls).mean().item() > args.target_kl:  # the last minibatch's
+            break
+    means = (torch.stack(list(totals.values())) / num_parts).tolist()  # one host sync
+    return dict(zip(totals, means)), finite
+
+
+def explained_variance(values, returns) -> float:
+    """1 - Var[returns - values] / Var[returns]: how much of the returns the critic predicts (NaN if they are constant)."""
+    return (1 - (returns - values).var() / returns.var()).item() if returns.var() > 0 else float("nan")
+
+
+def speed_plan(args, device) -> dict:
+    """Which of the speed switches act on `device`: on CUDA each as asked (bf16 where the card has it, overlap_envs with an
+    even --num-envs), on a CPU none, so that a CPU run is the plain one. (tf32, cudnn_benchmark: utils.configure_cuda.)"""
+    cuda = device.type == "cuda"
+    return {"bf16": cuda and args.bf16 and torch.cuda.is_bf16_supported(), "channels_last": cuda and args.channels_last,
+            "overlap_envs": cuda and args.overlap_envs and args.num_envs % 2 == 0}
+
+
+def update_memory(args, device, probe_size: int = 16) -> tuple:
+    """(bytes per step, fixed bytes) of an update on CUDA, measured: the peak allocated by the forward and backward of a
+    probe micro-batch (torch.cuda.max_memory_allocated, under the run's bf16 and channels_last) less its gradients, per
+    step; fixed: the weights, their gradients and Adam's two moments."""
+    fast = speed_plan(args, device)
+    agent = Agent(procgen_hd.NUM_ACTIONS, args.resolution, args.pool, args.width, args.dense_scale).to(device)
+    obs = torch.zeros((probe_size, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
+    if fast["channels_last"]:
+        agent, obs = agent.to(memory_format=torch.channels_last), obs.contiguous(memory_format=torch.channels_last)
+    weight_bytes = sum(p.numel() * p.element_size() for p in agent.parameters())
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     try:
-        with torch.no_grad():
-            agent(obs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    diagnostics = {f"diag/dormant_fraction/{part}": utils.dormant_fraction(activations[part], threshold)
-                   for part in ("encoder", "bottleneck", "head")}
-    diagnostics["diag/feature_norm"] = activations["pooled"][0].norm(dim=1).mean().item()
-    return diagnostics
+        _, logprob, entropy, value = get_action_and_value(agent, obs, torch.zeros(probe_size, dtype=torch.long, device=device),
+                                                          fast["bf16"])
+        (logprob + entropy + value).sum().backward()
+    except torch.cuda.OutOfMemoryError:
+        utils.fail(f"--resolution {args.resolution} at --width {args.width}: an update of {probe_size} steps does not fit "
+                   "in the free CUDA memory")
+    peak = torch.cuda.max_memory_allocated(device) - before - weight_bytes  # the gradients are counted in `fixed`
+    del agent, obs, logprob, entropy, value
+    torch.cuda.empty_cache()
+    return max(peak, 0) / probe_size, 4 * weight_bytes
 
 
-def saliency_grid(agent: Agent, obs: torch.Tensor) -> torch.Tensor:
-    """One row per observation: the frame, |dV/ds| and |d logit(a*)/ds| (a* = most likely action),
-    as (3, B*R, 3*R) in [0, 1] (Procgen-HD paper's vanilla-gradient saliency)."""
-    pixels = obs.float().requires_grad_()
-    logits, value = agent(pixels)
-    value_gradient = torch.autograd.grad(value.sum(), pixels, retain_graph=True)[0]
-    chosen_logit = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
-    action_gradient = torch.autograd.grad(chosen_logit, pixels)[0]
-    rows = [obs.float() / 255.0, utils.saliency_image(value_gradient).expand(-1, 3, -1, -1),
-            utils.saliency_image(action_gradient).expand(-1, 3, -1, -1)]
-    return torch.cat([torch.cat(list(images), dim=1) for images in rows], dim=2).cpu()
+def fitting_micro_batch_size(minibatch_size: int, bytes_per_step: float, fixed_bytes: float, free_bytes: float) -> int:
+    """The largest divisor of the minibatch whose update (fixed + size x per-step bytes) takes at most 80 % of the free
+    memory, as utils.check_memory asks; 1 if none does (the memory check then refuses the run)."""
+    sizes = [size for size in range(1, minibatch_size + 1) if minibatch_size % size == 0]
+    return max([size for size in sizes if fixed_bytes + size * bytes_per_step <= 0.8 * free_bytes], default=1)
 
 
 # Storage: the rollout on the training device, observations as uint8
@@ -441,156 +477,71 @@ def collect_rollout(policy, env_groups: list, rollout: dict, next_obs, next_done
     return next_obs, next_done, finished_returns, finished_lengths
 
 
-# Algorithm: action sampling, GAE, the clipped PPO loss, the update epochs and what the speed switches turn on
-def sample_action(logits, generator=None):
-    """A sample of softmax(logits) by the Gumbel-max trick: unlike Categorical.sample, non-finite
-    logits do not crash mid-rollout, so the once-per-iteration non-finite check can report them."""
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
-    return torch.argmax(logits - torch.log(-torch.log(uniform)), dim=1)
+# Environment: Procgen-HD, drawn natively at R x R, reset in the step that ends an episode; reward normalisation
+PROCGEN_GAMES = sorted(utils.PROCGEN_SCORE_RANGES)
 
 
-def get_action_and_value(model, obs, action=None, bf16: bool = False):
-    """(action, its log-prob, entropy, value); with `bf16` the network runs under bfloat16 autocast, the distribution in
-    the weights' dtype (float32)."""
-    with torch.autocast(obs.device.type, torch.bfloat16, enabled=bf16):
-        logits, value = model(obs)
-    distribution = Categorical(logits=logits, validate_args=False)
-    if action is None:
-        action = sample_action(logits)
-    return action, distribution.log_prob(action), distribution.entropy(), value
+def make_envs(args, num_envs: int, num_levels: int, seed: int) -> procgen_hd.ProcgenHDEnv:
+    """`num_envs` games on `num_levels` levels from `start_level` (0 levels: the full distribution)."""
+    return procgen_hd.ProcgenHDEnv(args.env_id, num_envs, args.resolution, num_levels=num_levels,
+                                   start_level=args.start_level if num_levels else 0,
+                                   distribution_mode=args.distribution_mode, seed=seed)
 
 
-def policy_step(model, obs, bf16: bool = False):
-    """The rollout's inference (compiled with --compile): (action, log-prob, value) of a batch of frames, no gradient."""
-    with torch.no_grad():
-        action, logprob, _, value = get_action_and_value(model, obs, bf16=bf16)
-    return action, logprob, value
+class EnvHalves:
+    """`envs` (closed) continued by two ProcgenHDEnv halves from `make(num_envs)`, each with its games' states: the same
+    games as `envs`, stepped in turn by the overlapped rollout (--overlap-envs). Checkpoints hold the per-env states."""
+
+    def __init__(self, envs, make):
+        self.num_envs, self.num_actions = envs.num_envs, envs.num_actions
+        states = envs.get_state()
+        envs.close()
+        self.halves = [make(self.num_envs // 2) for _ in range(2)]
+        self.set_state(states)
+
+    def get_state(self) -> list:
+        return [state for half in self.halves for state in half.get_state()]
+
+    def set_state(self, states: list):
+        """Like ProcgenHDEnv.set_state: (frames, info) of the restored games, channel-first views of frame-last memory."""
+        frames = [half.set_state(states[i * half.num_envs : (i + 1) * half.num_envs])[0] for i, half in enumerate(self.halves)]
+        return np.concatenate([f.transpose(0, 2, 3, 1) for f in frames]).transpose(0, 3, 1, 2), {}
+
+    def close(self):
+        for half in self.halves:
+            half.close()
 
 
-def compute_gae(rewards, values, dones, next_value, next_done, gamma: float, gae_lambda: float):
-    """Generalised advantage estimation (Schulman et al. 2016), CleanRL's convention:
-    dones[t] = 1 when obs[t] follows the end of an episode, so step t - 1 does not bootstrap.
-    Returns (advantages, returns), both (T, N). Compiled with --compile."""
-    num_steps = rewards.shape[0]
-    advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros_like(next_value)
-    for t in reversed(range(num_steps)):
-        if t == num_steps - 1:
-            next_nonterminal, next_values = 1.0 - next_done, next_value
-        else:
-            next_nonterminal, next_values = 1.0 - dones[t + 1], values[t + 1]
-        delta = rewards[t] + gamma * next_values * next_nonterminal - values[t]
-        advantages[t] = last_gae = delta + gamma * gae_lambda * next_nonterminal * last_gae
-    return advantages, advantages + values
+def new_reward_normalizer(num_envs: int, device) -> dict:
+    """Running variance of the discounted return (gym's NormalizeReward), as tensors."""
+    return {
+        "mean": torch.zeros((), dtype=torch.float64, device=device),
+        "var": torch.ones((), dtype=torch.float64, device=device),
+        "count": torch.full((), 1e-4, dtype=torch.float64, device=device),
+        "discounted_return": torch.zeros(num_envs, dtype=torch.float64, device=device),
+    }
 
 
-def ppo_loss(model, minibatch: dict, clip_coef: float, clip_vloss: bool, ent_coef: float, vf_coef: float, bf16: bool = False):
-    """The clipped surrogate, value and entropy terms on one (micro-)batch (obs, actions, logprobs, values, advantages
-    already normalised, returns), each a mean over it; returns (loss, its named parts and statistics, detached). With
-    `bf16` only the network runs under autocast: ratio, advantages, value targets and losses stay float32."""
-    _, newlogprob, entropy, newvalue = get_action_and_value(model, minibatch["obs"], minibatch["actions"], bf16)
-    logratio = newlogprob - minibatch["logprobs"]
-    ratio = logratio.exp()
-    advantages = minibatch["advantages"]
-    policy_loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)).mean()
-    # Value loss (unclipped by default, as the Impoola / HD papers)
-    value_error = (newvalue - minibatch["returns"]) ** 2
-    if clip_vloss:
-        clipped = minibatch["values"] + torch.clamp(newvalue - minibatch["values"], -clip_coef, clip_coef)
-        value_error = torch.max(value_error, (clipped - minibatch["returns"]) ** 2)
-    value_loss = 0.5 * value_error.mean()
-    entropy_loss = entropy.mean()
-    loss = policy_loss - ent_coef * entropy_loss + value_loss * vf_coef
-    with torch.no_grad():
-        stats = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy_loss,
-                 "old_approx_kl": (-logratio).mean(), "approx_kl": ((ratio - 1) - logratio).mean(),
-                 "clipfrac": ((ratio - 1.0).abs() > clip_coef).float().mean()}
-    return loss, {name: value.detach() for name, value in stats.items()}
+def normalize_reward(normalizer: dict, reward, done, gamma: float, clip: float):
+    """Scale rewards by the running std of the discounted return, then clip (CleanRL / gym 0.23).
+
+    `reward` of a step that ends an episode is that episode's last: it joins the return, which then
+    restarts at zero for the next episode.
+    """
+    returns = normalizer["discounted_return"] * gamma + reward
+    batch_mean, batch_var, batch_count = returns.mean(), returns.var(unbiased=False), returns.numel()
+    delta = batch_mean - normalizer["mean"]
+    total = normalizer["count"] + batch_count
+    normalizer["mean"] = normalizer["mean"] + delta * batch_count / total
+    count = normalizer["count"]
+    normalizer["var"] = (normalizer["var"] * count + batch_var * batch_count + delta**2 * count * batch_count / total) / total
+    normalizer["count"] = total
+    normalizer["discounted_return"] = returns * (1 - done)
+    scaled = reward / torch.sqrt(normalizer["var"] + 1e-8)
+    return scaled.clamp(-clip, clip).float()
 
 
-def ppo_update(model, agent, optimizer, batch: dict, args, micro_batch_size: int, bf16: bool, on_minibatch):
-    """`--update-epochs` epochs of `--num-minibatches` shuffled minibatches of the rollout, an Adam step and `on_minibatch()`
-    each (stopping past `--target-kl`). A minibatch's advantages are normalised over all of it, then its gradient is summed
-    over micro-batches of `micro_batch_size` steps, each loss scaled by its share. Returns ppo_loss's named parts' means
-    and whether all were finite (a tensor)."""
-    batch_size = len(batch["obs"])
-    minibatch_size = batch_size // args.num_minibatches
-    totals, num_parts = {}, 0
-    finite = torch.ones((), dtype=torch.bool, device=batch["obs"].device)
-    for _ in range(args.update_epochs):
-        order = torch.randperm(batch_size, device=batch["obs"].device)
-        for start in range(0, batch_size, minibatch_size):
-            minibatch = {key: value[order[start : start + minibatch_size]] for key, value in batch.items()}
-            if args.norm_adv:
-                advantages = minibatch["advantages"]
-                minibatch["advantages"] = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            optimizer.zero_grad()
-            approx_kls = []
-            for micro_start in range(0, minibatch_size, micro_batch_size):
-                micro_batch = {key: value[micro_start : micro_start + micro_batch_size] for key, value in minibatch.items()}
-                loss, stats = ppo_loss(model, micro_batch, args.clip_coef, args.clip_vloss, args.ent_coef, args.vf_coef, bf16)
-                (loss * (micro_batch_size / minibatch_size)).backward()
-                finite &= torch.isfinite(loss)
-                totals = {name: totals.get(name, 0.0) + value for name, value in stats.items()}
-                num_parts += 1
-                approx_kls.append(stats["approx_kl"])
-            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-            optimizer.step()
-            finite &= torch.isfinite(grad_norm)
-            on_minibatch()
-        if args.target_kl is not None and torch.stack(approx_kls).mean().item() > args.target_kl:  # the last minibatch's
-            break
-    means = (torch.stack(list(totals.values())) / num_parts).tolist()  # one host sync
-    return dict(zip(totals, means)), finite
-
-
-def speed_plan(args, device) -> dict:
-    """Which of the speed switches act on `device`: on CUDA each as asked (bf16 where the card has it, overlap_envs with an
-    even --num-envs), on a CPU none, so that a CPU run is the plain one. (tf32, cudnn_benchmark: utils.configure_cuda.)"""
-    cuda = device.type == "cuda"
-    return {"bf16": cuda and args.bf16 and torch.cuda.is_bf16_supported(), "channels_last": cuda and args.channels_last,
-            "overlap_envs": cuda and args.overlap_envs and args.num_envs % 2 == 0}
-
-
-def update_memory(args, device, probe_size: int = 16) -> tuple:
-    """(bytes per step, fixed bytes) of an update on CUDA, measured: the peak allocated by the forward and backward of a
-    probe micro-batch (torch.cuda.max_memory_allocated, under the run's bf16 and channels_last) less its gradients, per
-    step; fixed: the weights, their gradients and Adam's two moments."""
-    fast = speed_plan(args, device)
-    agent = Agent(procgen_hd.NUM_ACTIONS, args.resolution, args.pool, args.width, args.dense_scale).to(device)
-    obs = torch.zeros((probe_size, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
-    if fast["channels_last"]:
-        agent, obs = agent.to(memory_format=torch.channels_last), obs.contiguous(memory_format=torch.channels_last)
-    weight_bytes = sum(p.numel() * p.element_size() for p in agent.parameters())
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    try:
-        _, logprob, entropy, value = get_action_and_value(agent, obs, torch.zeros(probe_size, dtype=torch.long, device=device),
-                                                          fast["bf16"])
-        (logprob + entropy + value).sum().backward()
-    except torch.cuda.OutOfMemoryError:
-        utils.fail(f"--resolution {args.resolution} at --width {args.width}: an update of {probe_size} steps does not fit "
-                   "in the free CUDA memory")
-    peak = torch.cuda.max_memory_allocated(device) - before - weight_bytes  # the gradients are counted in `fixed`
-    del agent, obs, logprob, entropy, value
-    torch.cuda.empty_cache()
-    return max(peak, 0) / probe_size, 4 * weight_bytes
-
-
-def fitting_micro_batch_size(minibatch_size: int, bytes_per_step: float, fixed_bytes: float, free_bytes: float) -> int:
-    """The largest divisor of the minibatch whose update (fixed + size x per-step bytes) takes at most 80 % of the free
-    memory, as utils.check_memory asks; 1 if none does (the memory check then refuses the run)."""
-    sizes = [size for size in range(1, minibatch_size + 1) if minibatch_size % size == 0]
-    return max([size for size in sizes if fixed_bytes + size * bytes_per_step <= 0.8 * free_bytes], default=1)
-
-
-def explained_variance(values, returns) -> float:
-    """1 - Var[returns - values] / Var[returns]: how much of the returns the critic predicts (NaN if they are constant)."""
-    return (1 - (returns - values).var() / returns.var()).item() if returns.var() > 0 else float("nan")
-
-
-# Evaluation: a fixed number of whole episodes per environment, actions sampled like the papers
+# Evaluation: a fixed number of whole episodes per environment, actions sampled like the papers; the network's diagnostics
 def evaluate(model, envs, num_episodes: int, seed: int, device, record_video: bool = False):
     """Returns of `num_episodes` episodes and, if asked, the frames of env 0's first episode. Actions are
     sampled from a generator of their own (`seed`), so evaluating never changes how training goes on.
@@ -619,6 +570,55 @@ def evaluate(model, envs, num_episodes: int, seed: int, device, record_video: bo
                 finished[i] += 1
             episode_return[i] = 0.0
     return np.array(returns), frames
+
+
+def parameter_counts(agent: Agent) -> dict:
+    """Weights per part (CONVENTIONS): encoder = conv trunk, bottleneck = the dense layer after the join."""
+    return {
+        "encoder": utils.parameter_count(agent.encoder),
+        "bottleneck": utils.parameter_count(agent.bottleneck),
+        "head": utils.parameter_count(agent.actor, agent.critic),
+    }
+
+
+def network_diagnostics(agent: Agent, obs: torch.Tensor, threshold: float) -> dict:
+    """Dormant fraction per part and feature norm on a batch of observations (REFERENCE §5), as TensorBoard tags.
+
+    encoder: every ReLU output of the trunk; bottleneck: the dense layer's activated output;
+    head: the actor's logits and the critic's value; feature norm: mean L2 norm of the pooled vector.
+    """
+    activations = {"encoder": [], "pooled": [], "bottleneck": [], "head": []}
+
+    def recorder(part, record_input=False):
+        return lambda module, inputs, output: activations[part].append(inputs[0] if record_input else output)
+
+    hooks = [m.register_forward_hook(recorder("encoder")) for m in agent.encoder.modules() if isinstance(m, nn.ReLU)]
+    hooks.append(agent.bottleneck.dense.register_forward_hook(recorder("pooled", record_input=True)))
+    hooks.append(agent.bottleneck.register_forward_hook(recorder("bottleneck")))
+    hooks += [agent.actor.register_forward_hook(recorder("head")), agent.critic.register_forward_hook(recorder("head"))]
+    try:
+        with torch.no_grad():
+            agent(obs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    diagnostics = {f"diag/dormant_fraction/{part}": utils.dormant_fraction(activations[part], threshold)
+                   for part in ("encoder", "bottleneck", "head")}
+    diagnostics["diag/feature_norm"] = activations["pooled"][0].norm(dim=1).mean().item()
+    return diagnostics
+
+
+def saliency_grid(agent: Agent, obs: torch.Tensor) -> torch.Tensor:
+    """One row per observation: the frame, |dV/ds| and |d logit(a*)/ds| (a* = most likely action),
+    as (3, B*R, 3*R) in [0, 1] (Procgen-HD paper's vanilla-gradient saliency)."""
+    pixels = obs.float().requires_grad_()
+    logits, value = agent(pixels)
+    value_gradient = torch.autograd.grad(value.sum(), pixels, retain_graph=True)[0]
+    chosen_logit = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+    action_gradient = torch.autograd.grad(chosen_logit, pixels)[0]
+    rows = [obs.float() / 255.0, utils.saliency_image(value_gradient).expand(-1, 3, -1, -1),
+            utils.saliency_image(action_gradient).expand(-1, 3, -1, -1)]
+    return torch.cat([torch.cat(list(images), dim=1) for images in rows], dim=2).cpu()
 
 
 # Main: check_args, then set-up, the training loop (one iteration: rollout, GAE, update, log), final evaluation

@@ -183,6 +183,7 @@ PRESETS = {
     ),
 }
 
+
 # The valid range of every numeric flag (utils.check_ranges), checked before any work
 FLAG_RANGES = {
     "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "num_envs": "[1, inf)", "resolution": "[1, 4096]",
@@ -208,75 +209,7 @@ def parse_args() -> Args:
     return tyro.cli(Args, default=Args(preset=preset, **PRESETS[preset]))
 
 
-# Environment: EnvPool Atari, one frame per step stored, whole games measured from the raw rewards
-def atari_game(env_id: str) -> str:
-    """`Breakout` or `Breakout-v5` -> `Breakout`."""
-    return env_id[: -len("-v5")] if env_id.endswith("-v5") else env_id
-
-
-def atari_games() -> list:
-    """The Atari games EnvPool registers, as plain names (its other `-v5` ids are MuJoCo tasks)."""
-    from envpool.registration import registry
-
-    specs = registry.specs.items()
-    return sorted(name[: -len("-v5")] for name, spec in specs if spec[0] == "envpool.atari" and name.endswith("-v5"))
-
-
-def make_env(args, num_envs: int, seed: int, for_evaluation: bool = False):
-    """EnvPool Atari set to Dopamine's `atari_lib` protocol (Machado et al. 2018), every option explicit.
-
-    Sticky actions, no no-op starts, no fire on reset, the minimal action set, 27k-step episodes,
-    frames resized with INTER_AREA as Dopamine's cv2.resize; rewards are clipped for training
-    (Dopamine clips to [-1, 1]; Atari rewards are integers, so that is their sign) and raw for
-    evaluation. `info["reward"]` is always the raw reward and `info["terminated"]` the real game
-    over, so full-game returns are measured in both.
-    """
-    return envpool.make(
-        f"{atari_game(args.env_id)}-v5", env_type="gymnasium", num_envs=num_envs, seed=seed,
-        img_height=args.resolution, img_width=args.resolution, gray_scale=True, use_inter_area_resize=True,
-        stack_num=args.frame_stack, frame_skip=args.frame_skip, full_action_space=False,
-        max_episode_steps=args.max_episode_steps,
-        noop_max=1,  # Dopamine has no no-op starts; EnvPool crashes with 0, 1 is a single no-op frame
-        use_fire_reset=False,  # Dopamine never presses FIRE for the agent
-        episodic_life=args.episodic_life and not for_evaluation,
-        reward_clip=not for_evaluation,
-        repeat_action_probability=args.repeat_action_probability,
-    )
-
-
-def finished_games(episode_return, info, truncated):
-    """Full-game statistics: add a step's raw rewards (`info["reward"]`, all lives) to the running
-    returns and give (return, length) of each game that ended (game over or time limit)."""
-    episode_return += info["reward"]
-    game_over = info["terminated"].astype(bool) | truncated
-    finished = [(episode_return[i], int(info["elapsed_step"][i])) for i in np.flatnonzero(game_over)]
-    episode_return[game_over] = 0.0
-    return finished
-
-
-class HostStaging:
-    """Host arrays to the device, each name always into the same device buffer (what a captured graph reads), with
-    `pinned` through a reused pinned host buffer and a non_blocking copy (safe to reuse: each step's copy of the actions
-    to the host waits for the previous step's copies); else a plain, blocking copy."""
-
-    def __init__(self, device, pinned: bool):
-        self.device, self.pinned, self.buffers = device, pinned, {}
-
-    def __call__(self, name: str, array):
-        host = torch.from_numpy(np.ascontiguousarray(array))
-        if name not in self.buffers:
-            pinned = torch.empty_like(host).pin_memory() if self.pinned else None
-            self.buffers[name] = (pinned, torch.empty_like(host, device=self.device))
-        pinned, staged = self.buffers[name]
-        return staged.copy_(pinned.copy_(host) if self.pinned else host, non_blocking=self.pinned)
-
-    def env_step(self, rewards, terminated, truncated, info) -> tuple:
-        """(rewards, terminated, truncated, elapsed steps) of one EnvPool step, on the device."""
-        return (self("rewards", rewards), self("terminated", terminated), self("truncated", truncated),
-                self("elapsed_step", info["elapsed_step"]))
-
-
-# Network: encoder (nature | impala) -> bottleneck (pool + Linear(512 x dense_scale) + ReLU) -> C51 head
+# Network: bottleneck (pool + Linear(512 x dense_scale) + ReLU) on the encoder (nature | impala) -> C51 head
 def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
     """The join between encoder and dense layer, the papers' subject: (B, C, H, W) -> (B, C*H*W) for flatten,
     (B, C) for global average pooling (avg: GAP, Impoola) or global max pooling (max)."""
@@ -292,17 +225,6 @@ def pooled_size(channels: int, side: int, pool: str) -> int:
     return channels * side * side if pool == "flatten" else channels
 
 
-def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
-    """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
-    only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
-    frame = torch.zeros(1, in_channels, resolution, resolution, device="meta")
-    try:
-        shape = copy.deepcopy(encoder).to("meta")(frame).shape
-    except RuntimeError:  # a kernel larger than its padded input
-        return 0, 0
-    return shape[1], shape[2]
-
-
 class Bottleneck(nn.Module):
     """The join and the dense layer after it, dense(pool_features(feature map)): the weights that grow with the
     feature map under flatten and stay C x dense under GAP. `diag/params/bottleneck` counts them."""
@@ -313,6 +235,17 @@ class Bottleneck(nn.Module):
 
     def forward(self, feature_map):
         return self.dense(pool_features(feature_map, self.pool))
+
+
+def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
+    """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
+    only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
+    frame = torch.zeros(1, in_channels, resolution, resolution, device="meta")
+    try:
+        shape = copy.deepcopy(encoder).to("meta")(frame).shape
+    except RuntimeError:  # a kernel larger than its padded input
+        return 0, 0
+    return shape[1], shape[2]
 
 
 class SamePad2d(nn.Module):
@@ -431,6 +364,16 @@ class QNetwork(nn.Module):
         return self.head(self.bottleneck(self.encoder(obs.float() / 255.0)))
 
 
+def q_values(logits, support):
+    """Expected return per action: sum_i z_i softmax(logits)_i."""
+    return (logits.softmax(dim=-1) * support).sum(dim=-1)
+
+
+def expected_q(q_network, support):
+    """The Q-function of a C51 network, obs -> q_values(logits(obs)): what acting and saliency rank."""
+    return lambda obs: q_values(q_network(obs), support)
+
+
 def variance_scaling_(weight, scale: float, distribution: str):
     """Flax's variance_scaling(scale, "fan_in", distribution): variance scale / fan_in, fan_in = in x kernel area.
     `truncated_normal` is cut at 2 standard deviations and rescaled by 0.8796 to keep that variance."""
@@ -477,52 +420,151 @@ def dopamine_init(q_network, args):
             plain_init_(module.weight)
 
 
-def q_values(logits, support):
-    """Expected return per action: sum_i z_i softmax(logits)_i."""
-    return (logits.softmax(dim=-1) * support).sum(dim=-1)
+# Algorithm: the C51 target and loss, prioritised updates, the learner step, epsilon-greedy acting
+def project_distribution(next_probs, returns, discounts, support, deterministic: bool = False):
+    """C51 target (Bellemare et al. 2017, Algorithm 1): move each atom z_j to r + discount * z_j,
+    clamp it to [v_min, v_max] and split its probability between the two neighbouring atoms.
+
+    `deterministic` sums over one-hot masks (B x atoms x atoms) instead of `scatter_add_`, whose
+    atomic adds on CUDA make the sum order, and so the last bits, vary between runs."""
+    v_min, v_max, num_atoms = support[0], support[-1], support.numel()
+    delta = (v_max - v_min) / (num_atoms - 1)
+    target_atoms = (returns[:, None] + discounts[:, None] * support[None, :]).clamp(v_min, v_max)
+    position = ((target_atoms - v_min) / delta).clamp(0, num_atoms - 1)  # float rounding may step past the last atom
+    lower, upper = position.floor().long(), position.ceil().long()
+    lower_weight = upper.to(position.dtype) - position + (lower == upper).to(position.dtype)  # on an atom: all to it
+    upper_weight = position - lower.to(position.dtype)
+    if deterministic:
+        atoms = torch.arange(num_atoms, device=support.device)
+        to_lower = (lower[:, :, None] == atoms).to(next_probs.dtype) * (next_probs * lower_weight)[:, :, None]
+        to_upper = (upper[:, :, None] == atoms).to(next_probs.dtype) * (next_probs * upper_weight)[:, :, None]
+        return (to_lower + to_upper).sum(dim=1)
+    projected = torch.zeros_like(next_probs)
+    projected.scatter_add_(1, lower, next_probs * lower_weight)
+    projected.scatter_add_(1, upper, next_probs * upper_weight)
+    return projected
 
 
-def expected_q(q_network, support):
-    """The Q-function of a C51 network, obs -> q_values(logits(obs)): what acting and saliency rank."""
-    return lambda obs: q_values(q_network(obs), support)
+def rainbow_loss(q_network, target_network, batch: dict, support, double: bool, deterministic: bool = False):
+    """Per-transition cross-entropy between the projected target distribution and the online one;
+    also returns the online logits of the batch."""
+    rows = torch.arange(len(batch["actions"]), device=support.device)
+    with torch.no_grad():
+        next_target_probs = target_network(batch["next_observations"]).softmax(dim=-1)
+        chooser = q_network(batch["next_observations"]).softmax(dim=-1) if double else next_target_probs
+        next_actions = (chooser * support).sum(dim=-1).argmax(dim=1)
+        target = project_distribution(next_target_probs[rows, next_actions], batch["returns"], batch["bootstrap_discount"],
+                                      support, deterministic)
+    logits = q_network(batch["observations"])
+    log_probs = logits[rows, batch["actions"]].log_softmax(dim=-1)
+    return -(target * log_probs).sum(dim=-1), logits
 
 
-def parameter_counts(q_network) -> dict:
-    return {part: utils.parameter_count(getattr(q_network, part)) for part in ("encoder", "bottleneck", "head")}
+def importance_weights(probabilities, exponent: float):
+    """(1 / p)^exponent over the batch maximum (Dopamine: 1 / sqrt(p + 1e-10), over the max)."""
+    weights = (probabilities + 1e-10) ** -exponent
+    return weights / weights.max()
 
 
-@torch.no_grad()
-def network_diagnostics(q_network, obs, threshold: float) -> dict:
-    """Dormant fractions per part and the feature norm (REFERENCE section 5) on a batch of observations.
-
-    The encoder's neurons are its ReLU outputs (conv channels), the bottleneck's its dense layer's ReLU
-    output; the head is linear, so its neurons are its outputs (one per action, and per atom for C51).
-    """
-    encoder_activations = []
-    hooks = [
-        module.register_forward_hook(lambda module, inputs, output: encoder_activations.append(output))
-        for module in q_network.encoder.modules() if isinstance(module, nn.ReLU)
-    ]
-    feature_map = q_network.encoder(obs.float() / 255.0)
-    for hook in hooks:
-        hook.remove()
-    features = pool_features(feature_map, q_network.bottleneck.pool)
-    hidden = q_network.bottleneck.dense(features)
-    outputs = q_network.head(hidden)
-    return {
-        "diag/dormant_fraction/encoder": utils.dormant_fraction(encoder_activations, threshold),
-        "diag/dormant_fraction/bottleneck": utils.dormant_fraction([hidden], threshold),
-        "diag/dormant_fraction/head": utils.dormant_fraction([outputs.flatten(1)], threshold),
-        "diag/feature_norm": features.norm(dim=1).mean().item(),
-    }
+def make_learner(args, num_actions: int, device):
+    """The online network (Dopamine's initialisers with `--init dopamine`), the target network (its copy) and Adam."""
+    q_network = QNetwork(args, num_actions).to(device)
+    if args.init == "dopamine":
+        dopamine_init(q_network, args)
+    target_network = QNetwork(args, num_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    capturable = torch.device(device).type == "cuda"  # Adam's step count stays on the device: no sync, graph-safe
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, capturable=capturable)
+    return q_network, target_network, optimizer
 
 
-def q_saliency(q_function, obs) -> torch.Tensor:
-    """Vanilla-gradient saliency |dQ(s, a*)/ds| of the greedy action, as (B, 1, H, W) images in [0, 1];
-    `q_function` maps observations to Q-values (B, actions)."""
-    obs = obs.float().requires_grad_(True)
-    q_function(obs).max(dim=1).values.sum().backward()
-    return utils.saliency_image(obs.grad)
+def learner_step(q_network, target_network, optimizer, replay: dict, support, args):
+    """One update: a prioritised batch, the importance-weighted mean cross-entropy, one gradient step, then the
+    sampled leaves get priority loss ** priority_exponent (Dopamine: sqrt(loss + 1e-10)) and the running maximum,
+    which new transitions receive, grows with them, in place. No host value is read: a CUDA graph can capture it.
+    Returns the (detached) loss and the mean Q of the batch."""
+    batch = sample_batch(replay, args.batch_size, args.n_step, args.frame_stack, args.gamma)
+    losses, logits = rainbow_loss(q_network, target_network, batch, support, args.double, args.torch_deterministic)
+    loss = (importance_weights(batch["probabilities"], args.importance_exponent) * losses).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    priorities = (losses.detach().double() + 1e-10) ** args.priority_exponent
+    sum_tree_update(replay["sum_tree"], batch["leaves"], priorities)
+    torch.maximum(replay["max_priority"], priorities.max(), out=replay["max_priority"])  # in place: graph-safe
+    return loss.detach(), q_values(logits.detach(), support).mean()
+
+
+def soft_update(target, online, rate: float):
+    """target <- target + rate (online - target), parameter by parameter (rate 1: an exact copy)."""
+    for target_param, param in zip(target.parameters(), online.parameters()):
+        target_param.data.lerp_(param.data, rate)
+
+
+def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
+    slope = (end_e - start_e) / duration
+    return max(slope * t + start_e, end_e)
+
+
+def dopamine_epsilon(args, global_step: int) -> float:
+    """Dopamine: epsilon 1 until learning starts, then linear to end_e over epsilon_decay_steps; with NoisyNet
+    layers 0 from the first step, the noise explores (full Rainbow's `zero_epsilon`)."""
+    if args.noisy:
+        return 0.0
+    if global_step < args.learning_starts:
+        return 1.0
+    return linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, global_step - args.learning_starts)
+
+
+def select_actions(q_function, obs, epsilon, num_actions: int):
+    """Epsilon-greedy per environment on observations already on the device, coins drawn there by torch; the actions
+    stay there. `epsilon`: a float (at 1 the network is skipped) or a 0-d tensor on the device (no host value is read:
+    a CUDA graph can capture it). `q_function`: obs -> Q (B, actions)."""
+    explore = torch.rand(len(obs), device=obs.device) < epsilon
+    actions = torch.randint(num_actions, (len(obs),), device=obs.device)
+    if torch.is_tensor(epsilon) or epsilon < 1:
+        with torch.no_grad():
+            actions = torch.where(explore, actions, q_function(obs).argmax(dim=1))
+    return actions
+
+
+class CapturedStep:
+    """`step(*tensors)` run eagerly on a side stream for `warmup` calls (Adam's state is created), then captured
+    once as a CUDA graph and replayed at every later call, which must pass the very same tensors (a graph reads fixed
+    addresses: callers fill them in place); returns the graph's static outputs, overwritten by each replay. If the
+    capture fails, one line says why and the step runs eagerly from then on."""
+
+    def __init__(self, step, name: str, warmup: int = 3):
+        self.step, self.name, self.warmup = step, name, warmup
+        self.graph, self.inputs, self.outputs, self.eager = None, None, None, False
+
+    def __call__(self, *tensors):
+        if self.eager:
+            return self.step(*tensors)
+        if self.graph is not None:
+            if any(given is not captured for given, captured in zip(tensors, self.inputs, strict=True)):
+                raise ValueError(f"the captured {self.name} was called with other tensors than it was captured with")
+            self.graph.replay()
+            return self.outputs
+        if self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outputs = self.step(*tensors)
+            torch.cuda.current_stream().wait_stream(side)
+            return outputs
+        previous_stream = torch.cuda.current_stream()
+        try:
+            self.graph, self.inputs = torch.cuda.CUDAGraph(), tensors
+            with torch.cuda.graph(self.graph):  # records the kernels without running them: the replay below runs them
+                self.outputs = self.step(*tensors)
+        except RuntimeError as error:
+            torch.cuda.set_stream(previous_stream)  # a capture_end that fails leaves the capture stream current
+            reason = str(error.__context__ or error).splitlines()[0]  # the step's error, not capture_end's
+            utils.echo(f"warning: --cuda-graphs could not capture the {self.name} ({reason}); it runs eagerly")
+            self.graph, self.eager = None, True
+        return self(*tensors)
 
 
 # Storage: each frame stored once per environment, stacks rebuilt at sample time, priorities in a sum tree
@@ -738,154 +780,75 @@ def load_saved_replay(checkpoint_file: str, step: int, num_envs: int, capacity: 
     return replay, saved["buffer_time"]
 
 
-# Algorithm: the C51 target and loss, prioritised updates, the learner step, epsilon-greedy acting
-def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
-    slope = (end_e - start_e) / duration
-    return max(slope * t + start_e, end_e)
+# Environment: EnvPool Atari, one frame per step stored, whole games measured from the raw rewards
+def atari_game(env_id: str) -> str:
+    """`Breakout` or `Breakout-v5` -> `Breakout`."""
+    return env_id[: -len("-v5")] if env_id.endswith("-v5") else env_id
 
 
-def dopamine_epsilon(args, global_step: int) -> float:
-    """Dopamine: epsilon 1 until learning starts, then linear to end_e over epsilon_decay_steps; with NoisyNet
-    layers 0 from the first step, the noise explores (full Rainbow's `zero_epsilon`)."""
-    if args.noisy:
-        return 0.0
-    if global_step < args.learning_starts:
-        return 1.0
-    return linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, global_step - args.learning_starts)
+def atari_games() -> list:
+    """The Atari games EnvPool registers, as plain names (its other `-v5` ids are MuJoCo tasks)."""
+    from envpool.registration import registry
+
+    specs = registry.specs.items()
+    return sorted(name[: -len("-v5")] for name, spec in specs if spec[0] == "envpool.atari" and name.endswith("-v5"))
 
 
-def project_distribution(next_probs, returns, discounts, support, deterministic: bool = False):
-    """C51 target (Bellemare et al. 2017, Algorithm 1): move each atom z_j to r + discount * z_j,
-    clamp it to [v_min, v_max] and split its probability between the two neighbouring atoms.
+def make_env(args, num_envs: int, seed: int, for_evaluation: bool = False):
+    """EnvPool Atari set to Dopamine's `atari_lib` protocol (Machado et al. 2018), every option explicit.
 
-    `deterministic` sums over one-hot masks (B x atoms x atoms) instead of `scatter_add_`, whose
-    atomic adds on CUDA make the sum order, and so the last bits, vary between runs."""
-    v_min, v_max, num_atoms = support[0], support[-1], support.numel()
-    delta = (v_max - v_min) / (num_atoms - 1)
-    target_atoms = (returns[:, None] + discounts[:, None] * support[None, :]).clamp(v_min, v_max)
-    position = ((target_atoms - v_min) / delta).clamp(0, num_atoms - 1)  # float rounding may step past the last atom
-    lower, upper = position.floor().long(), position.ceil().long()
-    lower_weight = upper.to(position.dtype) - position + (lower == upper).to(position.dtype)  # on an atom: all to it
-    upper_weight = position - lower.to(position.dtype)
-    if deterministic:
-        atoms = torch.arange(num_atoms, device=support.device)
-        to_lower = (lower[:, :, None] == atoms).to(next_probs.dtype) * (next_probs * lower_weight)[:, :, None]
-        to_upper = (upper[:, :, None] == atoms).to(next_probs.dtype) * (next_probs * upper_weight)[:, :, None]
-        return (to_lower + to_upper).sum(dim=1)
-    projected = torch.zeros_like(next_probs)
-    projected.scatter_add_(1, lower, next_probs * lower_weight)
-    projected.scatter_add_(1, upper, next_probs * upper_weight)
-    return projected
+    Sticky actions, no no-op starts, no fire on reset, the minimal action set, 27k-step episodes,
+    frames resized with INTER_AREA as Dopamine's cv2.resize; rewards are clipped for training
+    (Dopamine clips to [-1, 1]; Atari rewards are integers, so that is their sign) and raw for
+    evaluation. `info["reward"]` is always the raw reward and `info["terminated"]` the real game
+    over, so full-game returns are measured in both.
+    """
+    return envpool.make(
+        f"{atari_game(args.env_id)}-v5", env_type="gymnasium", num_envs=num_envs, seed=seed,
+        img_height=args.resolution, img_width=args.resolution, gray_scale=True, use_inter_area_resize=True,
+        stack_num=args.frame_stack, frame_skip=args.frame_skip, full_action_space=False,
+        max_episode_steps=args.max_episode_steps,
+        noop_max=1,  # Dopamine has no no-op starts; EnvPool crashes with 0, 1 is a single no-op frame
+        use_fire_reset=False,  # Dopamine never presses FIRE for the agent
+        episodic_life=args.episodic_life and not for_evaluation,
+        reward_clip=not for_evaluation,
+        repeat_action_probability=args.repeat_action_probability,
+    )
 
 
-def importance_weights(probabilities, exponent: float):
-    """(1 / p)^exponent over the batch maximum (Dopamine: 1 / sqrt(p + 1e-10), over the max)."""
-    weights = (probabilities + 1e-10) ** -exponent
-    return weights / weights.max()
+def finished_games(episode_return, info, truncated):
+    """Full-game statistics: add a step's raw rewards (`info["reward"]`, all lives) to the running
+    returns and give (return, length) of each game that ended (game over or time limit)."""
+    episode_return += info["reward"]
+    game_over = info["terminated"].astype(bool) | truncated
+    finished = [(episode_return[i], int(info["elapsed_step"][i])) for i in np.flatnonzero(game_over)]
+    episode_return[game_over] = 0.0
+    return finished
 
 
-def rainbow_loss(q_network, target_network, batch: dict, support, double: bool, deterministic: bool = False):
-    """Per-transition cross-entropy between the projected target distribution and the online one;
-    also returns the online logits of the batch."""
-    rows = torch.arange(len(batch["actions"]), device=support.device)
-    with torch.no_grad():
-        next_target_probs = target_network(batch["next_observations"]).softmax(dim=-1)
-        chooser = q_network(batch["next_observations"]).softmax(dim=-1) if double else next_target_probs
-        next_actions = (chooser * support).sum(dim=-1).argmax(dim=1)
-        target = project_distribution(next_target_probs[rows, next_actions], batch["returns"], batch["bootstrap_discount"],
-                                      support, deterministic)
-    logits = q_network(batch["observations"])
-    log_probs = logits[rows, batch["actions"]].log_softmax(dim=-1)
-    return -(target * log_probs).sum(dim=-1), logits
+class HostStaging:
+    """Host arrays to the device, each name always into the same device buffer (what a captured graph reads), with
+    `pinned` through a reused pinned host buffer and a non_blocking copy (safe to reuse: each step's copy of the actions
+    to the host waits for the previous step's copies); else a plain, blocking copy."""
+
+    def __init__(self, device, pinned: bool):
+        self.device, self.pinned, self.buffers = device, pinned, {}
+
+    def __call__(self, name: str, array):
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        if name not in self.buffers:
+            pinned = torch.empty_like(host).pin_memory() if self.pinned else None
+            self.buffers[name] = (pinned, torch.empty_like(host, device=self.device))
+        pinned, staged = self.buffers[name]
+        return staged.copy_(pinned.copy_(host) if self.pinned else host, non_blocking=self.pinned)
+
+    def env_step(self, rewards, terminated, truncated, info) -> tuple:
+        """(rewards, terminated, truncated, elapsed steps) of one EnvPool step, on the device."""
+        return (self("rewards", rewards), self("terminated", terminated), self("truncated", truncated),
+                self("elapsed_step", info["elapsed_step"]))
 
 
-def make_learner(args, num_actions: int, device):
-    """The online network (Dopamine's initialisers with `--init dopamine`), the target network (its copy) and Adam."""
-    q_network = QNetwork(args, num_actions).to(device)
-    if args.init == "dopamine":
-        dopamine_init(q_network, args)
-    target_network = QNetwork(args, num_actions).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    capturable = torch.device(device).type == "cuda"  # Adam's step count stays on the device: no sync, graph-safe
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, capturable=capturable)
-    return q_network, target_network, optimizer
-
-
-def learner_step(q_network, target_network, optimizer, replay: dict, support, args):
-    """One update: a prioritised batch, the importance-weighted mean cross-entropy, one gradient step, then the
-    sampled leaves get priority loss ** priority_exponent (Dopamine: sqrt(loss + 1e-10)) and the running maximum,
-    which new transitions receive, grows with them, in place. No host value is read: a CUDA graph can capture it.
-    Returns the (detached) loss and the mean Q of the batch."""
-    batch = sample_batch(replay, args.batch_size, args.n_step, args.frame_stack, args.gamma)
-    losses, logits = rainbow_loss(q_network, target_network, batch, support, args.double, args.torch_deterministic)
-    loss = (importance_weights(batch["probabilities"], args.importance_exponent) * losses).mean()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    priorities = (losses.detach().double() + 1e-10) ** args.priority_exponent
-    sum_tree_update(replay["sum_tree"], batch["leaves"], priorities)
-    torch.maximum(replay["max_priority"], priorities.max(), out=replay["max_priority"])  # in place: graph-safe
-    return loss.detach(), q_values(logits.detach(), support).mean()
-
-
-def soft_update(target, online, rate: float):
-    """target <- target + rate (online - target), parameter by parameter (rate 1: an exact copy)."""
-    for target_param, param in zip(target.parameters(), online.parameters()):
-        target_param.data.lerp_(param.data, rate)
-
-
-def select_actions(q_function, obs, epsilon, num_actions: int):
-    """Epsilon-greedy per environment on observations already on the device, coins drawn there by torch; the actions
-    stay there. `epsilon`: a float (at 1 the network is skipped) or a 0-d tensor on the device (no host value is read:
-    a CUDA graph can capture it). `q_function`: obs -> Q (B, actions)."""
-    explore = torch.rand(len(obs), device=obs.device) < epsilon
-    actions = torch.randint(num_actions, (len(obs),), device=obs.device)
-    if torch.is_tensor(epsilon) or epsilon < 1:
-        with torch.no_grad():
-            actions = torch.where(explore, actions, q_function(obs).argmax(dim=1))
-    return actions
-
-
-class CapturedStep:
-    """`step(*tensors)` run eagerly on a side stream for `warmup` calls (Adam's state is created), then captured
-    once as a CUDA graph and replayed at every later call, which must pass the very same tensors (a graph reads fixed
-    addresses: callers fill them in place); returns the graph's static outputs, overwritten by each replay. If the
-    capture fails, one line says why and the step runs eagerly from then on."""
-
-    def __init__(self, step, name: str, warmup: int = 3):
-        self.step, self.name, self.warmup = step, name, warmup
-        self.graph, self.inputs, self.outputs, self.eager = None, None, None, False
-
-    def __call__(self, *tensors):
-        if self.eager:
-            return self.step(*tensors)
-        if self.graph is not None:
-            if any(given is not captured for given, captured in zip(tensors, self.inputs, strict=True)):
-                raise ValueError(f"the captured {self.name} was called with other tensors than it was captured with")
-            self.graph.replay()
-            return self.outputs
-        if self.warmup > 0:
-            self.warmup -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                outputs = self.step(*tensors)
-            torch.cuda.current_stream().wait_stream(side)
-            return outputs
-        previous_stream = torch.cuda.current_stream()
-        try:
-            self.graph, self.inputs = torch.cuda.CUDAGraph(), tensors
-            with torch.cuda.graph(self.graph):  # records the kernels without running them: the replay below runs them
-                self.outputs = self.step(*tensors)
-        except RuntimeError as error:
-            torch.cuda.set_stream(previous_stream)  # a capture_end that fails leaves the capture stream current
-            reason = str(error.__context__ or error).splitlines()[0]  # the step's error, not capture_end's
-            utils.echo(f"warning: --cuda-graphs could not capture the {self.name} ({reason}); it runs eagerly")
-            self.graph, self.eager = None, True
-        return self(*tensors)
-
-
-# Evaluation: whole games at a fixed epsilon
+# Evaluation: whole games at a fixed epsilon; the network's diagnostics
 def evaluate(q_function, eval_envs, epsilon: float, num_actions: int, device, capture_video: bool):
     """Play one whole game per evaluation environment at `epsilon`. The return sums the raw rewards
     (`info["reward"]`) of all lives until the real game over (`info["terminated"]`) or the time limit,
@@ -903,6 +866,44 @@ def evaluate(q_function, eval_envs, epsilon: float, num_actions: int, device, ca
         finished |= info["terminated"].astype(bool) | truncated
     video = np.repeat(np.stack(frames)[..., None], 3, axis=-1) if capture_video else None
     return returns, video
+
+
+def parameter_counts(q_network) -> dict:
+    return {part: utils.parameter_count(getattr(q_network, part)) for part in ("encoder", "bottleneck", "head")}
+
+
+@torch.no_grad()
+def network_diagnostics(q_network, obs, threshold: float) -> dict:
+    """Dormant fractions per part and the feature norm (REFERENCE section 5) on a batch of observations.
+
+    The encoder's neurons are its ReLU outputs (conv channels), the bottleneck's its dense layer's ReLU
+    output; the head is linear, so its neurons are its outputs (one per action, and per atom for C51).
+    """
+    encoder_activations = []
+    hooks = [
+        module.register_forward_hook(lambda module, inputs, output: encoder_activations.append(output))
+        for module in q_network.encoder.modules() if isinstance(module, nn.ReLU)
+    ]
+    feature_map = q_network.encoder(obs.float() / 255.0)
+    for hook in hooks:
+        hook.remove()
+    features = pool_features(feature_map, q_network.bottleneck.pool)
+    hidden = q_network.bottleneck.dense(features)
+    outputs = q_network.head(hidden)
+    return {
+        "diag/dormant_fraction/encoder": utils.dormant_fraction(encoder_activations, threshold),
+        "diag/dormant_fraction/bottleneck": utils.dormant_fraction([hidden], threshold),
+        "diag/dormant_fraction/head": utils.dormant_fraction([outputs.flatten(1)], threshold),
+        "diag/feature_norm": features.norm(dim=1).mean().item(),
+    }
+
+
+def q_saliency(q_function, obs) -> torch.Tensor:
+    """Vanilla-gradient saliency |dQ(s, a*)/ds| of the greedy action, as (B, 1, H, W) images in [0, 1];
+    `q_function` maps observations to Q-values (B, actions)."""
+    obs = obs.float().requires_grad_(True)
+    q_function(obs).max(dim=1).values.sum().backward()
+    return utils.saliency_image(obs.grad)
 
 
 # Main: check the flags, then train

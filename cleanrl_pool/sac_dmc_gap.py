@@ -190,6 +190,7 @@ PRESETS = {
     ),
 }
 
+
 # The valid range of every numeric flag (utils.check_ranges), checked before any work
 FLAG_RANGES = {
     "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "num_envs": "[1, inf)",
@@ -215,148 +216,7 @@ def parse_args() -> Args:
     return tyro.cli(Args, default=Args(preset=preset, **PRESETS[preset]))
 
 
-# Environment: EnvPool's DMC pixels with DrQ's action repeat (a state-only twin sums the rewards)
-DMC_TASKS = {  # --env-id: (EnvPool id, default action repeat, camera)
-    # the PlaNet benchmark with DrQ's action repeats
-    "cartpole-swingup": ("CartpoleSwingup-v1", 8, 0),
-    "reacher-easy": ("ReacherEasy-v1", 4, 0),
-    "cheetah-run": ("CheetahRun-v1", 4, 0),
-    "finger-spin": ("FingerSpin-v1", 2, 0),
-    "walker-walk": ("WalkerWalk-v1", 2, 0),
-    "ball_in_cup-catch": ("BallInCupCatch-v1", 4, 0),
-    # more tasks, action repeat 2 as DrQ-v2 uses everywhere; quadruped seen by camera 2 (Dreamer, DrQ)
-    "cartpole-balance": ("CartpoleBalance-v1", 2, 0),
-    "reacher-hard": ("ReacherHard-v1", 2, 0),
-    "finger-turn_easy": ("FingerTurnEasy-v1", 2, 0),
-    "finger-turn_hard": ("FingerTurnHard-v1", 2, 0),
-    "walker-stand": ("WalkerStand-v1", 2, 0),
-    "walker-run": ("WalkerRun-v1", 2, 0),
-    "hopper-stand": ("HopperStand-v1", 2, 0),
-    "hopper-hop": ("HopperHop-v1", 2, 0),
-    "pendulum-swingup": ("PendulumSwingup-v1", 2, 0),
-    "acrobot-swingup": ("AcrobotSwingup-v1", 2, 0),
-    "quadruped-walk": ("QuadrupedWalk-v1", 2, 2),
-    "quadruped-run": ("QuadrupedRun-v1", 2, 2),
-}
-CONTROL_STEPS_PER_EPISODE = 1000  # every DMC task above ends by its time limit after 1000 control steps
-
-
-def make_egl_visible():
-    """Let MuJoCo inside EnvPool find EGL, or stop with one line before any work.
-
-    EnvPool renders DMC pixels through EGL only (`MUJOCO_GL` is ignored). Its wheel ships libEGL
-    under a renamed file that MuJoCo's loader cannot find by name, and a failed load kills the
-    process ("gladLoadGL error", uncatchable). Loading a libEGL with RTLD_GLOBAL first fixes that;
-    nothing is done when EGL is already visible (a GPU driver loaded it, or LD_PRELOAD).
-    """
-    if hasattr(ctypes.CDLL(None), "eglGetProcAddress"):
-        return
-    wheel_libs = os.path.join(os.path.dirname(os.path.dirname(envpool.__file__)), "envpool.libs")
-    candidates = sorted(glob.glob(os.path.join(wheel_libs, "libEGL*.so*"))) + [ctypes.util.find_library("EGL")]
-    vendors = glob.glob("/usr/share/glvnd/egl_vendor.d/*.json") + glob.glob("/etc/glvnd/egl_vendor.d/*.json")
-    for path in filter(None, candidates):
-        try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        except OSError:
-            continue
-        if vendors or os.environ.get("__EGL_VENDOR_LIBRARY_FILENAMES"):
-            return
-    utils.fail("DMC pixels need EGL: no libEGL or no EGL driver found (Debian: libegl1 libegl-mesa0 libgl1-mesa-dri, "
-               "installed by install.sh; or a GPU driver)")
-
-
-def cheap_visuals_assets(directory: str) -> str:
-    """A copy of EnvPool's DMC assets with shadows and 4x anti-aliasing off, for tests on a CPU only.
-
-    Physics and rewards are unchanged, the pictures are not the benchmark's. Returns the `base_path`.
-    """
-    from envpool.mujoco.dmc.registration import _DMC_BASE_PATH
-
-    target = os.path.join(directory, "mujoco", "assets_dmc")
-    shutil.copytree(os.path.join(_DMC_BASE_PATH, "mujoco", "assets_dmc"), target, ignore=shutil.ignore_patterns("dog*"))
-    visual = os.path.join(target, "common", "visual.xml")
-    with open(visual) as f:
-        text = f.read()
-    with open(visual, "w") as f:
-        f.write(text.replace('<quality shadowsize="2048"/>', '<quality shadowsize="0" offsamples="0"/>'))
-    return directory
-
-
-def make_env(args, num_envs: int, seed: int, base_path: str = ""):
-    """A pixel env for observations and a state-only twin for DrQ's rewards.
-
-    DrQ's action repeat runs k control steps, SUMS their rewards and ends the episode after 1000/k
-    agent steps. EnvPool's `frame_skip=k` does the k steps in C++ and renders once, but returns the
-    LAST control step's reward. The twin (same task, same seeds, same actions, frame_skip 1, no
-    rendering) steps the same physics one control step at a time; its k rewards are summed.
-    Rendering k times instead (frame_skip 1 on the pixel env) would cost k x the renders.
-    """
-    task_id, _, camera = DMC_TASKS[args.env_id]
-    common = dict(env_type="gymnasium", num_envs=num_envs, seed=seed, **({"base_path": base_path} if base_path else {}))
-    pixel_env = envpool.make(
-        task_id, from_pixels=True, render_width=args.resolution, render_height=args.resolution,
-        render_camera_id=camera,  # the default -1 is a free camera, not dm_control's camera 0
-        frame_skip=args.action_repeat, max_episode_steps=CONTROL_STEPS_PER_EPISODE // args.action_repeat,
-        frame_stack=args.frame_stack, **common,
-    )
-    reward_env = envpool.make(task_id, frame_skip=1, max_episode_steps=CONTROL_STEPS_PER_EPISODE, **common)
-    return pixel_env, reward_env
-
-
-def make_envs(args, seed: int):
-    """The training env and the evaluation env (one environment per evaluation episode); the test-only cheap
-    visuals' assets are read when an env is made, so their temporary copy can go right after."""
-    with tempfile.TemporaryDirectory() as assets:
-        base_path = cheap_visuals_assets(assets) if args.cheap_visuals_for_tests else ""
-        return make_env(args, args.num_envs, seed, base_path), make_env(args, args.eval_episodes, seed + 1_000_000, base_path)
-
-
-def reset_env(env):
-    pixel_env, reward_env = env
-    reward_env.reset()
-    return pixel_env.reset()[0]
-
-
-def send_actions(env, actions):
-    """Start one agent step and return at once: the pixel env's step and the twin's first control step run in
-    EnvPool's threads until `receive_step`."""
-    pixel_env, reward_env = env
-    pixel_env.send(actions)
-    reward_env.send(actions)
-
-
-def receive_step(env, actions, action_repeat: int):
-    """Wait for the agent step that `send_actions` started: (obs, summed reward, terminated, truncated, auto_reset).
-
-    `auto_reset` marks EnvPool's reset step after an episode end (its action is ignored and the
-    observation is the new episode's first): never a transition. Every task here ends by time
-    limit, so all environments reset together; the twin's last control-step reward must equal the
-    pixel env's reward, which checks on every step that both simulate the same physics.
-    """
-    pixel_env, reward_env = env
-    obs, last_reward, terminated, truncated, info = pixel_env.recv()
-    control_reward = reward_env.recv()[1]  # the twin's reset step, or its first control step
-    auto_reset = info["elapsed_step"] == 0
-    rewards = np.zeros(len(obs))
-    if auto_reset.any() and not auto_reset.all():
-        raise RuntimeError("environments reset at different steps: the reward twin cannot follow them")
-    if not auto_reset.any():
-        rewards += control_reward
-        for _ in range(action_repeat - 1):
-            control_reward = reward_env.step(actions)[1]
-            rewards += control_reward
-        if not np.allclose(control_reward, last_reward, rtol=1e-4, atol=1e-6):
-            raise RuntimeError("the pixel env and its reward twin diverged")
-    return obs, rewards, terminated, truncated, auto_reset
-
-
-def step_env(env, actions, action_repeat: int):
-    """One agent step with DrQ's action repeat, waited for (see `receive_step`)."""
-    send_actions(env, actions)
-    return receive_step(env, actions, action_repeat)
-
-
-# Network: shared encoder (4 convs) -> per-head bottleneck (pool + Linear -> LayerNorm -> tanh) -> actor / twin critics
+# Network: per-head bottleneck (pool + Linear -> LayerNorm -> tanh) on a shared encoder (4 convs) -> actor / twin critics
 def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
     """The join between encoder and dense layer, the papers' subject: (B, C, H, W) -> (B, C*H*W) for flatten,
     (B, C) for global average pooling (avg: GAP, Impoola) or global max pooling (max)."""
@@ -372,17 +232,6 @@ def pooled_size(channels: int, side: int, pool: str) -> int:
     return channels * side * side if pool == "flatten" else channels
 
 
-def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
-    """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
-    only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
-    frame = torch.zeros(1, in_channels, resolution, resolution, device="meta")
-    try:
-        shape = copy.deepcopy(encoder).to("meta")(frame).shape
-    except RuntimeError:  # a kernel larger than its padded input
-        return 0, 0
-    return shape[1], shape[2]
-
-
 class Bottleneck(nn.Module):
     """The join and the dense layer after it, dense(pool_features(feature map)): the weights that grow with the
     feature map under flatten and stay C x dense under GAP. `diag/params/bottleneck` counts them."""
@@ -393,6 +242,17 @@ class Bottleneck(nn.Module):
 
     def forward(self, feature_map):
         return self.dense(pool_features(feature_map, self.pool))
+
+
+def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
+    """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
+    only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
+    frame = torch.zeros(1, in_channels, resolution, resolution, device="meta")
+    try:
+        shape = copy.deepcopy(encoder).to("meta")(frame).shape
+    except RuntimeError:  # a kernel larger than its padded input
+        return 0, 0
+    return shape[1], shape[2]
 
 
 class SamePad2d(nn.Module):
@@ -512,125 +372,6 @@ def make_networks(args, in_channels: int, action_dim: int, device, memory_format
     return encoder.to(memory_format=memory_format), actor, critic
 
 
-def parameter_counts(encoder, actor, critic) -> dict:
-    return {
-        "encoder": utils.parameter_count(encoder),
-        "bottleneck": utils.parameter_count(actor.bottleneck, critic.bottleneck),
-        "head": utils.parameter_count(actor.trunk, critic.q1, critic.q2),
-    }
-
-
-@torch.no_grad()
-def network_diagnostics(encoder, actor, critic, obs, threshold: float) -> dict:
-    """Dormant fractions per part and the feature norm (REFERENCE section 5) on a batch of observations.
-
-    Encoder neurons: the conv channels after each ReLU; bottleneck: the tanh outputs of the actor's
-    and the critic's dense layers; head: the hidden ReLU units of the actor and of both critics.
-    """
-    encoder_activations, feature_map = [], obs.float() / 255.0
-    for layer in encoder.convs:
-        feature_map = layer(feature_map)
-        if isinstance(layer, nn.ReLU):
-            encoder_activations.append(feature_map)
-    actor_latent, critic_latent = actor.bottleneck(feature_map), critic.bottleneck(feature_map)
-    mean, _ = actor(feature_map)
-    head_activations = []
-    for network, inputs in ((actor.trunk, actor_latent), (critic.q1, torch.cat([critic_latent, torch.tanh(mean)], 1)),
-                            (critic.q2, torch.cat([critic_latent, torch.tanh(mean)], 1))):
-        for layer in network:
-            inputs = layer(inputs)
-            if isinstance(layer, nn.ReLU):
-                head_activations.append(inputs)
-    return {
-        "diag/dormant_fraction/encoder": utils.dormant_fraction(encoder_activations, threshold),
-        "diag/dormant_fraction/bottleneck": utils.dormant_fraction([actor_latent, critic_latent], threshold),
-        "diag/dormant_fraction/head": utils.dormant_fraction(head_activations, threshold),
-        "diag/feature_norm": pool_features(feature_map, actor.bottleneck.pool).norm(dim=1).mean().item(),
-    }
-
-
-def value_saliency(encoder, actor, critic, obs) -> torch.Tensor:
-    """|dV(s)/ds| with V(s) = min_i Q_i(s, tanh(mean(s))), shown beside the newest frame, as (B, 3, H, 2W) in [0, 1];
-    the networks' gradients are cleared afterwards."""
-    pixels = obs.float().requires_grad_(True)
-    feature_map = encoder(pixels)
-    mean, _ = actor(feature_map)
-    torch.min(*critic(feature_map, torch.tanh(mean))).sum().backward()
-    for network in (encoder, actor, critic):
-        network.zero_grad(set_to_none=True)
-    saliency = utils.saliency_image(pixels.grad).expand(-1, 3, -1, -1)
-    return torch.cat([obs[:, -3:].float() / 255.0, saliency], dim=3)
-
-
-# Storage: the replay, uint8 on the training device; a transition stores o_t and only the newest frame of o_{t+1}
-def replay_bytes(capacity: int, obs_channels: int, resolution: int) -> int:
-    """The replay's frames: each transition's stack and the newest frame of the next one."""
-    return capacity * (obs_channels + 3) * resolution**2
-
-
-def make_replay(capacity: int, obs_shape, action_dim: int, device) -> dict:
-    """o_{t+1} is o_t's stack shifted by one frame plus its newest frame, so storing that frame alone
-    is exact and saves a third of DrQ's memory (which stores both stacks)."""
-    channels, height, width = obs_shape
-    frame_channels = 3
-    return {
-        "observations": torch.zeros((capacity, channels, height, width), dtype=torch.uint8, device=device),
-        "next_frames": torch.zeros((capacity, frame_channels, height, width), dtype=torch.uint8, device=device),
-        "actions": torch.zeros((capacity, action_dim), dtype=torch.float32, device=device),
-        "rewards": torch.zeros(capacity, dtype=torch.float32, device=device),
-        "terminated": torch.zeros(capacity, dtype=torch.float32, device=device),
-    }
-
-
-def add_transitions(replay: dict, position: int, observations, actions, rewards, next_observations, terminated) -> int:
-    """Write n transitions at the circular position; returns the next position."""
-    capacity = replay["rewards"].shape[0]
-    index = (position + torch.arange(len(observations), device=observations.device)) % capacity
-    replay["observations"][index] = observations
-    replay["next_frames"][index] = next_observations[:, -3:]
-    replay["actions"][index] = actions
-    replay["rewards"][index] = rewards
-    replay["terminated"][index] = terminated
-    return (position + len(observations)) % capacity
-
-
-def random_shift(obs, pad: int):
-    """DrQ's augmentation: replicate-pad by `pad`, crop back at a random integer offset per image.
-
-    Implemented by clamped indexing (identical to pad + crop), so frames stay uint8 on the device.
-    """
-    batch, channels, height, width = obs.shape
-    shifts = torch.randint(-pad, pad + 1, (batch, 2), device=obs.device)
-    rows = (torch.arange(height, device=obs.device) + shifts[:, :1]).clamp(0, height - 1)
-    cols = (torch.arange(width, device=obs.device) + shifts[:, 1:]).clamp(0, width - 1)
-    batch_index = torch.arange(batch, device=obs.device)[:, None, None, None]
-    channel_index = torch.arange(channels, device=obs.device)[None, :, None, None]
-    return obs[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def sample_batch(replay: dict, size: int, batch_size: int, views: int, pad: int, memory_format=torch.contiguous_format):
-    """Uniform indices drawn on the device; with `views` > 1, each view is an independent random shift; the
-    observations in `memory_format`."""
-    index = torch.randint(size, (batch_size,), device=replay["rewards"].device)
-    observations = replay["observations"][index]
-    next_observations = torch.cat([observations[:, 3:], replay["next_frames"][index]], dim=1)
-    if views > 1:
-        observations = torch.cat([random_shift(observations, pad) for _ in range(views)])
-        next_observations = torch.cat([random_shift(next_observations, pad) for _ in range(views)])
-    return {
-        "observations": observations.contiguous(memory_format=memory_format),
-        "next_observations": next_observations.contiguous(memory_format=memory_format),
-        "actions": replay["actions"][index].repeat(views, 1),
-        "rewards": replay["rewards"][index].repeat(views),
-        "terminated": replay["terminated"][index].repeat(views),
-    }
-
-
-def recent_observations(replay: dict, position: int, size: int, count: int):
-    index = (position - 1 - torch.arange(min(count, size), device=replay["rewards"].device)) % replay["rewards"].shape[0]
-    return replay["observations"][index]
-
-
 # Algorithm: SAC (Haarnoja et al. 2018) as DrQ uses it, and Dopamine's combined update
 def squashed_gaussian_log_prob(pre_tanh, mean, log_std):
     """log pi(tanh(u)) for u ~ N(mean, exp(log_std)), summed over action dimensions.
@@ -653,14 +394,6 @@ def soft_q_target(rewards, terminated, next_q1, next_q2, next_log_prob, alpha, g
     """r + gamma (1 - terminated) (min_i Q'_i(s', a') - alpha log pi(a'|s')); a time limit is not terminal."""
     next_value = torch.min(next_q1, next_q2) - alpha * next_log_prob
     return rewards + gamma * (1.0 - terminated) * next_value
-
-
-def temperature_loss(log_alpha, log_prob, target_entropy: float, alpha_loss_on: str = "alpha"):
-    """DrQ's alpha * (-log pi - target entropy), or Dopamine's log alpha * (...): alpha grows while the
-    entropy is below its target. Both move log alpha the same way; DrQ's step is alpha times larger."""
-    multiplier = log_alpha.exp() if alpha_loss_on == "alpha" else log_alpha
-    return (multiplier * (-log_prob - target_entropy).detach()).mean()
-
 
 
 def critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch: dict, views: int, gamma: float,
@@ -701,6 +434,13 @@ def actor_and_temperature_losses(encoder, actor, critic, log_alpha, observations
     q1, q2 = critic(features, actions)
     actor_loss = (log_alpha.exp().detach() * log_prob - torch.min(q1, q2)).mean()
     return actor_loss, temperature_loss(log_alpha, log_prob, target_entropy, alpha_loss_on)
+
+
+def temperature_loss(log_alpha, log_prob, target_entropy: float, alpha_loss_on: str = "alpha"):
+    """DrQ's alpha * (-log pi - target entropy), or Dopamine's log alpha * (...): alpha grows while the
+    entropy is below its target. Both move log alpha the same way; DrQ's step is alpha times larger."""
+    multiplier = log_alpha.exp() if alpha_loss_on == "alpha" else log_alpha
+    return (multiplier * (-log_prob - target_entropy).detach()).mean()
 
 
 def combined_step(qf_loss, actor_loss, alpha_loss, critic_optimizer, actor_optimizer, alpha_optimizer):
@@ -797,7 +537,219 @@ def speed_switches(args, device):
     return cuda and args.bf16, memory_format, cuda and args.overlap_envs
 
 
-# Evaluation
+# Storage: the replay, uint8 on the training device; a transition stores o_t and only the newest frame of o_{t+1}
+def replay_bytes(capacity: int, obs_channels: int, resolution: int) -> int:
+    """The replay's frames: each transition's stack and the newest frame of the next one."""
+    return capacity * (obs_channels + 3) * resolution**2
+
+
+def make_replay(capacity: int, obs_shape, action_dim: int, device) -> dict:
+    """o_{t+1} is o_t's stack shifted by one frame plus its newest frame, so storing that frame alone
+    is exact and saves a third of DrQ's memory (which stores both stacks)."""
+    channels, height, width = obs_shape
+    frame_channels = 3
+    return {
+        "observations": torch.zeros((capacity, channels, height, width), dtype=torch.uint8, device=device),
+        "next_frames": torch.zeros((capacity, frame_channels, height, width), dtype=torch.uint8, device=device),
+        "actions": torch.zeros((capacity, action_dim), dtype=torch.float32, device=device),
+        "rewards": torch.zeros(capacity, dtype=torch.float32, device=device),
+        "terminated": torch.zeros(capacity, dtype=torch.float32, device=device),
+    }
+
+
+def add_transitions(replay: dict, position: int, observations, actions, rewards, next_observations, terminated) -> int:
+    """Write n transitions at the circular position; returns the next position."""
+    capacity = replay["rewards"].shape[0]
+    index = (position + torch.arange(len(observations), device=observations.device)) % capacity
+    replay["observations"][index] = observations
+    replay["next_frames"][index] = next_observations[:, -3:]
+    replay["actions"][index] = actions
+    replay["rewards"][index] = rewards
+    replay["terminated"][index] = terminated
+    return (position + len(observations)) % capacity
+
+
+def random_shift(obs, pad: int):
+    """DrQ's augmentation: replicate-pad by `pad`, crop back at a random integer offset per image.
+
+    Implemented by clamped indexing (identical to pad + crop), so frames stay uint8 on the device.
+    """
+    batch, channels, height, width = obs.shape
+    shifts = torch.randint(-pad, pad + 1, (batch, 2), device=obs.device)
+    rows = (torch.arange(height, device=obs.device) + shifts[:, :1]).clamp(0, height - 1)
+    cols = (torch.arange(width, device=obs.device) + shifts[:, 1:]).clamp(0, width - 1)
+    batch_index = torch.arange(batch, device=obs.device)[:, None, None, None]
+    channel_index = torch.arange(channels, device=obs.device)[None, :, None, None]
+    return obs[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def sample_batch(replay: dict, size: int, batch_size: int, views: int, pad: int, memory_format=torch.contiguous_format):
+    """Uniform indices drawn on the device; with `views` > 1, each view is an independent random shift; the
+    observations in `memory_format`."""
+    index = torch.randint(size, (batch_size,), device=replay["rewards"].device)
+    observations = replay["observations"][index]
+    next_observations = torch.cat([observations[:, 3:], replay["next_frames"][index]], dim=1)
+    if views > 1:
+        observations = torch.cat([random_shift(observations, pad) for _ in range(views)])
+        next_observations = torch.cat([random_shift(next_observations, pad) for _ in range(views)])
+    return {
+        "observations": observations.contiguous(memory_format=memory_format),
+        "next_observations": next_observations.contiguous(memory_format=memory_format),
+        "actions": replay["actions"][index].repeat(views, 1),
+        "rewards": replay["rewards"][index].repeat(views),
+        "terminated": replay["terminated"][index].repeat(views),
+    }
+
+
+def recent_observations(replay: dict, position: int, size: int, count: int):
+    index = (position - 1 - torch.arange(min(count, size), device=replay["rewards"].device)) % replay["rewards"].shape[0]
+    return replay["observations"][index]
+
+
+# Environment: EnvPool's DMC pixels with DrQ's action repeat (a state-only twin sums the rewards)
+DMC_TASKS = {  # --env-id: (EnvPool id, default action repeat, camera)
+    # the PlaNet benchmark with DrQ's action repeats
+    "cartpole-swingup": ("CartpoleSwingup-v1", 8, 0),
+    "reacher-easy": ("ReacherEasy-v1", 4, 0),
+    "cheetah-run": ("CheetahRun-v1", 4, 0),
+    "finger-spin": ("FingerSpin-v1", 2, 0),
+    "walker-walk": ("WalkerWalk-v1", 2, 0),
+    "ball_in_cup-catch": ("BallInCupCatch-v1", 4, 0),
+    # more tasks, action repeat 2 as DrQ-v2 uses everywhere; quadruped seen by camera 2 (Dreamer, DrQ)
+    "cartpole-balance": ("CartpoleBalance-v1", 2, 0),
+    "reacher-hard": ("ReacherHard-v1", 2, 0),
+    "finger-turn_easy": ("FingerTurnEasy-v1", 2, 0),
+    "finger-turn_hard": ("FingerTurnHard-v1", 2, 0),
+    "walker-stand": ("WalkerStand-v1", 2, 0),
+    "walker-run": ("WalkerRun-v1", 2, 0),
+    "hopper-stand": ("HopperStand-v1", 2, 0),
+    "hopper-hop": ("HopperHop-v1", 2, 0),
+    "pendulum-swingup": ("PendulumSwingup-v1", 2, 0),
+    "acrobot-swingup": ("AcrobotSwingup-v1", 2, 0),
+    "quadruped-walk": ("QuadrupedWalk-v1", 2, 2),
+    "quadruped-run": ("QuadrupedRun-v1", 2, 2),
+}
+
+
+CONTROL_STEPS_PER_EPISODE = 1000  # every DMC task above ends by its time limit after 1000 control steps
+
+
+def make_egl_visible():
+    """Let MuJoCo inside EnvPool find EGL, or stop with one line before any work.
+
+    EnvPool renders DMC pixels through EGL only (`MUJOCO_GL` is ignored). Its wheel ships libEGL
+    under a renamed file that MuJoCo's loader cannot find by name, and a failed load kills the
+    process ("gladLoadGL error", uncatchable). Loading a libEGL with RTLD_GLOBAL first fixes that;
+    nothing is done when EGL is already visible (a GPU driver loaded it, or LD_PRELOAD).
+    """
+    if hasattr(ctypes.CDLL(None), "eglGetProcAddress"):
+        return
+    wheel_libs = os.path.join(os.path.dirname(os.path.dirname(envpool.__file__)), "envpool.libs")
+    candidates = sorted(glob.glob(os.path.join(wheel_libs, "libEGL*.so*"))) + [ctypes.util.find_library("EGL")]
+    vendors = glob.glob("/usr/share/glvnd/egl_vendor.d/*.json") + glob.glob("/etc/glvnd/egl_vendor.d/*.json")
+    for path in filter(None, candidates):
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        if vendors or os.environ.get("__EGL_VENDOR_LIBRARY_FILENAMES"):
+            return
+    utils.fail("DMC pixels need EGL: no libEGL or no EGL driver found (Debian: libegl1 libegl-mesa0 libgl1-mesa-dri, "
+               "installed by install.sh; or a GPU driver)")
+
+
+def cheap_visuals_assets(directory: str) -> str:
+    """A copy of EnvPool's DMC assets with shadows and 4x anti-aliasing off, for tests on a CPU only.
+
+    Physics and rewards are unchanged, the pictures are not the benchmark's. Returns the `base_path`.
+    """
+    from envpool.mujoco.dmc.registration import _DMC_BASE_PATH
+
+    target = os.path.join(directory, "mujoco", "assets_dmc")
+    shutil.copytree(os.path.join(_DMC_BASE_PATH, "mujoco", "assets_dmc"), target, ignore=shutil.ignore_patterns("dog*"))
+    visual = os.path.join(target, "common", "visual.xml")
+    with open(visual) as f:
+        text = f.read()
+    with open(visual, "w") as f:
+        f.write(text.replace('<quality shadowsize="2048"/>', '<quality shadowsize="0" offsamples="0"/>'))
+    return directory
+
+
+def make_env(args, num_envs: int, seed: int, base_path: str = ""):
+    """A pixel env for observations and a state-only twin for DrQ's rewards.
+
+    DrQ's action repeat runs k control steps, SUMS their rewards and ends the episode after 1000/k
+    agent steps. EnvPool's `frame_skip=k` does the k steps in C++ and renders once, but returns the
+    LAST control step's reward. The twin (same task, same seeds, same actions, frame_skip 1, no
+    rendering) steps the same physics one control step at a time; its k rewards are summed.
+    Rendering k times instead (frame_skip 1 on the pixel env) would cost k x the renders.
+    """
+    task_id, _, camera = DMC_TASKS[args.env_id]
+    common = dict(env_type="gymnasium", num_envs=num_envs, seed=seed, **({"base_path": base_path} if base_path else {}))
+    pixel_env = envpool.make(
+        task_id, from_pixels=True, render_width=args.resolution, render_height=args.resolution,
+        render_camera_id=camera,  # the default -1 is a free camera, not dm_control's camera 0
+        frame_skip=args.action_repeat, max_episode_steps=CONTROL_STEPS_PER_EPISODE // args.action_repeat,
+        frame_stack=args.frame_stack, **common,
+    )
+    reward_env = envpool.make(task_id, frame_skip=1, max_episode_steps=CONTROL_STEPS_PER_EPISODE, **common)
+    return pixel_env, reward_env
+
+
+def make_envs(args, seed: int):
+    """The training env and the evaluation env (one environment per evaluation episode); the test-only cheap
+    visuals' assets are read when an env is made, so their temporary copy can go right after."""
+    with tempfile.TemporaryDirectory() as assets:
+        base_path = cheap_visuals_assets(assets) if args.cheap_visuals_for_tests else ""
+        return make_env(args, args.num_envs, seed, base_path), make_env(args, args.eval_episodes, seed + 1_000_000, base_path)
+
+
+def reset_env(env):
+    pixel_env, reward_env = env
+    reward_env.reset()
+    return pixel_env.reset()[0]
+
+
+def send_actions(env, actions):
+    """Start one agent step and return at once: the pixel env's step and the twin's first control step run in
+    EnvPool's threads until `receive_step`."""
+    pixel_env, reward_env = env
+    pixel_env.send(actions)
+    reward_env.send(actions)
+
+
+def receive_step(env, actions, action_repeat: int):
+    """Wait for the agent step that `send_actions` started: (obs, summed reward, terminated, truncated, auto_reset).
+
+    `auto_reset` marks EnvPool's reset step after an episode end (its action is ignored and the
+    observation is the new episode's first): never a transition. Every task here ends by time
+    limit, so all environments reset together; the twin's last control-step reward must equal the
+    pixel env's reward, which checks on every step that both simulate the same physics.
+    """
+    pixel_env, reward_env = env
+    obs, last_reward, terminated, truncated, info = pixel_env.recv()
+    control_reward = reward_env.recv()[1]  # the twin's reset step, or its first control step
+    auto_reset = info["elapsed_step"] == 0
+    rewards = np.zeros(len(obs))
+    if auto_reset.any() and not auto_reset.all():
+        raise RuntimeError("environments reset at different steps: the reward twin cannot follow them")
+    if not auto_reset.any():
+        rewards += control_reward
+        for _ in range(action_repeat - 1):
+            control_reward = reward_env.step(actions)[1]
+            rewards += control_reward
+        if not np.allclose(control_reward, last_reward, rtol=1e-4, atol=1e-6):
+            raise RuntimeError("the pixel env and its reward twin diverged")
+    return obs, rewards, terminated, truncated, auto_reset
+
+
+def step_env(env, actions, action_repeat: int):
+    """One agent step with DrQ's action repeat, waited for (see `receive_step`)."""
+    send_actions(env, actions)
+    return receive_step(env, actions, action_repeat)
+
+
+# Evaluation: the mean action, one episode per environment; the network's diagnostics
 @torch.no_grad()
 def evaluate(encoder, actor, eval_env, action_repeat: int, device, capture_video: bool):
     """One episode per evaluation environment with the mean action tanh(mean) (DrQ); returns (returns, video)."""
@@ -813,7 +765,57 @@ def evaluate(encoder, actor, eval_env, action_repeat: int, device, capture_video
     return returns, (np.stack(frames) if capture_video else None)
 
 
-# Main
+def parameter_counts(encoder, actor, critic) -> dict:
+    return {
+        "encoder": utils.parameter_count(encoder),
+        "bottleneck": utils.parameter_count(actor.bottleneck, critic.bottleneck),
+        "head": utils.parameter_count(actor.trunk, critic.q1, critic.q2),
+    }
+
+
+@torch.no_grad()
+def network_diagnostics(encoder, actor, critic, obs, threshold: float) -> dict:
+    """Dormant fractions per part and the feature norm (REFERENCE section 5) on a batch of observations.
+
+    Encoder neurons: the conv channels after each ReLU; bottleneck: the tanh outputs of the actor's
+    and the critic's dense layers; head: the hidden ReLU units of the actor and of both critics.
+    """
+    encoder_activations, feature_map = [], obs.float() / 255.0
+    for layer in encoder.convs:
+        feature_map = layer(feature_map)
+        if isinstance(layer, nn.ReLU):
+            encoder_activations.append(feature_map)
+    actor_latent, critic_latent = actor.bottleneck(feature_map), critic.bottleneck(feature_map)
+    mean, _ = actor(feature_map)
+    head_activations = []
+    for network, inputs in ((actor.trunk, actor_latent), (critic.q1, torch.cat([critic_latent, torch.tanh(mean)], 1)),
+                            (critic.q2, torch.cat([critic_latent, torch.tanh(mean)], 1))):
+        for layer in network:
+            inputs = layer(inputs)
+            if isinstance(layer, nn.ReLU):
+                head_activations.append(inputs)
+    return {
+        "diag/dormant_fraction/encoder": utils.dormant_fraction(encoder_activations, threshold),
+        "diag/dormant_fraction/bottleneck": utils.dormant_fraction([actor_latent, critic_latent], threshold),
+        "diag/dormant_fraction/head": utils.dormant_fraction(head_activations, threshold),
+        "diag/feature_norm": pool_features(feature_map, actor.bottleneck.pool).norm(dim=1).mean().item(),
+    }
+
+
+def value_saliency(encoder, actor, critic, obs) -> torch.Tensor:
+    """|dV(s)/ds| with V(s) = min_i Q_i(s, tanh(mean(s))), shown beside the newest frame, as (B, 3, H, 2W) in [0, 1];
+    the networks' gradients are cleared afterwards."""
+    pixels = obs.float().requires_grad_(True)
+    feature_map = encoder(pixels)
+    mean, _ = actor(feature_map)
+    torch.min(*critic(feature_map, torch.tanh(mean))).sum().backward()
+    for network in (encoder, actor, critic):
+        network.zero_grad(set_to_none=True)
+    saliency = utils.saliency_image(pixels.grad).expand(-1, 3, -1, -1)
+    return torch.cat([obs[:, -3:].float() / 255.0, saliency], dim=3)
+
+
+# Main: check the flags, then train
 def check_args(args):
     """Refuse bad input with one line (exit 2) before any work: flags, replay memory, a machine without EGL."""
     utils.check_choice("env-id", args.env_id, tuple(DMC_TASKS))

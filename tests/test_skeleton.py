@@ -47,7 +47,7 @@ SHARED = {
     "evaluate": ("dqn", "rainbow"),
 }
 
-SECTIONS = ("Args", "Environment", "Network", "Storage", "Algorithm", "Evaluation", "Main")
+SECTIONS = ("Args", "Network", "Algorithm", "Storage", "Environment", "Evaluation", "Main")  # the math before the plumbing
 HEADER = re.compile(r"^# (\w+)(: .+)?$")
 
 # Flags that mean the same in every script: their type and docstring must read the same (defaults may differ by
