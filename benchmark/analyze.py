@@ -689,7 +689,8 @@ def main(argv=None):
     if not os.path.isdir(args.root):
         utils.fail(f"RUNS_ROOT {args.root!r} is not a folder")
     for flag in ("reps", "curve_reps", "curve_points", "last_episodes"):
-        utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
+        if not getattr(args, flag) > 0:
+            utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)!r} must be positive")
     for flag, most in (("reps", 1_000_000), ("curve_reps", 1_000_000), ("curve_points", 10_000)):  # resamples are held at once
         if getattr(args, flag) > most:
             utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at most {most:,}")

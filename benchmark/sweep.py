@@ -96,10 +96,20 @@ def flag_name(flag: str) -> str:
     return flag.strip().lstrip("-").replace("_", "-")
 
 
+def beside_utils(script: str):
+    """The parsed utils.py beside a script (what it imports as `utils`); fails with one line when it cannot be read."""
+    path = os.path.join(os.path.dirname(os.path.abspath(script)), "utils.py")
+    try:
+        with open(path) as f:
+            return ast.parse(f.read(), path)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as error:
+        utils.fail(f"--grid: {script} uses the utils.py beside it, but {path} cannot be read ({error})")
+
+
 def script_arguments(script: str):
     """({flag: type name ("int", "float", "bool", "str") or None}, env-id spelling function) of a script,
     from its source: the fields of its `Args` dataclass, and the function it applies to `args.env_id`
-    before naming its run folder (`args.env_id = atari_game(args.env_id)`), or the identity."""
+    before naming its run folder (`args.env_id = utils.atari_game(args.env_id)`), or the identity."""
     try:
         with open(script) as f:
             tree = ast.parse(f.read(), script)
@@ -114,17 +124,22 @@ def script_arguments(script: str):
         utils.fail(f"--grid: {script} has no `Args` dataclass to check the grid's flags against")
     for node in ast.walk(tree):
         if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Attribute)
-                and node.targets[0].attr == "env_id" and isinstance(node.value, ast.Call)
-                and isinstance(node.value.func, ast.Name) and node.value.func.id in functions):
-            name, namespace = node.value.func.id, {}  # the script's own function, alone: it needs nothing but builtins
+                and node.targets[0].attr == "env_id" and isinstance(node.value, ast.Call)):
+            name = ast.unparse(node.value.func)  # the script's own function, or one of the utils.py beside it
+            source = functions if not name.startswith("utils.") else {
+                f"utils.{function.name}": function for function in beside_utils(script).body
+                if isinstance(function, ast.FunctionDef)}
+            if name not in source:
+                continue
+            function, namespace = source[name], {}  # the function alone: it needs nothing but builtins
             try:
-                exec(compile(ast.Module(body=[functions[name]], type_ignores=[]), script, "exec"), namespace)
+                exec(compile(ast.Module(body=[function], type_ignores=[]), script, "exec"), namespace)
             except Exception as error:
                 utils.fail(f"--grid: {script}'s env-id spelling {name}() cannot be read alone ({error!r})")
 
             def spell_env_id(env_id):
                 try:
-                    return namespace[name](env_id)
+                    return namespace[function.name](env_id)
                 except Exception as error:
                     utils.fail(f"--grid: {os.path.basename(script)}'s {name}({env_id!r}) fails ({error!r})")
             return fields, spell_env_id
@@ -367,7 +382,8 @@ def slurm_script(todo, args, grid_name: str, log_dir: str) -> str:
 def check_sweep_args(args):
     """The sweep's own flags, before the grid is read: one line and exit 2 for a bad one."""
     for flag in ("jobs_per_gpu", "jobs", "slurm_max_parallel", "slurm_max_array", "slurm_gpus", "slurm_cpus"):
-        utils.check_positive(flag.replace("_", "-"), getattr(args, flag))
+        if not getattr(args, flag) > 0:
+            utils.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)!r} must be positive")
     gpu_ids = [] if args.gpus is None else [g.strip() for g in args.gpus.split(",") if g.strip()]
     if not all(g.isascii() and g.isdigit() for g in gpu_ids):
         utils.fail(f"--gpus {args.gpus!r} must be comma-separated GPU ids (0, 1, ...), or empty for none")

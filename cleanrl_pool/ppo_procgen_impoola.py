@@ -27,6 +27,9 @@ import utils
 
 SCRIPT = os.path.basename(__file__)
 ARCHITECTURE_FLAGS = ("env_id", "pool", "width", "dense_scale", "resolution", "num_envs", "distribution_mode")
+# Flags of this script that do not change what is trained (bookkeeping, speed switches): --resume auto ignores them
+RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"final_eval_episodes", "eval_num_envs", "bf16",
+                                             "channels_last", "micro_batch_size", "overlap_envs"}
 
 
 # Args
@@ -165,6 +168,14 @@ FLAG_RANGES = {
     "save_every": "[0, inf)", "keep_checkpoints": "[1, inf)", "diag_every": "[0, inf)", "diag_batch_size": "[1, inf)",
     "dormant_threshold": "[0, 1]", "micro_batch_size": "[0, inf)",
 }
+
+
+def parse_args() -> Args:
+    """Parse the flags, then resolve the default that depends on another flag: --num-levels by --distribution-mode."""
+    args = tyro.cli(Args)
+    if args.num_levels is None:
+        args.num_levels = 200 if args.distribution_mode == "easy" else 500  # Procgen paper's protocol
+    return args
 
 
 # Network: the bottleneck (the join flatten | avg | max, then Linear -> ReLU) on the Impala-CNN encoder -> actor, critic
@@ -400,6 +411,28 @@ def update_memory(args, device, probe_size: int = 16) -> tuple:
     return max(peak, 0) / probe_size, 4 * weight_bytes
 
 
+def rollout_memory(args) -> str:
+    return f"the uint8 rollout (--num-envs {args.num_envs} x --num-steps {args.num_steps} at --resolution {args.resolution})"
+
+
+def resolve_micro_batch_size(args) -> int:
+    """--micro-batch-size as the run uses it: on CUDA, 0 is the largest that fits by a measured probe of the update, and
+    the update's activations beside the rollout are checked against the free memory (exit 2); on a CPU it stays as given
+    (0: the whole minibatch)."""
+    device = utils.training_device(args)
+    if device.type != "cuda":
+        return args.micro_batch_size
+    minibatch_size = args.num_envs * args.num_steps // args.num_minibatches
+    bytes_per_step, fixed_bytes = update_memory(args, device, min(16, minibatch_size))
+    fixed_bytes += args.num_envs * args.num_steps * 3 * args.resolution**2  # the rollout
+    fixed_bytes += minibatch_size * (3 * args.resolution**2 + 32)  # and a minibatch gathered from it
+    micro_batch_size = args.micro_batch_size or fitting_micro_batch_size(
+        minibatch_size, bytes_per_step, fixed_bytes, utils.free_memory_bytes(device))
+    utils.check_memory(int(fixed_bytes + micro_batch_size * bytes_per_step), device, f"{rollout_memory(args)} and an "
+                       f"update on micro-batches of {micro_batch_size} steps (--micro-batch-size)")
+    return micro_batch_size
+
+
 def fitting_micro_batch_size(minibatch_size: int, bytes_per_step: float, fixed_bytes: float, free_bytes: float) -> int:
     """The largest divisor of the minibatch whose update (fixed + size x per-step bytes) takes at most 80 % of the free
     memory, as utils.check_memory asks; 1 if none does (the memory check then refuses the run)."""
@@ -572,42 +605,6 @@ def evaluate(model, envs, num_episodes: int, seed: int, device, record_video: bo
     return np.array(returns), frames
 
 
-def parameter_counts(agent: Agent) -> dict:
-    """Weights per part (CONVENTIONS): encoder = conv trunk, bottleneck = the dense layer after the join."""
-    return {
-        "encoder": utils.parameter_count(agent.encoder),
-        "bottleneck": utils.parameter_count(agent.bottleneck),
-        "head": utils.parameter_count(agent.actor, agent.critic),
-    }
-
-
-def network_diagnostics(agent: Agent, obs: torch.Tensor, threshold: float) -> dict:
-    """Dormant fraction per part and feature norm on a batch of observations (REFERENCE §5), as TensorBoard tags.
-
-    encoder: every ReLU output of the trunk; bottleneck: the dense layer's activated output;
-    head: the actor's logits and the critic's value; feature norm: mean L2 norm of the pooled vector.
-    """
-    activations = {"encoder": [], "pooled": [], "bottleneck": [], "head": []}
-
-    def recorder(part, record_input=False):
-        return lambda module, inputs, output: activations[part].append(inputs[0] if record_input else output)
-
-    hooks = [m.register_forward_hook(recorder("encoder")) for m in agent.encoder.modules() if isinstance(m, nn.ReLU)]
-    hooks.append(agent.bottleneck.dense.register_forward_hook(recorder("pooled", record_input=True)))
-    hooks.append(agent.bottleneck.register_forward_hook(recorder("bottleneck")))
-    hooks += [agent.actor.register_forward_hook(recorder("head")), agent.critic.register_forward_hook(recorder("head"))]
-    try:
-        with torch.no_grad():
-            agent(obs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    diagnostics = {f"diag/dormant_fraction/{part}": utils.dormant_fraction(activations[part], threshold)
-                   for part in ("encoder", "bottleneck", "head")}
-    diagnostics["diag/feature_norm"] = activations["pooled"][0].norm(dim=1).mean().item()
-    return diagnostics
-
-
 def saliency_grid(agent: Agent, obs: torch.Tensor) -> torch.Tensor:
     """One row per observation: the frame, |dV/ds| and |d logit(a*)/ds| (a* = most likely action),
     as (3, B*R, 3*R) in [0, 1] (Procgen-HD paper's vanilla-gradient saliency)."""
@@ -623,13 +620,11 @@ def saliency_grid(agent: Agent, obs: torch.Tensor) -> torch.Tensor:
 
 # Main: check_args, then set-up, the training loop (one iteration: rollout, GAE, update, log), final evaluation
 def check_args(args):
-    """Every bad input, as one line and exit status 2, before any work; sets the default --num-levels and, on CUDA, the
-    automatic --micro-batch-size."""
+    """Every bad input, as one line and exit status 2, before any work (on CUDA, the update's memory:
+    resolve_micro_batch_size)."""
     utils.check_choice("env-id", args.env_id, PROCGEN_GAMES)
     utils.check_choice("distribution-mode", args.distribution_mode, ["easy", "hard"])
     utils.check_choice("pool", args.pool, ["flatten", "avg", "max"])
-    if args.num_levels is None:
-        args.num_levels = 200 if args.distribution_mode == "easy" else 500  # Procgen paper's protocol
     utils.check_ranges(args, FLAG_RANGES)
     if args.start_level + args.num_levels > procgen_hd.INT32_MAX:
         utils.fail(f"--start-level {args.start_level} + --num-levels {args.num_levels} must stay below 2**31 "
@@ -650,31 +645,22 @@ def check_args(args):
     if args.total_timesteps < batch_size:
         utils.fail(f"--total-timesteps {args.total_timesteps} is less than one rollout of {batch_size} steps")
     utils.check_tracking(args)
-    device = utils.training_device(args)
-    rollout_bytes = batch_size * 3 * args.resolution**2
-    what = f"the uint8 rollout (--num-envs {args.num_envs} x --num-steps {args.num_steps} at --resolution {args.resolution})"
-    utils.check_memory(rollout_bytes, device, what)
-    if device.type == "cuda":  # and the update's activations, measured; --micro-batch-size 0: the most that fit
-        bytes_per_step, fixed_bytes = update_memory(args, device, min(16, minibatch_size))
-        fixed_bytes += rollout_bytes + minibatch_size * (3 * args.resolution**2 + 32)  # and a minibatch gathered from it
-        args.micro_batch_size = args.micro_batch_size or fitting_micro_batch_size(
-            minibatch_size, bytes_per_step, fixed_bytes, utils.free_memory_bytes(device))
-        utils.check_memory(int(fixed_bytes + args.micro_batch_size * bytes_per_step), device,
-                           f"{what} and an update on micro-batches of {args.micro_batch_size} steps (--micro-batch-size)")
+    utils.check_memory(batch_size * 3 * args.resolution**2, utils.training_device(args), rollout_memory(args))
 
 
 def main():
-    args = tyro.cli(Args)
+    args = parse_args()
     check_args(args)  # all bad input: one line, exit 2 (also memory, via utils.check_memory)
+    args.micro_batch_size = resolve_micro_batch_size(args)  # on CUDA, 0: the most that fit (measured)
     # derived values
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
-    micro_batch_size = args.micro_batch_size or minibatch_size  # 0 left by check_args (not on CUDA): the whole minibatch
+    micro_batch_size = args.micro_batch_size or minibatch_size  # 0 (on a CPU): the whole minibatch
     num_iterations = args.total_timesteps // batch_size
     learning_rate = args.learning_rate * (2 / args.width if args.rescale_lr else 1.0)  # Impoola: lr / (τ / 2)
     device = utils.training_device(args)
     fast = speed_plan(args, device)  # the speed switches acting here (none on a CPU)
-    run_dir, checkpoint_file = utils.resolve_run(args)
+    run_dir, checkpoint_file = utils.resolve_run(args, RUN_NEUTRAL_FLAGS)
     checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
     utils.print_config(args, device=device, run_dir=run_dir, batch_size=batch_size, minibatch_size=minibatch_size,
                        micro_batch_size=micro_batch_size, num_iterations=num_iterations, learning_rate=f"{learning_rate:g}",
@@ -712,7 +698,7 @@ def main():
         utils.set_rng_state(checkpoint["rng"])
         utils.echo(f"resumed from {checkpoint_file} at step {global_step}")
     next_obs = torch.from_numpy(next_obs_np).to(device)
-    utils.log_parameter_counts(writer, parameter_counts(agent), fresh=checkpoint is None)
+    utils.log_parameter_counts(writer, utils.parameter_counts(agent), fresh=checkpoint is None)
 
     def checkpoint_payload():
         return utils.checkpoint_payload(SCRIPT, args, global_step, model=agent.state_dict(), optimizer=optimizer.state_dict(),
@@ -762,7 +748,8 @@ def main():
         losses, finite = ppo_update(model, agent, optimizer, batch, args, micro_batch_size, fast["bf16"], progress.update)
 
         # logging, and the non-finite check (a few host syncs per iteration, none per environment step)
-        utils.stop_if_nonfinite(bool(finite) and utils.finite_state(agent, optimizer), last_good, run_dir, global_step, writer)
+        utils.stop_if_nonfinite(bool(finite) and bool(utils.finite_flag(agent, optimizer)), last_good, run_dir, global_step,
+                                writer)
         scalars = {"charts/SPS": (global_step - start_step) / (time.time() - start_time),
                    "charts/learning_rate": optimizer.param_groups[0]["lr"],
                    **{f"losses/{name}": value for name, value in losses.items()},
@@ -774,7 +761,7 @@ def main():
         # diagnostics on recent observations (REFERENCE §5)
         if utils.crossed(previous_step, global_step, args.diag_every):
             recent = batch["obs"][torch.randperm(batch_size, device=device)[: args.diag_batch_size]]
-            for tag, value in network_diagnostics(agent, recent, args.dormant_threshold).items():
+            for tag, value in utils.network_diagnostics(agent, recent, args.dormant_threshold).items():
                 writer.add_scalar(tag, value, global_step)
             writer.add_image("images/saliency", saliency_grid(agent, recent[:4]), global_step)
         # evaluation (the last iteration's is the final one below) and checkpoints

@@ -30,6 +30,8 @@ import utils
 SCRIPT = os.path.basename(__file__)
 ARCHITECTURE_FLAGS = ("encoder", "pool", "width", "dense_scale", "resolution", "frame_stack", "env_id",
                       "noisy", "dueling", "num_atoms", "v_min", "v_max")
+# Flags of this script that do not change what is trained (bookkeeping, speed switches): --resume auto ignores them
+RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"save_buffer", "log_every", "iteration_steps", "cuda_graphs", "pinned_staging"}
 
 
 # Args
@@ -528,45 +530,6 @@ def select_actions(q_function, obs, epsilon, num_actions: int):
     return actions
 
 
-class CapturedStep:
-    """`step(*tensors)` run eagerly on a side stream for `warmup` calls (Adam's state is created), then captured
-    once as a CUDA graph and replayed at every later call, which must pass the very same tensors (a graph reads fixed
-    addresses: callers fill them in place); returns the graph's static outputs, overwritten by each replay. If the
-    capture fails, one line says why and the step runs eagerly from then on."""
-
-    def __init__(self, step, name: str, warmup: int = 3):
-        self.step, self.name, self.warmup = step, name, warmup
-        self.graph, self.inputs, self.outputs, self.eager = None, None, None, False
-
-    def __call__(self, *tensors):
-        if self.eager:
-            return self.step(*tensors)
-        if self.graph is not None:
-            if any(given is not captured for given, captured in zip(tensors, self.inputs, strict=True)):
-                raise ValueError(f"the captured {self.name} was called with other tensors than it was captured with")
-            self.graph.replay()
-            return self.outputs
-        if self.warmup > 0:
-            self.warmup -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                outputs = self.step(*tensors)
-            torch.cuda.current_stream().wait_stream(side)
-            return outputs
-        previous_stream = torch.cuda.current_stream()
-        try:
-            self.graph, self.inputs = torch.cuda.CUDAGraph(), tensors
-            with torch.cuda.graph(self.graph):  # records the kernels without running them: the replay below runs them
-                self.outputs = self.step(*tensors)
-        except RuntimeError as error:
-            torch.cuda.set_stream(previous_stream)  # a capture_end that fails leaves the capture stream current
-            reason = str(error.__context__ or error).splitlines()[0]  # the step's error, not capture_end's
-            utils.echo(f"warning: --cuda-graphs could not capture the {self.name} ({reason}); it runs eagerly")
-            self.graph, self.eager = None, True
-        return self(*tensors)
-
-
 # Storage: each frame stored once per environment, stacks rebuilt at sample time, priorities in a sum tree
 def make_replay(num_envs: int, capacity: int, resolution: int, device) -> dict:
     """Circular per-environment storage indexed by time slot t (slot t % capacity).
@@ -644,13 +607,6 @@ def prioritize_new_transitions(replay: dict, slot_time, n_step: int, frame_stack
     sum_tree_update(replay["sum_tree"], leaves, priorities)
 
 
-def write_slot(replay: dict, key: str, slot, values):
-    """replay[key][:, slot] = values for a 1-element slot tensor, as one in-place index_copy_ (indexing with a device
-    tensor would read it on the host); host arrays or tensors of any dtype."""
-    values = torch.as_tensor(values, device=replay[key].device).to(replay[key].dtype)
-    replay[key].index_copy_(1, slot, values.unsqueeze(1))
-
-
 def store_env_step(replay: dict, slot_time, actions, rewards, terminated, truncated, info, next_obs, episode_done,
                    n_step: int, frame_stack: int):
     """Record the EnvPool step taken from o_t (t = slot_time: an int, or a 0-d tensor on the device) and the newest
@@ -665,27 +621,30 @@ def store_env_step(replay: dict, slot_time, actions, rewards, terminated, trunca
     slot_time = torch.as_tensor(slot_time, device=device)
     slot = slot_time.reshape(1) % capacity
     next_slot = (slot + 1) % capacity
-    write_slot(replay, "actions", slot, actions)
-    write_slot(replay, "rewards", slot, rewards)
-    write_slot(replay, "terminated", slot, terminated)
-    write_slot(replay, "truncated", slot, truncated)
-    write_slot(replay, "valid", slot, ~torch.as_tensor(episode_done, device=device))
-    write_slot(replay, "frames", next_slot, next_obs[:, -1])
-    write_slot(replay, "episode_start", next_slot, torch.as_tensor(info["elapsed_step"], device=device) == 0)
+    utils.write_slot(replay, "actions", slot, actions)
+    utils.write_slot(replay, "rewards", slot, rewards)
+    utils.write_slot(replay, "terminated", slot, terminated)
+    utils.write_slot(replay, "truncated", slot, truncated)
+    utils.write_slot(replay, "valid", slot, ~torch.as_tensor(episode_done, device=device))
+    utils.write_slot(replay, "frames", next_slot, next_obs[:, -1])
+    utils.write_slot(replay, "episode_start", next_slot, torch.as_tensor(info["elapsed_step"], device=device) == 0)
     prioritize_new_transitions(replay, slot_time, n_step, frame_stack)
     return terminated | truncated
 
 
 def store_reset(replay: dict, buffer_time: int, obs, info, n_step: int, frame_stack: int) -> int:
     """Store the observations of envs.reset() and return their slot time: 0 in a fresh replay; after a resumed
-    replay's o_{buffer_time}, the next slot, behind an auto-reset step that no transition crosses (new games)."""
-    if buffer_time == 0:
-        replay["frames"][:, 0] = obs[:, -1]
-        replay["episode_start"][:, 0] = torch.as_tensor(info["elapsed_step"], device=obs.device) == 0
-        return 0
-    zeros, ended = np.zeros(len(obs), dtype=int), np.ones(len(obs), dtype=bool)  # a step after an episode end
-    store_env_step(replay, buffer_time, zeros, zeros, ~ended, ~ended, info, obs, ended, n_step, frame_stack)
-    return buffer_time + 1
+    replay's o_{buffer_time}, the next slot, and slot buffer_time holds no transition (the games restart there): it is
+    never sampled and no n-step return crosses it."""
+    capacity, slot_time = replay["frames"].shape[1], buffer_time + 1 if buffer_time > 0 else 0
+    if buffer_time > 0:
+        for key in ("actions", "rewards", "terminated", "truncated", "valid"):
+            replay[key][:, buffer_time % capacity] = 0
+    replay["frames"][:, slot_time % capacity] = obs[:, -1]
+    replay["episode_start"][:, slot_time % capacity] = torch.as_tensor(info["elapsed_step"], device=obs.device) == 0
+    if buffer_time > 0:  # the priorities, as after every store
+        prioritize_new_transitions(replay, torch.as_tensor(buffer_time, device=obs.device), n_step, frame_stack)
+    return slot_time
 
 
 def stack_frames(replay: dict, env_index, slot_time, frame_stack: int):
@@ -759,41 +718,7 @@ def recent_observations(replay: dict, buffer_time: int, count: int, frame_stack:
     return stack_frames(replay, env_index, slot_time, frame_stack)[:count]
 
 
-def cut_episodes_at_resume(replay: dict, buffer_time: int):
-    """A resumed run restarts the games: the stored episodes end as time limits at o_{buffer_time}."""
-    if buffer_time > 0:
-        replay["truncated"][:, (buffer_time - 1) % replay["frames"].shape[1]] = True
-
-
-def load_saved_replay(checkpoint_file: str, step: int, num_envs: int, capacity: int, device):
-    """(replay, buffer_time) saved beside the checkpoint of `step`, on `device`, its episodes cut where the resumed run
-    restarts the games; None when that checkpoint has none. A replay of other (envs, slots) is refused."""
-    saved = utils.load_replay(checkpoint_file, step)
-    if saved is None:
-        return None
-    shape = tuple(saved["replay"]["valid"].shape)
-    if shape != (num_envs, capacity):
-        utils.fail(f"--resume {checkpoint_file!r} holds a replay of {shape} (envs, slots); this run asks for "
-                   f"{(num_envs, capacity)}: keep --num-envs and --buffer-size")
-    replay = {key: value.to(device) for key, value in saved["replay"].items()}
-    cut_episodes_at_resume(replay, saved["buffer_time"])
-    return replay, saved["buffer_time"]
-
-
 # Environment: EnvPool Atari, one frame per step stored, whole games measured from the raw rewards
-def atari_game(env_id: str) -> str:
-    """`Breakout` or `Breakout-v5` -> `Breakout`."""
-    return env_id[: -len("-v5")] if env_id.endswith("-v5") else env_id
-
-
-def atari_games() -> list:
-    """The Atari games EnvPool registers, as plain names (its other `-v5` ids are MuJoCo tasks)."""
-    from envpool.registration import registry
-
-    specs = registry.specs.items()
-    return sorted(name[: -len("-v5")] for name, spec in specs if spec[0] == "envpool.atari" and name.endswith("-v5"))
-
-
 def make_env(args, num_envs: int, seed: int, for_evaluation: bool = False):
     """EnvPool Atari set to Dopamine's `atari_lib` protocol (Machado et al. 2018), every option explicit.
 
@@ -804,7 +729,7 @@ def make_env(args, num_envs: int, seed: int, for_evaluation: bool = False):
     over, so full-game returns are measured in both.
     """
     return envpool.make(
-        f"{atari_game(args.env_id)}-v5", env_type="gymnasium", num_envs=num_envs, seed=seed,
+        f"{utils.atari_game(args.env_id)}-v5", env_type="gymnasium", num_envs=num_envs, seed=seed,
         img_height=args.resolution, img_width=args.resolution, gray_scale=True, use_inter_area_resize=True,
         stack_num=args.frame_stack, frame_skip=args.frame_skip, full_action_space=False,
         max_episode_steps=args.max_episode_steps,
@@ -814,38 +739,6 @@ def make_env(args, num_envs: int, seed: int, for_evaluation: bool = False):
         reward_clip=not for_evaluation,
         repeat_action_probability=args.repeat_action_probability,
     )
-
-
-def finished_games(episode_return, info, truncated):
-    """Full-game statistics: add a step's raw rewards (`info["reward"]`, all lives) to the running
-    returns and give (return, length) of each game that ended (game over or time limit)."""
-    episode_return += info["reward"]
-    game_over = info["terminated"].astype(bool) | truncated
-    finished = [(episode_return[i], int(info["elapsed_step"][i])) for i in np.flatnonzero(game_over)]
-    episode_return[game_over] = 0.0
-    return finished
-
-
-class HostStaging:
-    """Host arrays to the device, each name always into the same device buffer (what a captured graph reads), with
-    `pinned` through a reused pinned host buffer and a non_blocking copy (safe to reuse: each step's copy of the actions
-    to the host waits for the previous step's copies); else a plain, blocking copy."""
-
-    def __init__(self, device, pinned: bool):
-        self.device, self.pinned, self.buffers = device, pinned, {}
-
-    def __call__(self, name: str, array):
-        host = torch.from_numpy(np.ascontiguousarray(array))
-        if name not in self.buffers:
-            pinned = torch.empty_like(host).pin_memory() if self.pinned else None
-            self.buffers[name] = (pinned, torch.empty_like(host, device=self.device))
-        pinned, staged = self.buffers[name]
-        return staged.copy_(pinned.copy_(host) if self.pinned else host, non_blocking=self.pinned)
-
-    def env_step(self, rewards, terminated, truncated, info) -> tuple:
-        """(rewards, terminated, truncated, elapsed steps) of one EnvPool step, on the device."""
-        return (self("rewards", rewards), self("terminated", terminated), self("truncated", truncated),
-                self("elapsed_step", info["elapsed_step"]))
 
 
 # Evaluation: whole games at a fixed epsilon; the network's diagnostics
@@ -868,49 +761,12 @@ def evaluate(q_function, eval_envs, epsilon: float, num_actions: int, device, ca
     return returns, video
 
 
-def parameter_counts(q_network) -> dict:
-    return {part: utils.parameter_count(getattr(q_network, part)) for part in ("encoder", "bottleneck", "head")}
-
-
-@torch.no_grad()
-def network_diagnostics(q_network, obs, threshold: float) -> dict:
-    """Dormant fractions per part and the feature norm (REFERENCE section 5) on a batch of observations.
-
-    The encoder's neurons are its ReLU outputs (conv channels), the bottleneck's its dense layer's ReLU
-    output; the head is linear, so its neurons are its outputs (one per action, and per atom for C51).
-    """
-    encoder_activations = []
-    hooks = [
-        module.register_forward_hook(lambda module, inputs, output: encoder_activations.append(output))
-        for module in q_network.encoder.modules() if isinstance(module, nn.ReLU)
-    ]
-    feature_map = q_network.encoder(obs.float() / 255.0)
-    for hook in hooks:
-        hook.remove()
-    features = pool_features(feature_map, q_network.bottleneck.pool)
-    hidden = q_network.bottleneck.dense(features)
-    outputs = q_network.head(hidden)
-    return {
-        "diag/dormant_fraction/encoder": utils.dormant_fraction(encoder_activations, threshold),
-        "diag/dormant_fraction/bottleneck": utils.dormant_fraction([hidden], threshold),
-        "diag/dormant_fraction/head": utils.dormant_fraction([outputs.flatten(1)], threshold),
-        "diag/feature_norm": features.norm(dim=1).mean().item(),
-    }
-
-
-def q_saliency(q_function, obs) -> torch.Tensor:
-    """Vanilla-gradient saliency |dQ(s, a*)/ds| of the greedy action, as (B, 1, H, W) images in [0, 1];
-    `q_function` maps observations to Q-values (B, actions)."""
-    obs = obs.float().requires_grad_(True)
-    q_function(obs).max(dim=1).values.sum().backward()
-    return utils.saliency_image(obs.grad)
-
-
 # Main: check the flags, then train
 def check_args(args):
     """Refuse bad input with one line (exit 2) before any work."""
-    if atari_game(args.env_id) not in atari_games():
-        utils.fail(f"--env-id {args.env_id!r} is not an EnvPool Atari game; choose one of: {', '.join(atari_games())}")
+    if utils.atari_game(args.env_id) not in utils.atari_games():
+        utils.fail(f"--env-id {args.env_id!r} is not an EnvPool Atari game; choose one of: "
+                   f"{', '.join(utils.atari_games())}")
     utils.check_choice("encoder", args.encoder, tuple(ENCODERS))
     utils.check_choice("pool", args.pool, ("flatten", "avg", "max"))
     utils.check_choice("init", args.init, ("dopamine", "torch"))
@@ -941,16 +797,17 @@ def check_args(args):
 def main():
     args = parse_args()
     check_args(args)  # all bad input: one line, exit 2 (also memory, via utils.check_memory)
-    args.env_id = atari_game(args.env_id)  # `Breakout-v5` trains, and names its run folder, as `Breakout`
+    args.env_id = utils.atari_game(args.env_id)  # `Breakout-v5` trains, and names its run folder, as `Breakout`
     # derived values
     replay_capacity = args.buffer_size // args.num_envs  # slots per environment
     replay_gib = args.num_envs * replay_capacity * args.resolution**2 / 2**30  # uint8 frames
     device = utils.training_device(args)
-    run_dir, checkpoint_file = utils.resolve_run(args)
+    run_dir, checkpoint_file = utils.resolve_run(args, RUN_NEUTRAL_FLAGS)
     checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
     resumed_replay = None  # (replay, buffer_time) beside the newest checkpoint, if this is it
     if checkpoint:
-        resumed_replay = load_saved_replay(checkpoint_file, checkpoint["global_step"], args.num_envs, replay_capacity, device)
+        resumed_replay = utils.load_saved_replay(checkpoint_file, checkpoint["global_step"], args.num_envs, replay_capacity,
+                                                 device)
     utils.print_config(args, device=device, run_dir=run_dir, replay=f"{replay_gib:.2f} GiB")
     writer = utils.start_run(args, run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
 
@@ -977,11 +834,11 @@ def main():
         iteration_returns = list(checkpoint.get("iteration_returns", []))
         utils.set_rng_state(checkpoint["rng"])
         utils.echo(f"resumed from {checkpoint_file} at step {global_step}")
-    utils.log_parameter_counts(writer, parameter_counts(q_network), fresh=checkpoint is None)
+    utils.log_parameter_counts(writer, utils.parameter_counts(q_network), fresh=checkpoint is None)
     q_forward = torch.compile(q_network) if args.compile else q_network
     target_forward = torch.compile(target_network) if args.compile else target_network
     q_function = expected_q(q_forward, support)
-    stage = HostStaging(device, args.pinned_staging and device.type == "cuda")
+    stage = utils.HostStaging(device, args.pinned_staging and device.type == "cuda")
     captured = args.cuda_graphs and device.type == "cuda"
     # the device tensors the steps below read and write in place (what a captured graph needs)
     newest_slot = torch.zeros((), dtype=torch.long, device=device)  # buffer_time: the slot of o_t
@@ -1001,13 +858,16 @@ def main():
         return learner_step(q_forward, target_forward, optimizer, replay, support, args)
 
     if captured:  # each of the three a CUDA graph, replayed at every call
-        act, store, update = CapturedStep(act, "acting"), CapturedStep(store, "store"), CapturedStep(update, "learner step")
+        act, store, update = (utils.CapturedStep(act, "acting"), utils.CapturedStep(store, "store"),
+                              utils.CapturedStep(update, "learner step"))
 
     def checkpoint_payload():
         return utils.checkpoint_payload(SCRIPT, args, global_step, q_network=q_network.state_dict(),
                                         target_network=target_network.state_dict(), optimizer=optimizer.state_dict(),
                                         update_count=update_count, update_credit=update_credit,
                                         iteration_returns=list(iteration_returns))
+
+    loss_total, q_total = torch.zeros((), device=device), torch.zeros((), device=device)  # summed since the last log
 
     def finite_flag():  # on the device: are the losses since the last check (their sum), the weights and Adam's moments finite
         return utils.finite_flag(loss_total, q_network, optimizer)
@@ -1027,7 +887,6 @@ def main():
     obs_device = stage("obs", obs)  # the same device buffer at every step (HostStaging)
     buffer_time = store_reset(replay, buffer_time, obs_device, info, args.n_step, args.frame_stack)
     episode_return = np.zeros(args.num_envs)
-    loss_total, q_total = torch.zeros((), device=device), torch.zeros((), device=device)
     logged_updates = update_count
     last_good = None
     progress = utils.Progress(args.total_timesteps, global_step, args.progress)
@@ -1058,7 +917,7 @@ def main():
         obs_device = stage("obs", next_obs)
         store(actions_now, *stage.env_step(rewards, terminated, truncated, info), obs_device)
         buffer_time += 1
-        for game_return, game_length in finished_games(episode_return, info, truncated):
+        for game_return, game_length in utils.finished_games(episode_return, info, truncated):
             utils.log_scalars(writer, global_step, {"charts/episodic_return": game_return,
                                                     "charts/episodic_length": game_length})
             progress.update(episodic_return=game_return)
@@ -1087,9 +946,9 @@ def main():
         if utils.crossed(previous_step, global_step, args.diag_every):
             q_network.eval()
             recent = recent_observations(replay, buffer_time, args.diag_batch_size, args.frame_stack)
-            for tag, value in network_diagnostics(q_network, recent, args.dormant_threshold).items():
+            for tag, value in utils.network_diagnostics(q_network, recent, args.dormant_threshold).items():
                 writer.add_scalar(tag, value, global_step)
-            writer.add_images("images/saliency", q_saliency(expected_q(q_network, support), recent[:4]), global_step)
+            writer.add_images("images/saliency", utils.q_saliency(expected_q(q_network, support), recent[:4]), global_step)
             q_network.zero_grad(set_to_none=True)
             q_network.train()
 

@@ -40,6 +40,8 @@ import utils
 SCRIPT = os.path.basename(__file__)
 ARCHITECTURE_FLAGS = ("env_id", "pool", "width", "dense_scale", "resolution", "frame_stack", "feature_dim", "hidden_dim",
                       "padding")
+# Flags of this script that do not change what is trained (bookkeeping, speed switches): --resume auto ignores them
+RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"save_buffer", "log_every", "bf16", "channels_last", "overlap_envs"}
 
 
 # Args
@@ -487,32 +489,44 @@ def make_learner(args, encoder, actor, critic, device):
     return parts, log_alpha
 
 
+def load_learner(parts: dict, log_alpha, checkpoint: dict):
+    """make_learner's networks, optimisers and log alpha as a checkpoint holds them. A target actor the checkpoint lacks
+    (it was trained with --target-next-action online_sample) starts as a copy of its actor, and one line says so."""
+    for name, part in parts.items():
+        if name == "target_actor" and name not in checkpoint:
+            utils.echo("the checkpoint has no target actor (--target-next-action online_sample): it starts as the actor")
+        part.load_state_dict(checkpoint.get(name, checkpoint["actor"]))
+    log_alpha.data.copy_(checkpoint["log_alpha"])
+
+
 def learner_step(parts: dict, log_alpha, batch: dict, update_count: int, losses, args, views: int, bf16: bool = False) -> dict:
-    """Gradient update number `update_count` on `batch`: the critic (DrQ), and the actor and temperature every
-    --actor-update-frequency updates; or all three at once (Dopamine's --combined-loss); then the target update every
-    --target-update-frequency updates. `parts` holds the networks and optimisers by name, `losses` the (compiled)
-    loss functions; with `bf16` the networks run under bfloat16 autocast (their outputs, and so the losses, float32).
+    """Gradient update number `update_count` on `batch`: DrQ's critic step, then the actor and temperature every
+    --actor-update-frequency updates; or Dopamine's one step on all three losses (--combined-loss); then the target update
+    every --target-update-frequency updates. `parts`: make_learner's networks and optimisers, `losses` the (compiled) loss
+    functions; with `bf16` the networks run under bfloat16 autocast (their outputs, and so the losses, float32).
     Returns the detached losses of what was updated."""
     compute_critic_loss, compute_actor_losses = losses
     autocast = functools.partial(torch.autocast, log_alpha.device.type, torch.bfloat16, enabled=bf16)
     target_entropy = -args.target_entropy_scale * batch["actions"].shape[1]  # DrQ -|A|, Dopamine -|A|/2
-    encoder, actor, critic = parts["encoder"], parts["actor"], parts["critic"]
-    critic_optimizer, actor_optimizer, alpha_optimizer = (parts[f"{name}_optimizer"] for name in ("critic", "actor", "alpha"))
+    encoder, actor, critic, target_encoder, target_critic, critic_optimizer, actor_optimizer, alpha_optimizer = (
+        parts[name] for name in ("encoder", "actor", "critic", "target_encoder", "target_critic", "critic_optimizer",
+                                 "actor_optimizer", "alpha_optimizer"))
+    target_actor = parts.get("target_actor")  # Dopamine's target network has an actor too
     with autocast():
-        qf_loss, q1, q2 = compute_critic_loss(encoder, actor, critic, parts["target_encoder"], parts["target_critic"],
-                                              log_alpha, batch, views, args.gamma, parts.get("target_actor"))
+        qf_loss, q1, q2 = compute_critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch,
+                                              views, args.gamma, target_actor)
+    updated = {"qf_loss": qf_loss.detach(), "qf1_values": q1.detach().mean(), "qf2_values": q2.detach().mean()}
     if args.combined_loss:  # Dopamine: one step on all three losses, from the same weights
         with autocast():
             actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, batch["observations"],
                                                           target_entropy, args.alpha_loss_on)
         combined_step(qf_loss, actor_loss, alpha_loss, critic_optimizer, actor_optimizer, alpha_optimizer)
-    else:
+        updated.update(actor_loss=actor_loss.detach(), alpha_loss=alpha_loss.detach())
+    else:  # DrQ: the critic, then the actor and temperature on the critic just updated
         critic_optimizer.zero_grad()
         qf_loss.backward()
         critic_optimizer.step()
-    updated = {"qf_loss": qf_loss.detach(), "qf1_values": q1.detach().mean(), "qf2_values": q2.detach().mean()}
-    if args.combined_loss or update_count % args.actor_update_frequency == 0:
-        if not args.combined_loss:
+        if update_count % args.actor_update_frequency == 0:
             observations = batch["observations"][: args.batch_size]  # the first augmented view, as DrQ
             with autocast():
                 actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, observations,
@@ -522,10 +536,12 @@ def learner_step(parts: dict, log_alpha, batch: dict, update_count: int, losses,
             (actor_loss + alpha_loss).backward()  # disjoint gradients: each loss detaches the other's input
             actor_optimizer.step()
             alpha_optimizer.step()
-        updated.update(actor_loss=actor_loss.detach(), alpha_loss=alpha_loss.detach())
+            updated.update(actor_loss=actor_loss.detach(), alpha_loss=alpha_loss.detach())
     if update_count % args.target_update_frequency == 0:
-        names = [name for name in ("encoder", "critic", "actor") if f"target_{name}" in parts]  # a target actor: Dopamine's
-        soft_update([parts[f"target_{name}"] for name in names], [parts[name] for name in names], args.tau)
+        targets, onlines = [target_encoder, target_critic], [encoder, critic]
+        if target_actor is not None:
+            targets, onlines = targets + [target_actor], onlines + [actor]
+        soft_update(targets, onlines, args.tau)
     return updated
 
 
@@ -863,7 +879,7 @@ def main():
     views = 2 if args.augment else 1  # DrQ's K = M = 2 augmented views
     obs_shape = (3 * args.frame_stack, args.resolution, args.resolution)
     device = utils.training_device(args)
-    run_dir, checkpoint_file = utils.resolve_run(args)
+    run_dir, checkpoint_file = utils.resolve_run(args, RUN_NEUTRAL_FLAGS)
     checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
     if checkpoint:  # the replay saved beside the newest checkpoint, if this is it
         checkpoint.update(utils.load_replay(checkpoint_file, checkpoint["global_step"]) or {})
@@ -892,9 +908,7 @@ def main():
     replay = make_replay(args.buffer_size, obs_shape, action_dim, device)
     replay_position, replay_size, update_count = 0, 0, 0
     if checkpoint:
-        for name, part in parts.items():
-            part.load_state_dict(checkpoint[name] if name in checkpoint else checkpoint["actor"])  # no target actor saved
-        log_alpha.data.copy_(checkpoint["log_alpha"])
+        load_learner(parts, log_alpha, checkpoint)
         update_count = checkpoint["update_count"]
         if "replay" in checkpoint:
             replay = {key: value.to(device) for key, value in checkpoint["replay"].items()}
@@ -907,6 +921,8 @@ def main():
     def checkpoint_payload():
         return utils.checkpoint_payload(SCRIPT, args, global_step, update_count=update_count, log_alpha=log_alpha.detach(),
                                         **{name: part.state_dict() for name, part in parts.items()})
+
+    recent_losses = {name: [] for name in ("qf1_values", "qf2_values", "qf_loss", "actor_loss", "alpha_loss")}  # since a log
 
     def loss_means():  # since the last log
         return {name: torch.stack(values).mean() for name, values in recent_losses.items() if values}
@@ -933,7 +949,6 @@ def main():
     # training loop
     obs = torch.as_tensor(reset_env(env), device=device)
     episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
-    recent_losses = {name: [] for name in ("qf1_values", "qf2_values", "qf_loss", "actor_loss", "alpha_loss")}
     last_good = None
     progress = utils.Progress(args.total_timesteps, global_step, args.progress)
     start_step, start_time = global_step, time.time()

@@ -1,8 +1,8 @@
-"""What every cleanrl_pool script shares byte for byte and is not algorithm logic: bad-input
-exits, seeding and RNG state, the run folder (lock, config, TensorBoard and W&B), checkpoints and the
-last good state, the training loop's plumbing (interval test, log line, live progress), score
-normalisation tables and the summaries of the diagnostics. Copy it next to any script you take out
-of this repository."""
+"""What the cleanrl_pool scripts share and is not their algorithm, in sections a reader can skip by title: bad input,
+seeding and RNG state, the run folder (lock, config, TensorBoard and W&B), checkpoints and the last good state, the
+training loop's plumbing (interval test, log line, live progress), Atari (game names, whole-game returns, the saved
+replay), speed machinery (host staging, CUDA graphs), score normalisation tables and the network's diagnostics.
+Copy it next to any script you take out of this repository."""
 
 import glob
 import json
@@ -26,11 +26,6 @@ def fail(message: str):
 def check_choice(flag: str, value, allowed):
     if value not in allowed:
         fail(f"--{flag} {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
-
-
-def check_positive(flag: str, value):
-    if not value > 0:
-        fail(f"--{flag} {value!r} must be positive")
 
 
 def check_ranges(args, ranges: dict):
@@ -124,13 +119,12 @@ def set_rng_state(state: dict):
 
 
 # Run folder: runs/{env_id}__{exp_name}__{seed}__{unix_time}/, one training process at a time
-# Flags that do not change what is trained: a run continued with other values of these is the same run.
+# Flags every script has that do not change what is trained: a run continued with other values of these is the same
+# run. A script adds its own such flags (its RUN_NEUTRAL_FLAGS, passed to resolve_run).
 RUN_NEUTRAL_FLAGS = frozenset({
     "resume", "runs_dir", "track", "wandb_project_name", "wandb_entity", "capture_video", "torch_threads", "compile", "cuda",
-    "eval_every", "eval_episodes", "final_eval_episodes", "eval_num_envs", "save_every", "save_buffer", "keep_checkpoints",
-    "diag_every", "diag_batch_size", "dormant_threshold", "log_every", "iteration_steps", "progress",
-    # speed switches: the same training, computed faster (issue 13)
-    "tf32", "cudnn_benchmark", "bf16", "channels_last", "micro_batch_size", "overlap_envs", "cuda_graphs", "pinned_staging",
+    "eval_every", "eval_episodes", "save_every", "keep_checkpoints", "diag_every", "diag_batch_size", "dormant_threshold",
+    "progress", "tf32", "cudnn_benchmark",  # tf32, cudnn_benchmark: speed switches, the same training computed faster
 })
 _run_lock = None  # the open lock file of this process's run folder: the OS releases it when the process ends
 
@@ -149,9 +143,9 @@ def latest_checkpoint(run_dir: str):
     return paths[-1] if paths else None
 
 
-def training_config(config: dict) -> dict:
-    """The resolved flags that decide what is trained (JSON-normalised, bookkeeping flags left out)."""
-    return {key: value for key, value in json.loads(json.dumps(config)).items() if key not in RUN_NEUTRAL_FLAGS}
+def training_config(config: dict, neutral_flags=RUN_NEUTRAL_FLAGS) -> dict:
+    """The resolved flags that decide what is trained (JSON-normalised, the `neutral_flags` left out)."""
+    return {key: value for key, value in json.loads(json.dumps(config)).items() if key not in neutral_flags}
 
 
 def run_folder_of(checkpoint_file: str) -> str:
@@ -170,14 +164,14 @@ def recorded_run_name(checkpoint_file: str):
     return checkpoint.get("run_name") if isinstance(checkpoint, dict) else None
 
 
-def resolve_run(args):
+def resolve_run(args, neutral_flags=RUN_NEUTRAL_FLAGS):
     """Pick the run folder and the checkpoint to resume from (None for a fresh run).
 
     `--resume PATH` continues in the run folder the checkpoint was written in, when the file still lies
     in it (a run folder moved as a whole continues where it is); a checkpoint copied elsewhere starts a
     new run folder under --runs-dir. `--resume auto` continues the newest run folder of the same env id,
     experiment name and seed that has a checkpoint and the same training configuration (config.json,
-    RUN_NEUTRAL_FLAGS aside); when that folder holds final.pt the run is finished: one line says so and the
+    `neutral_flags` aside); when that folder holds final.pt the run is finished: one line says so and the
     script exits 0 without training (Dopamine's runner does the same). Else it starts fresh, reusing a folder
     of that configuration that a kill left without any checkpoint.
     """
@@ -188,11 +182,11 @@ def resolve_run(args):
     check_writable_folder("runs-dir", args.runs_dir)
     fresh = run_prefix(args) + str(int(time.time()))
     if args.resume == "auto":
-        wanted, orphan = training_config(asdict(args)), None
+        wanted, orphan = training_config(asdict(args), neutral_flags), None
         for run_dir in sorted(glob.glob(glob.escape(run_prefix(args)) + "*"), reverse=True):
             try:
                 with open(os.path.join(run_dir, "config.json")) as f:
-                    same = training_config(json.load(f)) == wanted
+                    same = training_config(json.load(f), neutral_flags) == wanted
             except (OSError, ValueError):
                 continue
             checkpoint, finished = latest_checkpoint(run_dir), os.path.exists(os.path.join(run_dir, "final.pt"))
@@ -434,6 +428,120 @@ class Progress:
             print(self.line(time.time()), flush=True)
 
 
+# Atari (DQN, Rainbow): game names, whole-game returns, the replay saved beside a checkpoint
+def atari_game(env_id: str) -> str:
+    """`Breakout` or `Breakout-v5` -> `Breakout`."""
+    return env_id[: -len("-v5")] if env_id.endswith("-v5") else env_id
+
+
+def atari_games() -> list:
+    """The Atari games EnvPool registers, as plain names (its other `-v5` ids are MuJoCo tasks)."""
+    from envpool.registration import registry
+
+    specs = registry.specs.items()
+    return sorted(name[: -len("-v5")] for name, spec in specs if spec[0] == "envpool.atari" and name.endswith("-v5"))
+
+
+def finished_games(episode_return, info, truncated):
+    """Full-game statistics: add a step's raw rewards (`info["reward"]`, all lives) to the running
+    returns and give (return, length) of each game that ended (game over or time limit)."""
+    episode_return += info["reward"]
+    game_over = info["terminated"].astype(bool) | truncated
+    finished = [(episode_return[i], int(info["elapsed_step"][i])) for i in np.flatnonzero(game_over)]
+    episode_return[game_over] = 0.0
+    return finished
+
+
+def cut_episodes_at_resume(replay: dict, buffer_time: int):
+    """A resumed run restarts the games: the stored episodes end as time limits at o_{buffer_time}."""
+    if buffer_time > 0:
+        replay["truncated"][:, (buffer_time - 1) % replay["frames"].shape[1]] = True
+
+
+def load_saved_replay(checkpoint_file: str, step: int, num_envs: int, capacity: int, device):
+    """(replay, buffer_time) saved beside the checkpoint of `step`, on `device`, its episodes cut where the resumed run
+    restarts the games; None when that checkpoint has none. A replay of other (envs, slots) is refused."""
+    saved = load_replay(checkpoint_file, step)
+    if saved is None:
+        return None
+    shape = tuple(saved["replay"]["valid"].shape)
+    if shape != (num_envs, capacity):
+        fail(f"--resume {checkpoint_file!r} holds a replay of {shape} (envs, slots); this run asks for "
+             f"{(num_envs, capacity)}: keep --num-envs and --buffer-size")
+    replay = {key: value.to(device) for key, value in saved["replay"].items()}
+    cut_episodes_at_resume(replay, saved["buffer_time"])
+    return replay, saved["buffer_time"]
+
+
+# Speed machinery (DQN, Rainbow): host-to-device staging, graph-safe replay writes, CUDA graphs
+class HostStaging:
+    """Host arrays to the device, each name always into the same device buffer (what a captured graph reads), with
+    `pinned` through a reused pinned host buffer and a non_blocking copy (safe to reuse: each step's copy of the actions
+    to the host waits for the previous step's copies); else a plain, blocking copy."""
+
+    def __init__(self, device, pinned: bool):
+        self.device, self.pinned, self.buffers = device, pinned, {}
+
+    def __call__(self, name: str, array):
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        if name not in self.buffers:
+            pinned = torch.empty_like(host).pin_memory() if self.pinned else None
+            self.buffers[name] = (pinned, torch.empty_like(host, device=self.device))
+        pinned, staged = self.buffers[name]
+        return staged.copy_(pinned.copy_(host) if self.pinned else host, non_blocking=self.pinned)
+
+    def env_step(self, rewards, terminated, truncated, info) -> tuple:
+        """(rewards, terminated, truncated, elapsed steps) of one EnvPool step, on the device."""
+        return (self("rewards", rewards), self("terminated", terminated), self("truncated", truncated),
+                self("elapsed_step", info["elapsed_step"]))
+
+
+def write_slot(replay: dict, key: str, slot, values):
+    """replay[key][:, slot] = values for a 1-element slot tensor, as one in-place index_copy_ (indexing with a device
+    tensor would read it on the host); host arrays or tensors of any dtype."""
+    values = torch.as_tensor(values, device=replay[key].device).to(replay[key].dtype)
+    replay[key].index_copy_(1, slot, values.unsqueeze(1))
+
+
+class CapturedStep:
+    """`step(*tensors)` run eagerly on a side stream for `warmup` calls (Adam's state is created), then captured
+    once as a CUDA graph and replayed at every later call, which must pass the very same tensors (a graph reads fixed
+    addresses: callers fill them in place); returns the graph's static outputs, overwritten by each replay. If the
+    capture fails, one line says why and the step runs eagerly from then on."""
+
+    def __init__(self, step, name: str, warmup: int = 3):
+        self.step, self.name, self.warmup = step, name, warmup
+        self.graph, self.inputs, self.outputs, self.eager = None, None, None, False
+
+    def __call__(self, *tensors):
+        if self.eager:
+            return self.step(*tensors)
+        if self.graph is not None:
+            if any(given is not captured for given, captured in zip(tensors, self.inputs, strict=True)):
+                raise ValueError(f"the captured {self.name} was called with other tensors than it was captured with")
+            self.graph.replay()
+            return self.outputs
+        if self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outputs = self.step(*tensors)
+            torch.cuda.current_stream().wait_stream(side)
+            return outputs
+        previous_stream = torch.cuda.current_stream()
+        try:
+            self.graph, self.inputs = torch.cuda.CUDAGraph(), tensors
+            with torch.cuda.graph(self.graph):  # records the kernels without running them: the replay below runs them
+                self.outputs = self.step(*tensors)
+        except RuntimeError as error:
+            torch.cuda.set_stream(previous_stream)  # a capture_end that fails leaves the capture stream current
+            reason = str(error.__context__ or error).splitlines()[0]  # the step's error, not capture_end's
+            echo(f"warning: --cuda-graphs could not capture the {self.name} ({reason}); it runs eagerly")
+            self.graph, self.eager = None, True
+        return self(*tensors)
+
+
 # Score normalisation (REFERENCE §2, §7)
 PROCGEN_SCORE_RANGES = {  # game: {mode: (min, max)}, normalised score = (R - min) / (max - min)
     "bigfish": {"easy": (1, 40), "hard": (0, 40)},
@@ -508,6 +616,54 @@ def saliency_image(gradient: torch.Tensor) -> torch.Tensor:
     return (saliency - low) / (high - low + 1e-12)
 
 
+def parameter_counts(network) -> dict:
+    """Weights per part (CONVENTIONS) of a network made of `encoder` (the conv trunk), `bottleneck` (the join and the
+    dense layer after it) and heads (its other parts)."""
+    heads = [module for name, module in network.named_children() if name not in ("encoder", "bottleneck")]
+    return {"encoder": parameter_count(network.encoder), "bottleneck": parameter_count(network.bottleneck),
+            "head": parameter_count(*heads)}
+
+
+@torch.no_grad()
+def network_diagnostics(network, obs, threshold: float) -> dict:
+    """Dormant fraction per part and feature norm (REFERENCE §5) of a network made of `encoder`, `bottleneck` and heads
+    (as `parameter_counts`), on a batch of observations, as TensorBoard tags.
+
+    encoder: every ReLU output of the trunk (a conv channel is a neuron); bottleneck: its activated output; head: every
+    head's outputs (one neuron per action, and per atom for C51); feature norm: mean L2 norm of the pooled features.
+    """
+    activations = {"encoder": [], "pooled": [], "bottleneck": [], "head": []}
+
+    def recorder(part, record_input=False):
+        return lambda module, inputs, output: activations[part].append(inputs[0] if record_input else output)
+
+    heads = [module for name, module in network.named_children() if name not in ("encoder", "bottleneck")]
+    relus = [module for module in network.encoder.modules() if isinstance(module, torch.nn.ReLU)]
+    hooks = [relu.register_forward_hook(recorder("encoder")) for relu in relus]
+    hooks.append(network.bottleneck.dense.register_forward_hook(recorder("pooled", record_input=True)))
+    hooks.append(network.bottleneck.register_forward_hook(recorder("bottleneck")))
+    hooks += [head.register_forward_hook(recorder("head")) for head in heads]
+    try:
+        network(obs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {
+        "diag/dormant_fraction/encoder": dormant_fraction(activations["encoder"], threshold),
+        "diag/dormant_fraction/bottleneck": dormant_fraction(activations["bottleneck"], threshold),
+        "diag/dormant_fraction/head": dormant_fraction([output.flatten(1) for output in activations["head"]], threshold),
+        "diag/feature_norm": activations["pooled"][0].norm(dim=1).mean().item(),
+    }
+
+
+def q_saliency(q_function, obs) -> torch.Tensor:
+    """Vanilla-gradient saliency |dQ(s, a*)/ds| of the greedy action, as (B, 1, H, W) images in [0, 1];
+    `q_function` maps observations to Q-values (B, actions)."""
+    obs = obs.float().requires_grad_(True)
+    q_function(obs).max(dim=1).values.sum().backward()
+    return saliency_image(obs.grad)
+
+
 def save_video(path: str, frames, fps: int = 30):
     """Write uint8 frames (T, H, W, 3) as an animated GIF (no codec or network needed)."""
     from PIL import Image
@@ -538,11 +694,6 @@ def finite_flag(*parts) -> torch.Tensor:
     if not found:
         return torch.ones(())
     return torch.stack([torch.isfinite(t).all() for t in found]).all().float()
-
-
-def finite_state(*parts) -> bool:
-    """finite_flag read on the host: one sync."""
-    return bool(finite_flag(*parts))
 
 
 def parameter_count(*modules) -> int:

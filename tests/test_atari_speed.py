@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dqn_atari_gap as dqn
 import rainbow_atari_gap as rainbow
+import utils
 from test_dqn_math import filled_replay
 
 SCRIPTS = {"dqn": dqn, "rainbow": rainbow}
@@ -189,7 +190,7 @@ def test_the_in_place_store_of_main_equals_the_plain_store_and_reads_nothing_on_
     script = SCRIPTS[name]
     more = (3, 4) if name == "rainbow" else ()
     plain, in_place = script.make_replay(2, 20, 3, "cpu"), script.make_replay(2, 20, 3, "cpu")
-    stage = script.HostStaging(torch.device("cpu"), pinned=False)
+    stage = utils.HostStaging(torch.device("cpu"), pinned=False)
     plain_done, done_buffer = np.zeros(2, dtype=bool), torch.zeros(2, dtype=torch.bool)
     slot = torch.zeros((), dtype=torch.long)
     staged_buffers = None
@@ -265,14 +266,13 @@ def fake_cuda(monkeypatch):
     return fake
 
 
-@pytest.mark.parametrize("name", ["dqn", "rainbow"])
-def test_captured_step_warms_up_eagerly_captures_once_then_replays_on_the_same_tensors(name, fake_cuda):
+def test_captured_step_warms_up_eagerly_captures_once_then_replays_on_the_same_tensors(fake_cuda):
     counter, x = torch.zeros(()), torch.zeros(())
 
     def step(x):
         return (x + counter.add_(1),)
 
-    captured = SCRIPTS[name].CapturedStep(step, "test step", warmup=2)
+    captured = utils.CapturedStep(step, "test step", warmup=2)
     fake_cuda.replay = lambda: captured.outputs[0].copy_(step(x)[0])
     outputs = [captured(x)[0].item() for _ in range(5)]
     assert fake_cuda.captures == 1
@@ -282,13 +282,12 @@ def test_captured_step_warms_up_eagerly_captures_once_then_replays_on_the_same_t
         captured(torch.zeros(()))
 
 
-@pytest.mark.parametrize("name", ["dqn", "rainbow"])
-def test_a_failed_capture_says_so_in_one_line_and_runs_the_step_eagerly(name, fake_cuda, monkeypatch, capsys):
+def test_a_failed_capture_says_so_in_one_line_and_runs_the_step_eagerly(fake_cuda, monkeypatch, capsys):
     def refuse(graph):
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
 
     monkeypatch.setattr(torch.cuda, "graph", refuse)
-    captured = SCRIPTS[name].CapturedStep(lambda x: x + 1, "store", warmup=1)
+    captured = utils.CapturedStep(lambda x: x + 1, "store", warmup=1)
     assert [captured(torch.tensor(float(i))).item() for i in range(4)] == [1.0, 2.0, 3.0, 4.0]
     assert captured.eager and captured.graph is None and fake_cuda.captures == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
@@ -296,9 +295,7 @@ def test_a_failed_capture_says_so_in_one_line_and_runs_the_step_eagerly(name, fa
                      "capturing); it runs eagerly"]
 
 
-@pytest.mark.parametrize("name", ["dqn", "rainbow"])
-def test_a_step_that_fails_inside_the_capture_restores_the_stream_and_names_its_own_error(name, fake_cuda, monkeypatch,
-                                                                                           capsys):
+def test_a_step_that_fails_inside_the_capture_restores_the_stream_and_names_its_own_error(fake_cuda, monkeypatch, capsys):
     """torch.cuda.graph's exit calls capture_end first; when the capture was invalidated that raises too, so the
     stream the capture made current is never reset by it and the error caught is capture_end's."""
 
@@ -320,7 +317,7 @@ def test_a_step_that_fails_inside_the_capture_restores_the_stream_and_names_its_
         return x * 2
 
     monkeypatch.setattr(torch.cuda, "graph", invalidated_capture)
-    captured = SCRIPTS[name].CapturedStep(step, "learner step", warmup=1)
+    captured = utils.CapturedStep(step, "learner step", warmup=1)
     assert [captured(torch.tensor(float(i))).item() for i in range(3)] == [0.0, 2.0, 4.0]
     assert captured.eager and len(fake_cuda.streams) == 1  # the stream current before the capture, set back once
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import dqn_atari_gap as dqn
+import utils
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def rollout():
         obs, rewards, terminated, truncated, info = envs.step(actions)
         episode_done = dqn.store_env_step(replay, t, actions, rewards, terminated, truncated, info, torch.tensor(obs),
                                           episode_done)
-        games += dqn.finished_games(episode_return, info, truncated)
+        games += utils.finished_games(episode_return, info, truncated)
         observations.append(obs)
         elapsed.append(info["elapsed_step"])
         records.append(dict(rewards=rewards, raw=info["reward"], terminated=terminated, truncated=truncated,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dqn_atari_gap as dqn
+import utils
 
 
 # epsilon schedule
@@ -214,7 +215,7 @@ def test_wrapped_replay_samples_only_transitions_whose_frames_are_still_stored()
 def test_resume_cut_ends_stored_episodes_as_time_limits_before_the_new_games():
     first_obs, steps, transitions = scripted_stream([(12, "game")])
     replay, buffer_time = fill_replay(first_obs, steps[:8], capacity=64)  # stopped mid-episode at o_8
-    dqn.cut_episodes_at_resume(replay, buffer_time)
+    utils.cut_episodes_at_resume(replay, buffer_time)
     fresh = np.full((4, 2, 2), 200, dtype=np.uint8)  # the new game's first observation, as the training loop stores it
     assert dqn.store_reset(replay, buffer_time, torch.tensor(fresh[None]), {"elapsed_step": np.array([0])}) == buffer_time + 1
     assert not replay["valid"][0, buffer_time] and np.array_equal(dqn.stack_frames(
@@ -251,8 +252,8 @@ def test_a_frame_too_small_for_the_nature_encoder_has_no_feature_map():
 
 def test_nature_encoder_at_84_gives_7x7x64_and_flatten_bottleneck_has_hwc_times_dense_weights():
     assert dqn.feature_map_shape(dqn.nature_encoder(4, 1), 4, 84) == (64, 7)
-    flatten = dqn.parameter_counts(dqn.QNetwork(dqn.Args(pool="flatten", dense_scale=2), 4))
-    pooled = dqn.parameter_counts(dqn.QNetwork(dqn.Args(pool="avg", dense_scale=2), 4))
+    flatten = utils.parameter_counts(dqn.QNetwork(dqn.Args(pool="flatten", dense_scale=2), 4))
+    pooled = utils.parameter_counts(dqn.QNetwork(dqn.Args(pool="avg", dense_scale=2), 4))
     assert flatten["bottleneck"] == 7 * 7 * 64 * 1024 + 1024
     assert pooled["bottleneck"] == 64 * 1024 + 1024
     assert flatten["encoder"] == pooled["encoder"] and flatten["head"] == pooled["head"] == 1024 * 4 + 4
@@ -263,7 +264,7 @@ def test_feature_norm_is_the_mean_norm_of_the_bottleneck_input(encoder, pool):
     torch.manual_seed(0)
     q_network = dqn.QNetwork(dqn.Args(encoder=encoder, pool=pool, resolution=64), 4)
     obs = torch.randint(0, 256, (6, 4, 64, 64), dtype=torch.uint8)
-    diagnostics = dqn.network_diagnostics(q_network, obs, 0.025)
+    diagnostics = utils.network_diagnostics(q_network, obs, 0.025)
     with torch.no_grad():
         feature_map = q_network.encoder(obs.float() / 255.0)
     norms = []

@@ -53,7 +53,7 @@ def run_main(script, tmp_path, monkeypatch, break_at=None):
         return REAL_CHECK(*parts)
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
-    monkeypatch.setattr(utils, "finite_flag", check)  # finite_state reads it too
+    monkeypatch.setattr(utils, "finite_flag", check)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [script + ".py", *RUNS[script], "--runs-dir", "runs", "--torch-threads", "1"])
     module.main()

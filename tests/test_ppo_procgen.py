@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ppo_procgen_impoola as ppo
+import utils
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -170,14 +171,14 @@ def slow_impala_encoder_params(width):
 def test_parameter_counts_avg_independent_of_resolution_flatten_grows_with_r_squared(width, dense_scale):
     hidden = 256 * dense_scale
     for resolution in (1, 9, 48, 64, 65, 96, 128, 192):
-        avg = ppo.parameter_counts(ppo.Agent(15, resolution, "avg", width, dense_scale))
-        flat = ppo.parameter_counts(ppo.Agent(15, resolution, "flatten", width, dense_scale))
+        avg = utils.parameter_counts(ppo.Agent(15, resolution, "avg", width, dense_scale))
+        flat = utils.parameter_counts(ppo.Agent(15, resolution, "flatten", width, dense_scale))
         side = math.ceil(resolution / 8)
         assert avg["encoder"] == flat["encoder"] == slow_impala_encoder_params(width)
         assert avg["bottleneck"] == 32 * width * hidden + hidden
         assert flat["bottleneck"] == 32 * width * side * side * hidden + hidden
         assert avg["head"] == flat["head"] == (hidden * 15 + 15) + (hidden + 1)
-    assert ppo.parameter_counts(ppo.Agent(15, 64, "max", 1, 1)) == ppo.parameter_counts(ppo.Agent(15, 64, "avg", 1, 1))
+    assert utils.parameter_counts(ppo.Agent(15, 64, "max", 1, 1)) == utils.parameter_counts(ppo.Agent(15, 64, "avg", 1, 1))
 
 
 def test_bottleneck_holds_the_join_and_the_dense_layer():
@@ -243,7 +244,7 @@ def test_dormant_fraction_is_wired_per_part():
         agent.bottleneck.dense[0].weight[:5] = 0.0  # 5 dense units: pre-activation -1, ReLU output 0
         agent.bottleneck.dense[0].bias[:5] = -1.0
         agent.actor.weight[2] = 0.0  # one logit constant 0
-    diagnostics = ppo.network_diagnostics(agent, obs, 0.025)
+    diagnostics = utils.network_diagnostics(agent, obs, 0.025)
     expected = slow_dormant_fractions(agent, obs, 0.025)
     for part in ("encoder", "bottleneck", "head"):
         tag = f"diag/dormant_fraction/{part}"
@@ -261,7 +262,7 @@ def test_feature_norm_is_mean_l2_norm_of_pooled_vector():
     with torch.no_grad():
         pooled = agent.encoder(obs.float() / 255).amax(dim=(2, 3)).numpy()
     expected = np.mean([math.sqrt(sum(float(x) ** 2 for x in row)) for row in pooled])
-    assert ppo.network_diagnostics(agent, obs, 0.025)["diag/feature_norm"] == pytest.approx(expected, rel=1e-5)
+    assert utils.network_diagnostics(agent, obs, 0.025)["diag/feature_norm"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_saliency_grid_shape_and_range():

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ppo_procgen_impoola as ppo
+import utils
 
 CHANNELS_LAST = torch.channels_last
 
@@ -133,7 +134,7 @@ def test_update_memory_probe_counts_the_peak_per_step_beyond_the_gradients(monke
 
     monkeypatch.setattr(torch.Tensor, "backward", backward_allocating)
     args = ppo.Args(resolution=16, width=1)
-    weight_bytes = 4 * sum(ppo.parameter_counts(ppo.Agent(15, 16, "avg", 1, 1)).values())
+    weight_bytes = 4 * sum(utils.parameter_counts(ppo.Agent(15, 16, "avg", 1, 1)).values())
     per_step, fixed = ppo.update_memory(args, torch.device("cpu"), probe_size=16)
     assert per_step == 1_000 and fixed == 4 * weight_bytes  # weights, gradients, Adam's two moments
 

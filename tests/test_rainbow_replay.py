@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import rainbow_atari_gap as rainbow
+import utils
 
 N_STEP, GAMMA, STEPS = 3, 0.99, 300
 
@@ -136,7 +137,7 @@ def test_wrapped_replay_gives_priority_only_to_transitions_whose_frames_are_stil
 
 def test_resume_cut_ends_stored_episodes_before_the_new_games():
     replay, observations, records = record(capacity=400, episodic_life=False)
-    rainbow.cut_episodes_at_resume(replay, STEPS)
+    utils.cut_episodes_at_resume(replay, STEPS)
     leaves = torch.tensor([STEPS - 2, 400 + STEPS - 2])  # windows that reach the cut
     batch = rainbow.gather_batch(replay, leaves // 400, leaves % 400, N_STEP, 4, GAMMA)
     for i, env in enumerate(range(2)):

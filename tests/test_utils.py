@@ -263,15 +263,15 @@ def test_periodic_checkpoints_keep_the_newest_and_one_replay_beside_the_newest(t
     assert utils.load_replay(str(tmp_path / "copied.pt"), 40) is None  # nor one copied out of its run folder
 
 
-def test_finite_state_looks_at_weights_and_optimiser_moments():
+def test_finite_flag_looks_at_weights_and_optimiser_moments():
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.Adam(model.parameters())
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
-    assert utils.finite_state(model, optimizer, torch.zeros(2))
+    assert utils.finite_flag(model, optimizer, torch.zeros(2)) == 1
     optimizer.state[model.weight]["exp_avg_sq"][0, 0] = float("nan")
-    assert not utils.finite_state(model, optimizer)
-    assert not utils.finite_state(model, torch.tensor([float("inf")]))
+    assert utils.finite_flag(model, optimizer) == 0
+    assert utils.finite_flag(model, torch.tensor([float("inf")])) == 0
 
 
 def test_score_normalisation_tables():
