@@ -106,6 +106,19 @@ def beside_utils(script: str):
         utils.fail(f"--grid: {script} uses the utils.py beside it, but {path} cannot be read ({error})")
 
 
+def args_fields(tree, script: str):
+    """The annotated fields (ast.AnnAssign) of the `Args` dataclass of a parsed script, with those of `utils.RunArgs`
+    first when Args extends it (read from the utils.py beside the script); None when the script has no Args."""
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    if "Args" not in classes:
+        return None
+    bodies = [classes["Args"].body]
+    if any(ast.unparse(base) == "utils.RunArgs" for base in classes["Args"].bases):
+        bodies.insert(0, next((node.body for node in beside_utils(script).body
+                               if isinstance(node, ast.ClassDef) and node.name == "RunArgs"), []))
+    return [item for body in bodies for item in body if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)]
+
+
 def script_arguments(script: str):
     """({flag: type name ("int", "float", "bool", "str") or None}, env-id spelling function) of a script,
     from its source: the fields of its `Args` dataclass, and the function it applies to `args.env_id`
@@ -115,13 +128,12 @@ def script_arguments(script: str):
             tree = ast.parse(f.read(), script)
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as error:
         utils.fail(f"--grid: {script} cannot be read as Python ({error})")
-    fields, functions = None, {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Args":
-            fields = {flag_name(item.target.id): item.annotation.id if isinstance(item.annotation, ast.Name) else None
-                      for item in node.body if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)}
-    if fields is None:
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    items = args_fields(tree, script)
+    if items is None:
         utils.fail(f"--grid: {script} has no `Args` dataclass to check the grid's flags against")
+    fields = {flag_name(item.target.id): item.annotation.id if isinstance(item.annotation, ast.Name) else None
+              for item in items}
     for node in ast.walk(tree):
         if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Attribute)
                 and node.targets[0].attr == "env_id" and isinstance(node.value, ast.Call)):

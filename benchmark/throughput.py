@@ -214,16 +214,12 @@ def script_defaults(script: str) -> dict:
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as error:
         utils.fail(f"--scripts {script!r}: {path} cannot be read as Python ({error})")
     fields = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Args":
-            for item in node.body:
-                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
-                    try:
-                        default = ast.literal_eval(item.value) if item.value is not None else None
-                    except ValueError:
-                        default = None
-                    kind = item.annotation.id if isinstance(item.annotation, ast.Name) else None
-                    fields[item.target.id] = (kind, default)
+    for item in sweep.args_fields(tree, path) or []:  # with utils.RunArgs' fields, when Args extends it
+        try:
+            default = ast.literal_eval(item.value) if item.value is not None else None
+        except ValueError:
+            default = None
+        fields[item.target.id] = (item.annotation.id if isinstance(item.annotation, ast.Name) else None, default)
     if not fields:
         utils.fail(f"--scripts {script!r}: {path} has no `Args` dataclass")
     return fields

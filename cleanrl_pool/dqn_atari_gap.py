@@ -29,26 +29,11 @@ RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"save_buffer", "log_every", "cuda
 
 # Args
 @dataclass
-class Args:
+class Args(utils.RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
-    seed: int = 1
-    """seed of the experiment (python, numpy, torch and the environments)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, train on CUDA when it is available"""
-    track: bool = False
-    """if toggled, also log to Weights and Biases (needs `wandb` installed)"""
-    wandb_project_name: str = "cleanrl_pool"
-    """the W&B project name"""
-    wandb_entity: str = ""
-    """the W&B entity (team); empty for your default"""
-    capture_video: bool = False
-    """if toggled, save each evaluation's first episode as a GIF under run_dir/videos/"""
-    runs_dir: str = "runs"
-    """the folder that holds the run folders"""
 
+    # Environment (EnvPool Atari, CleanRL's dqn_atari wrappers)
     env_id: str = "Breakout"
     """the Atari game, a plain name as EnvPool spells it (`Breakout`, `Pong`, `SpaceInvaders`, ...)"""
     total_timesteps: int = 10_000_000
@@ -64,6 +49,7 @@ class Args:
     max_episode_steps: int = 100_000
     """agent steps before an episode is truncated (CleanRL's `NoFrameskip-v4` limit: 400k frames)"""
 
+    # Network
     encoder: str = "nature"
     """the conv trunk: `nature` (Mnih et al. 2015) or `impala` (Espeholt et al. 2018)"""
     pool: str = "avg"
@@ -73,6 +59,7 @@ class Args:
     dense_scale: int = 1
     """multiplies the width of the dense layer after the bottleneck"""
 
+    # DQN (CleanRL's dqn_atari defaults)
     learning_rate: float = 1e-4
     """the learning rate of the Adam optimiser"""
     buffer_size: int = 1_000_000
@@ -100,6 +87,7 @@ class Args:
     double: bool = False
     """if toggled, the online network picks the next action and the target network rates it (van Hasselt et al. 2016)"""
 
+    # Evaluation, checkpoints and diagnostics (x axis: agent steps)
     eval_every: int = 500_000
     """agent steps between evaluations (one more runs at the end); 0 evaluates only at the end"""
     eval_episodes: int = 10
@@ -111,29 +99,12 @@ class Args:
     save_buffer: bool = True
     """the newest checkpoint's replay is saved beside it (checkpoints/replay.pt, about buffer_size x resolution^2 bytes),
     so a resumed run does not repeat its warm-up; --no-save-buffer saves disk"""
-    keep_checkpoints: int = 3
-    """how many of the newest periodic checkpoints stay on disk (older ones are deleted)"""
-    resume: str = ""
-    """a checkpoint to continue from, or `auto`: the newest of this env id, experiment and seed with the same training
-    configuration (a finished one: exit 0, nothing trained; none: a new run)"""
     diag_every: int = 100_000
     """agent steps between diagnostics (dormant neurons, feature norm, saliency); 0 turns them off"""
-    diag_batch_size: int = 256
-    """the number of recent observations the diagnostics look at"""
-    dormant_threshold: float = 0.025
-    """a neuron is dormant when its normalised mean activation is at most this (Sokar et al. 2023)"""
     log_every: int = 1000
     """agent steps between logs of losses and SPS (each costs one host sync)"""
-    compile: bool = False
-    """if toggled, compile the training computations with torch.compile (worth it on a GPU; slow to start)"""
-    torch_threads: int = 0
-    """CPU threads of torch (0: torch's default); 1 is fastest for small networks on a small, shared CPU"""
-    progress: bool = True
-    """show live progress: a bar on a terminal, else a line every 30 s (--no-progress: off)"""
-    tf32: bool = True
-    """TF32 matmuls and convolutions (CUDA only; --no-tf32: full float32)"""
-    cudnn_benchmark: bool = True
-    """cuDNN autotuning of the convolutions, unless --torch-deterministic (CUDA only)"""
+
+    # Speed switches (issue 13): each acts only with CUDA; on a CPU the run is the same with or without them
     cuda_graphs: bool = True
     """capture the learner step once as a CUDA graph and replay it at every update (CUDA only)"""
     pinned_staging: bool = True
@@ -153,7 +124,6 @@ FLAG_RANGES = {
     "tau": "(0, 1]", "exploration_fraction": "(0, 1]",
 }
 
-
 # Network: bottleneck (pool + Linear(512 x dense_scale) + ReLU) on the encoder (nature | impala) -> Q head
 def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
     """The join between encoder and dense layer, the papers' subject: (B, C, H, W) -> (B, C*H*W) for flatten,
@@ -164,11 +134,9 @@ def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
         return feature_map.mean(dim=(2, 3))
     return feature_map.amax(dim=(2, 3))
 
-
 def pooled_size(channels: int, side: int, pool: str) -> int:
     """Features after the join: C*H*W for flatten (the dense layer then grows with R^2), C for global pooling."""
     return channels * side * side if pool == "flatten" else channels
-
 
 class Bottleneck(nn.Module):
     """The join and the dense layer after it, dense(pool_features(feature map)): the weights that grow with the
@@ -181,7 +149,6 @@ class Bottleneck(nn.Module):
     def forward(self, feature_map):
         return self.dense(pool_features(feature_map, self.pool))
 
-
 def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
     """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
     only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
@@ -192,7 +159,6 @@ def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> 
         return 0, 0
     return shape[1], shape[2]
 
-
 def nature_encoder(in_channels: int, width: int) -> nn.Sequential:
     """Mnih et al. 2015, VALID padding as in CleanRL: 84x84 -> 7x7x64 (Dopamine pads SAME: 11x11)."""
     return nn.Sequential(
@@ -200,7 +166,6 @@ def nature_encoder(in_channels: int, width: int) -> nn.Sequential:
         nn.Conv2d(32 * width, 64 * width, 4, stride=2), nn.ReLU(),
         nn.Conv2d(64 * width, 64 * width, 3, stride=1), nn.ReLU(),
     )
-
 
 class ResidualBlock(nn.Module):
     """x + Conv3x3(ReLU(Conv3x3(ReLU(x)))), Espeholt et al. 2018."""
@@ -212,7 +177,6 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x):
         return x + self.conv1(self.relu1(self.conv0(self.relu0(x))))
-
 
 def impala_encoder(in_channels: int, width: int) -> nn.Sequential:
     """Espeholt et al. 2018: three stages of Conv3x3 -> MaxPool(3, stride 2, padding 1) -> two residual blocks,
@@ -228,9 +192,7 @@ def impala_encoder(in_channels: int, width: int) -> nn.Sequential:
         channels = out_channels
     return nn.Sequential(*layers, nn.ReLU())
 
-
 ENCODERS = {"nature": nature_encoder, "impala": impala_encoder}  # --encoder: (in_channels, width) -> conv trunk
-
 
 class QNetwork(nn.Module):
     """Q(s, .) = head(bottleneck(encoder(s / 255))); bottleneck = pool + Linear(512 x dense_scale) + ReLU."""
@@ -246,7 +208,6 @@ class QNetwork(nn.Module):
     def forward(self, obs):
         return self.head(self.bottleneck(self.encoder(obs.float() / 255.0)))
 
-
 # Algorithm: DQN's TD target and loss (CleanRL), the learner step, epsilon-greedy acting
 def compute_td_target(returns, bootstrap_discount, next_q_target, next_q_online=None):
     """r^(n) + gamma^m max_a Q_target(s_{t+m}, a); with `next_q_online`, double DQN picks a by the online net."""
@@ -255,7 +216,6 @@ def compute_td_target(returns, bootstrap_discount, next_q_target, next_q_online=
     else:
         next_value = next_q_target.gather(1, next_q_online.argmax(dim=1, keepdim=True)).squeeze(1)
     return returns + bootstrap_discount * next_value
-
 
 def dqn_loss(q_network, target_network, batch: dict, double: bool):
     """Mean squared TD error (CleanRL), over the valid transitions of the batch; also returns Q(s, a)."""

@@ -34,47 +34,9 @@ RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"final_eval_episodes", "eval_num_
 
 # Args
 @dataclass
-class Args:
+class Args(utils.RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
-    seed: int = 1
-    """seed of the experiment (python, numpy, torch and the environments)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, train on CUDA when it is available"""
-    compile: bool = False
-    """if toggled, compile the training computations with torch.compile (worth it on a GPU; slow to start)"""
-    torch_threads: int = 0
-    """CPU threads of torch (0: torch's default); 1 is fastest for small networks on a small, shared CPU"""
-    progress: bool = True
-    """show live progress: a bar on a terminal, else a line every 30 s (--no-progress: off)"""
-    # Speed switches (issue 13): each acts only with CUDA; on a CPU the run is the same with or without them
-    tf32: bool = True
-    """TF32 matmuls and convolutions (CUDA only; --no-tf32: full float32)"""
-    cudnn_benchmark: bool = True
-    """cuDNN autotuning of the convolutions, unless --torch-deterministic (CUDA only)"""
-    bf16: bool = True
-    """bfloat16 autocast for the rollout's inference and the update; weights, losses and advantages in float32 (CUDA only)"""
-    channels_last: bool = True
-    """the network and the observation batches in channels-last memory order (CUDA only)"""
-    micro_batch_size: int = 0
-    """steps per micro-batch, gradients summed over a minibatch (0: on CUDA the most that fit, measured; else the minibatch)"""
-    overlap_envs: bool = True
-    """two halves of the envs in turn, one half's game step beside the other's policy step (CUDA only; an even --num-envs)"""
-    track: bool = False
-    """if toggled, also log to Weights and Biases (needs `wandb` installed)"""
-    wandb_project_name: str = "cleanrl_pool"
-    """the W&B project name"""
-    wandb_entity: str = ""
-    """the W&B entity (team); empty for your default"""
-    capture_video: bool = False
-    """if toggled, save each evaluation's first episode as a GIF under run_dir/videos/"""
-    runs_dir: str = "runs"
-    """the folder that holds the run folders"""
-    resume: str = ""
-    """a checkpoint to continue from, or `auto`: the newest of this env id, experiment and seed with the same training
-    configuration (a finished one: exit 0, nothing trained; none: a new run)"""
 
     # Environment (Procgen generalisation protocol: train on a fixed set of levels, test on all)
     env_id: str = "bigfish"
@@ -145,14 +107,18 @@ class Args:
     """the number of parallel environments of each evaluation level set"""
     save_every: int = 1_000_000
     """write a checkpoint every this many steps (0: only final.pt)"""
-    keep_checkpoints: int = 3
-    """how many of the newest periodic checkpoints stay on disk (older ones are deleted)"""
     diag_every: int = 250_000
     """log dormant fractions, feature norm and saliency every this many steps (0: never)"""
-    diag_batch_size: int = 256
-    """the number of recent observations the diagnostics look at"""
-    dormant_threshold: float = 0.025
-    """a neuron is dormant when its normalised mean activation is at most this (Sokar et al. 2023)"""
+
+    # Speed switches (issue 13): each acts only with CUDA; on a CPU the run is the same with or without them
+    bf16: bool = True
+    """bfloat16 autocast for the rollout's inference and the update; weights, losses and advantages in float32 (CUDA only)"""
+    channels_last: bool = True
+    """the network and the observation batches in channels-last memory order (CUDA only)"""
+    micro_batch_size: int = 0
+    """steps per micro-batch, gradients summed over a minibatch (0: on CUDA the most that fit, measured; else the minibatch)"""
+    overlap_envs: bool = True
+    """two halves of the envs in turn, one half's game step beside the other's policy step (CUDA only; an even --num-envs)"""
 
 
 # The valid range of every numeric flag, checked before any work (utils.check_ranges)
@@ -169,14 +135,12 @@ FLAG_RANGES = {
     "dormant_threshold": "[0, 1]", "micro_batch_size": "[0, inf)",
 }
 
-
 def parse_args() -> Args:
     """Parse the flags, then resolve the default that depends on another flag: --num-levels by --distribution-mode."""
     args = tyro.cli(Args)
     if args.num_levels is None:
         args.num_levels = 200 if args.distribution_mode == "easy" else 500  # Procgen paper's protocol
     return args
-
 
 # Network: the bottleneck (the join flatten | avg | max, then Linear -> ReLU) on the Impala-CNN encoder -> actor, critic
 def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
@@ -188,11 +152,9 @@ def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
         return feature_map.mean(dim=(2, 3))
     return feature_map.amax(dim=(2, 3))
 
-
 def pooled_size(channels: int, side: int, pool: str) -> int:
     """Features after the join: C*H*W for flatten (the dense layer then grows with R^2), C for global pooling."""
     return channels * side * side if pool == "flatten" else channels
-
 
 class Bottleneck(nn.Module):
     """The join and the dense layer after it, dense(pool_features(feature map)): the weights that grow with the
@@ -205,7 +167,6 @@ class Bottleneck(nn.Module):
     def forward(self, feature_map):
         return self.dense(pool_features(feature_map, self.pool))
 
-
 def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
     """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
     only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
@@ -215,7 +176,6 @@ def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> 
     except RuntimeError:  # a kernel larger than its padded input
         return 0, 0
     return shape[1], shape[2]
-
 
 class ResidualBlock(nn.Module):
     """x + Conv3x3(ReLU(Conv3x3(ReLU(x)))), Espeholt et al. 2018."""
@@ -227,7 +187,6 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x):
         return x + self.conv1(self.relu1(self.conv0(self.relu0(x))))
-
 
 def impala_encoder(in_channels: int, width: int) -> nn.Sequential:
     """Espeholt et al. 2018: three stages of Conv3x3 -> MaxPool(3, stride 2, padding 1) -> two residual blocks,
@@ -243,12 +202,10 @@ def impala_encoder(in_channels: int, width: int) -> nn.Sequential:
         channels = out_channels
     return nn.Sequential(*layers, nn.ReLU())
 
-
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
     return layer
-
 
 class Agent(nn.Module):
     def __init__(self, num_actions: int, resolution: int, pool: str, width: int, dense_scale: int):
@@ -267,7 +224,6 @@ class Agent(nn.Module):
         with torch.autocast(obs.device.type, enabled=False):
             hidden = hidden.to(self.actor.weight.dtype)
             return self.actor(hidden), self.critic(hidden).squeeze(-1)
-
 
 # Algorithm: GAE, the clipped PPO loss, action sampling, the update epochs and what the speed switches turn on
 def compute_gae(rewards, values, dones, next_value, next_done, gamma: float, gae_lambda: float):

@@ -36,28 +36,13 @@ RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"save_buffer", "log_every", "iter
 
 # Args
 @dataclass
-class Args:
+class Args(utils.RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
     preset: str = "rainbow"
     """`rainbow` (Dopamine rainbow.gin) or `der` (Data-Efficient Rainbow, Atari 100k); explicit flags override it"""
-    seed: int = 1
-    """seed of the experiment (python, numpy, torch and the environments)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, train on CUDA when it is available"""
-    track: bool = False
-    """if toggled, also log to Weights and Biases (needs `wandb` installed)"""
-    wandb_project_name: str = "cleanrl_pool"
-    """the W&B project name"""
-    wandb_entity: str = ""
-    """the W&B entity (team); empty for your default"""
-    capture_video: bool = False
-    """if toggled, save each evaluation's first episode as a GIF under run_dir/videos/"""
-    runs_dir: str = "runs"
-    """the folder that holds the run folders"""
 
+    # Environment (EnvPool Atari, Dopamine's protocol)
     env_id: str = "Breakout"
     """the Atari game, a plain name as EnvPool spells it (`Breakout`, `Pong`, `SpaceInvaders`, ...)"""
     total_timesteps: int = 50_000_000
@@ -77,6 +62,7 @@ class Args:
     episodic_life: bool = False
     """if toggled, a lost life is terminal for learning (Dopamine no, DER yes); logged returns stay whole games"""
 
+    # Network
     encoder: str = "impala"
     """the conv trunk: `nature` (Mnih et al. 2015) or `impala` (Espeholt et al. 2018)"""
     pool: str = "avg"
@@ -98,6 +84,7 @@ class Args:
     dueling: bool = False
     """if toggled, a dueling head (value + advantage - mean advantage, per atom)"""
 
+    # Rainbow (Dopamine's rainbow.gin defaults)
     learning_rate: float = 6.25e-5
     """the learning rate of the Adam optimiser"""
     adam_eps: float = 1.5e-4
@@ -131,6 +118,7 @@ class Args:
     init: str = "dopamine"
     """initial weights: `dopamine` (Dopamine's Flax initialisers, see `dopamine_init`) or `torch` (PyTorch's defaults)"""
 
+    # Evaluation, checkpoints and diagnostics (x axis: agent steps)
     eval_every: int = 250_000
     """agent steps between evaluations (one more runs at the end); 0 evaluates only at the end"""
     eval_episodes: int = 10
@@ -144,29 +132,12 @@ class Args:
     save_buffer: bool = True
     """the newest checkpoint's replay and priorities are saved beside it (checkpoints/replay.pt, about buffer_size x
     resolution^2 bytes), so a resumed run does not repeat its warm-up; --no-save-buffer saves disk"""
-    keep_checkpoints: int = 3
-    """how many of the newest periodic checkpoints stay on disk (older ones are deleted)"""
-    resume: str = ""
-    """a checkpoint to continue from, or `auto`: the newest of this env id, experiment and seed with the same training
-    configuration (a finished one: exit 0, nothing trained; none: a new run)"""
     diag_every: int = 250_000
     """agent steps between diagnostics (dormant neurons, feature norm, saliency); 0 turns them off"""
-    diag_batch_size: int = 256
-    """the number of recent observations the diagnostics look at"""
-    dormant_threshold: float = 0.025
-    """a neuron is dormant when its normalised mean activation is at most this (Sokar et al. 2023)"""
     log_every: int = 1000
     """agent steps between logs of losses and SPS (each costs one host sync)"""
-    compile: bool = False
-    """if toggled, compile the training computations with torch.compile (worth it on a GPU; slow to start)"""
-    torch_threads: int = 0
-    """CPU threads of torch (0: torch's default); 1 is fastest for small networks on a small, shared CPU"""
-    progress: bool = True
-    """show live progress: a bar on a terminal, else a line every 30 s (--no-progress: off)"""
-    tf32: bool = True
-    """TF32 matmuls and convolutions (CUDA only; --no-tf32: full float32)"""
-    cudnn_benchmark: bool = True
-    """cuDNN autotuning of the convolutions, unless --torch-deterministic (CUDA only)"""
+
+    # Speed switches (issue 13): each acts only with CUDA; on a CPU the run is the same with or without them
     cuda_graphs: bool = True
     """capture the learner step once as a CUDA graph and replay it at every update (CUDA only)"""
     pinned_staging: bool = True
@@ -185,7 +156,6 @@ PRESETS = {
     ),
 }
 
-
 # The valid range of every numeric flag (utils.check_ranges), checked before any work
 FLAG_RANGES = {
     "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "num_envs": "[1, inf)", "resolution": "[1, 4096]",
@@ -201,7 +171,6 @@ FLAG_RANGES = {
     "importance_exponent": "[0, inf)", "iteration_steps": "[1, inf)",
 }
 
-
 def parse_args() -> Args:
     """Read `--preset` first, then parse every flag with that preset's values as the defaults."""
     preset_parser = argparse.ArgumentParser(add_help=False)
@@ -209,7 +178,6 @@ def parse_args() -> Args:
     preset = preset_parser.parse_known_args()[0].preset
     utils.check_choice("preset", preset, tuple(PRESETS))
     return tyro.cli(Args, default=Args(preset=preset, **PRESETS[preset]))
-
 
 # Network: bottleneck (pool + Linear(512 x dense_scale) + ReLU) on the encoder (nature | impala) -> C51 head
 def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
@@ -221,11 +189,9 @@ def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
         return feature_map.mean(dim=(2, 3))
     return feature_map.amax(dim=(2, 3))
 
-
 def pooled_size(channels: int, side: int, pool: str) -> int:
     """Features after the join: C*H*W for flatten (the dense layer then grows with R^2), C for global pooling."""
     return channels * side * side if pool == "flatten" else channels
-
 
 class Bottleneck(nn.Module):
     """The join and the dense layer after it, dense(pool_features(feature map)): the weights that grow with the
@@ -238,7 +204,6 @@ class Bottleneck(nn.Module):
     def forward(self, feature_map):
         return self.dense(pool_features(feature_map, self.pool))
 
-
 def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
     """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
     only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
@@ -248,7 +213,6 @@ def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> 
     except RuntimeError:  # a kernel larger than its padded input
         return 0, 0
     return shape[1], shape[2]
-
 
 class SamePad2d(nn.Module):
     """TensorFlow / Flax SAME padding for a (kernel, stride) conv: output side ceil(side / stride), the odd pixel after."""
@@ -263,7 +227,6 @@ class SamePad2d(nn.Module):
             total = max((math.ceil(side / self.stride) - 1) * self.stride + self.kernel - side, 0)
             pads += [total // 2, total - total // 2]
         return F.pad(x, pads)
-
 
 def nature_encoder(in_channels: int, width: int) -> nn.Sequential:
     """Mnih et al. 2015, SAME padding as Dopamine's Flax network (the GAP paper's): 84x84 -> 11x11x64, 7,744

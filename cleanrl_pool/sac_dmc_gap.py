@@ -46,28 +46,13 @@ RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"save_buffer", "log_every", "bf16
 
 # Args
 @dataclass
-class Args:
+class Args(utils.RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
     preset: str = "drq"
     """`drq` (DrQ, Kostrikov et al. 2021) or `dopamine` (Dopamine's sac_pixels.gin); explicit flags override it"""
-    seed: int = 1
-    """seed of the experiment (python, numpy, torch and the environments)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, train on CUDA when it is available"""
-    track: bool = False
-    """if toggled, also log to Weights and Biases (needs `wandb` installed)"""
-    wandb_project_name: str = "cleanrl_pool"
-    """the W&B project name"""
-    wandb_entity: str = ""
-    """the W&B entity (team); empty for your default"""
-    capture_video: bool = False
-    """if toggled, save each evaluation's first episode as a GIF under run_dir/videos/"""
-    runs_dir: str = "runs"
-    """the folder that holds the run folders"""
 
+    # Environment (EnvPool DeepMind Control pixels, DrQ's protocol)
     env_id: str = "cheetah-run"
     """the DMC task as `domain-task` (`cheetah-run`, `walker-walk`, `ball_in_cup-catch`, ...)"""
     total_timesteps: int = 100_000
@@ -83,6 +68,7 @@ class Args:
     cheap_visuals_for_tests: bool = False
     """TESTS / CPU SMOKE RUNS ONLY: no shadows or anti-aliasing (5-15x faster, other pictures); never report its results"""
 
+    # Network
     pool: str = "flatten"
     """what joins the encoder to the dense layer: `flatten`, `avg` (global average pooling) or `max`"""
     width: int = 1
@@ -96,6 +82,7 @@ class Args:
     hidden_dim: int = 1024
     """width of the two hidden layers of the actor and of each critic (DrQ: 1024)"""
 
+    # SAC (DrQ's defaults)
     learning_rate: float = 1e-3
     """Adam learning rate of actor, critic and temperature (DrQ: 1e-3)"""
     buffer_size: int = 100_000
@@ -139,6 +126,7 @@ class Args:
     image_pad: int = 4
     """random shift: pad each side by this many replicated pixels, then crop back (DrQ: 4)"""
 
+    # Evaluation, checkpoints and diagnostics (x axis: agent steps)
     eval_every: int = 5_000
     """agent steps between evaluations (DrQ: 5000; one more runs at the end); 0 evaluates only at the end"""
     eval_episodes: int = 10
@@ -148,25 +136,12 @@ class Args:
     save_buffer: bool = True
     """the newest checkpoint's replay is saved beside it (checkpoints/replay.pt, about buffer_size x 12 x resolution^2
     bytes), so a resumed run does not repeat its warm-up; --no-save-buffer saves disk"""
-    keep_checkpoints: int = 3
-    """how many of the newest periodic checkpoints stay on disk (older ones are deleted)"""
-    resume: str = ""
-    """a checkpoint to continue from, or `auto`: the newest of this env id, experiment and seed with the same training
-    configuration (a finished one: exit 0, nothing trained; none: a new run)"""
     diag_every: int = 10_000
     """agent steps between diagnostics (dormant neurons, feature norm, saliency); 0 turns them off"""
-    diag_batch_size: int = 256
-    """the number of recent observations the diagnostics look at"""
-    dormant_threshold: float = 0.025
-    """a neuron is dormant when its normalised mean activation is at most this (Sokar et al. 2023)"""
     log_every: int = 1000
     """agent steps between logs of losses and SPS (each costs one host sync)"""
-    compile: bool = False
-    """if toggled, compile the training computations with torch.compile (worth it on a GPU; slow to start)"""
-    tf32: bool = True
-    """TF32 matmuls and convolutions (CUDA only; --no-tf32: full float32)"""
-    cudnn_benchmark: bool = True
-    """cuDNN autotuning of the convolutions, unless --torch-deterministic (CUDA only)"""
+
+    # Speed switches (issue 13): each acts only with CUDA; on a CPU the run is the same with or without them
     bf16: bool = True
     """bfloat16 autocast in the update; losses, soft Q targets, log-probs and temperature stay float32 (CUDA only)"""
     channels_last: bool = True
@@ -174,10 +149,6 @@ class Args:
     overlap_envs: bool = True
     """the environment steps while the GPU updates: each step's updates run during the next environment step, whose
     action is chosen before them (CUDA only)"""
-    torch_threads: int = 0
-    """CPU threads of torch (0: torch's default); 1 is fastest for small networks on a small, shared CPU"""
-    progress: bool = True
-    """show live progress: a bar on a terminal, else a line every 30 s (--no-progress: off)"""
 
 
 PRESETS = {
@@ -191,7 +162,6 @@ PRESETS = {
         target_next_action="target_mean", bound_log_std=False, init="dopamine",  # sac_agent.py train(); continuous_networks.py
     ),
 }
-
 
 # The valid range of every numeric flag (utils.check_ranges), checked before any work
 FLAG_RANGES = {
@@ -208,7 +178,6 @@ FLAG_RANGES = {
     "keep_checkpoints": "[1, inf)",
 }
 
-
 def parse_args() -> Args:
     """Read `--preset` first, then parse every flag with that preset's values as the defaults."""
     preset_parser = argparse.ArgumentParser(add_help=False)
@@ -216,7 +185,6 @@ def parse_args() -> Args:
     preset = preset_parser.parse_known_args()[0].preset
     utils.check_choice("preset", preset, tuple(PRESETS))
     return tyro.cli(Args, default=Args(preset=preset, **PRESETS[preset]))
-
 
 # Network: per-head bottleneck (pool + Linear -> LayerNorm -> tanh) on a shared encoder (4 convs) -> actor / twin critics
 def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
@@ -228,11 +196,9 @@ def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
         return feature_map.mean(dim=(2, 3))
     return feature_map.amax(dim=(2, 3))
 
-
 def pooled_size(channels: int, side: int, pool: str) -> int:
     """Features after the join: C*H*W for flatten (the dense layer then grows with R^2), C for global pooling."""
     return channels * side * side if pool == "flatten" else channels
-
 
 class Bottleneck(nn.Module):
     """The join and the dense layer after it, dense(pool_features(feature map)): the weights that grow with the
@@ -245,7 +211,6 @@ class Bottleneck(nn.Module):
     def forward(self, feature_map):
         return self.dense(pool_features(feature_map, self.pool))
 
-
 def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> tuple:
     """(channels, side) of the encoder's feature map for one R x R frame, traced on the meta device (shapes
     only, no compute); (0, 0) when the frame is too small for the encoder's kernels."""
@@ -255,7 +220,6 @@ def feature_map_shape(encoder: nn.Module, in_channels: int, resolution: int) -> 
     except RuntimeError:  # a kernel larger than its padded input
         return 0, 0
     return shape[1], shape[2]
-
 
 class SamePad2d(nn.Module):
     """TensorFlow / Flax SAME padding for a (kernel, stride) conv: output side ceil(side / stride), the odd pixel after."""
@@ -270,7 +234,6 @@ class SamePad2d(nn.Module):
             total = max((math.ceil(side / self.stride) - 1) * self.stride + self.kernel - side, 0)
             pads += [total // 2, total - total // 2]
         return F.pad(x, pads)
-
 
 class Encoder(nn.Module):
     """DrQ's conv trunk: four 3x3 convs (strides 2, 1, 1, 1, 32 x width channels, ReLUs) on frames scaled to [0, 1];

@@ -10,10 +10,50 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+
+
+# Flags every script shares: each script's Args extends RunArgs with its own (tyro reads both, base first)
+@dataclass
+class RunArgs:
+    seed: int = 1
+    """seed of the experiment (python, numpy, torch and the environments)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, train on CUDA when it is available"""
+    track: bool = False
+    """if toggled, also log to Weights and Biases (needs `wandb` installed)"""
+    wandb_project_name: str = "cleanrl_pool"
+    """the W&B project name"""
+    wandb_entity: str = ""
+    """the W&B entity (team); empty for your default"""
+    capture_video: bool = False
+    """if toggled, save each evaluation's first episode as a GIF under run_dir/videos/"""
+    runs_dir: str = "runs"
+    """the folder that holds the run folders"""
+    resume: str = ""
+    """a checkpoint to continue from, or `auto`: the newest of this env id, experiment and seed with the same training
+    configuration (a finished one: exit 0, nothing trained; none: a new run)"""
+    keep_checkpoints: int = 3
+    """how many of the newest periodic checkpoints stay on disk (older ones are deleted)"""
+    diag_batch_size: int = 256
+    """the number of recent observations the diagnostics look at"""
+    dormant_threshold: float = 0.025
+    """a neuron is dormant when its normalised mean activation is at most this (Sokar et al. 2023)"""
+    compile: bool = False
+    """if toggled, compile the training computations with torch.compile (worth it on a GPU; slow to start)"""
+    torch_threads: int = 0
+    """CPU threads of torch (0: torch's default); 1 is fastest for small networks on a small, shared CPU"""
+    progress: bool = True
+    """show live progress: a bar on a terminal, else a line every 30 s (--no-progress: off)"""
+    tf32: bool = True
+    """TF32 matmuls and convolutions (CUDA only; --no-tf32: full float32)"""
+    cudnn_benchmark: bool = True
+    """cuDNN autotuning of the convolutions, unless --torch-deterministic (CUDA only)"""
 
 
 # Bad input: one line, exit status 2, before any work

@@ -1,7 +1,8 @@
 """The four scripts keep one skeleton: the definitions they share are the same text, the sections come in
-the same order, the shared flags read the same, and no line runs past 127 characters."""
+the same order, the shared flags are utils.RunArgs' or read the same, and no line runs past 127 characters."""
 
 import ast
+import dataclasses
 import glob
 import inspect
 import os
@@ -13,6 +14,7 @@ import dqn_atari_gap
 import ppo_procgen_impoola
 import rainbow_atari_gap
 import sac_dmc_gap
+import utils
 
 SCRIPTS = {"ppo": ppo_procgen_impoola, "dqn": dqn_atari_gap, "rainbow": rainbow_atari_gap, "sac": sac_dmc_gap}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,11 +41,9 @@ SHARED = {
 SECTIONS = ("Args", "Network", "Algorithm", "Storage", "Environment", "Evaluation", "Main")  # the math before the plumbing
 HEADER = re.compile(r"^# (\w+)(: .+)?$")
 
-# Flags that mean the same in every script: their type and docstring must read the same (defaults may differ by
-# paper: width 2 in Impoola, dense scale 4 in Rainbow, flatten in DrQ's SAC)
-SHARED_FLAGS = ("exp_name", "seed", "torch_deterministic", "cuda", "track", "wandb_project_name", "wandb_entity",
-                "capture_video", "runs_dir", "resume", "keep_checkpoints", "pool", "width", "dense_scale",
-                "dormant_threshold", "diag_batch_size", "compile", "torch_threads", "progress", "tf32", "cudnn_benchmark")
+# Flags that mean the same in every script but are each script's own (the rest are utils.RunArgs'): their type and
+# docstring must read the same (defaults differ by paper: width 2 in Impoola, dense scale 4 in Rainbow, flatten in DrQ's SAC)
+SHARED_FLAGS = ("exp_name", "pool", "width", "dense_scale")
 
 
 @pytest.mark.parametrize("name", sorted(SHARED))
@@ -83,6 +83,21 @@ def field_text(module, name):
 def test_shared_flag_reads_the_same_in_every_script(flag):
     texts = {script: field_text(module, flag) for script, module in SCRIPTS.items()}
     assert all(text == texts["dqn"] for text in texts.values()), texts
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_args_extend_the_shared_run_flags_without_redeclaring_one(script):
+    args = SCRIPTS[script].Args
+    assert issubclass(args, utils.RunArgs)
+    own = {node.target.id for node in ast.parse(inspect.getsource(args)).body[0].body if isinstance(node, ast.AnnAssign)}
+    assert not own & {field.name for field in dataclasses.fields(utils.RunArgs)}
+
+
+def test_utils_names_only_flags_every_script_has():
+    """utils reads `args.NAME` and lists RUN_NEUTRAL_FLAGS: each a flag of every script, none a script's private one."""
+    common = set.intersection(*({field.name for field in dataclasses.fields(module.Args)} for module in SCRIPTS.values()))
+    read = set(re.findall(r"\bargs\.(\w+)", inspect.getsource(utils)))
+    assert read <= common and set(utils.RUN_NEUTRAL_FLAGS) <= common, (read | set(utils.RUN_NEUTRAL_FLAGS)) - common
 
 
 PYTHON_FILES = sorted(os.path.relpath(path, REPO) for folder in ("cleanrl_pool", "benchmark", "tests", "procgen_hd")
