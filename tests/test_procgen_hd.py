@@ -125,8 +125,26 @@ def test_a_state_of_another_game_is_refused_not_fatal():
     coinrun = procgen_hd.ProcgenHDEnv("coinrun", 1, 64)
     coinrun.reset()
     bigfish = procgen_hd.ProcgenHDEnv("bigfish", 1, 64)
-    with pytest.raises(ValueError, match="state 0 is not a state of bigfish"):
+    with pytest.raises(ValueError, match="state 0 is a state of coinrun, not of bigfish"):
         bigfish.set_state(coinrun.get_state())
+
+
+def test_sequential_levels_continue_the_episode_on_the_next_level_seed():
+    """procgen's use_sequential_levels: a completed level is followed by level seed + 997 in the same episode."""
+    actions = np.random.default_rng(0).integers(0, 15, (300, 8))
+    ends = {}
+    for sequential in (False, True):
+        envs = procgen_hd.ProcgenHDEnv("maze", 8, 64, num_levels=100, seed=0, use_sequential_levels=sequential)
+        _, info = envs.reset()
+        for action in actions:  # the same games until the first completed level
+            playing = info["level_seed"]
+            _, _, done, info = envs.step(action)
+            if info["prev_level_complete"].any():
+                break
+        env = np.flatnonzero(info["prev_level_complete"])[0]
+        ends[sequential] = done[env], info["level_seed"][env] - playing[env]
+        envs.close()
+    assert ends[False][0] and ends[True] == (False, 997)
 
 
 def test_step_async_then_wait_equals_step():
