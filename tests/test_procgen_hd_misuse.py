@@ -151,3 +151,24 @@ def test_options_libenv_would_abort_on_are_refused_at_construction(options, mess
     call = f"procgen_hd.ProcgenHDEnv('bigfish', **dict(dict(num_envs=2, resolution=64), {options}))"
     assert outcome("envs.close()", call).startswith(f"ValueError: {message}")
 
+
+GYMNASIUM = """
+import gymnasium as gym
+envs.close()
+vector = gym.make_vec("procgen_hd/bigfish-v0", num_envs=2, vectorization_mode="vector_entry_point", render_mode="rgb_array")
+single = gym.make("procgen_hd/bigfish-v0", render_mode="rgb_array").unwrapped
+vector.reset(seed=1), single.reset(seed=1)
+vector.close(), single.close()
+"""
+
+
+@pytest.mark.parametrize("call,message", [
+    ("vector.step(np.array([1, 2]))", "step: this Procgen-HD vector env is closed; make a new one"),
+    ("vector.reset()", "reset: this Procgen-HD vector env is closed; make a new one"),
+    ("vector.render()", "render: this Procgen-HD vector env is closed; make a new one"),
+    ("single.step(1)", "step: this Procgen-HD env is closed (libenv has freed its games); make a new one"),
+    ("single.reset()", "reset: this Procgen-HD env is closed (libenv has freed its games); make a new one"),
+    ("single.render()", "render: this Procgen-HD env is closed (libenv has freed its games); make a new one"),
+])
+def test_every_call_on_a_closed_gymnasium_env_raises(call, message):
+    assert outcome(GYMNASIUM, call) == f"RuntimeError: {message}"

@@ -13,7 +13,8 @@ just taken, the level it was taken in (`prev_level_seed`) and whether it complet
 (`prev_level_complete`). Built from raphajaner/procgen-hd at the commit in `BUILD_INFO`.
 
 Nothing a caller passes reaches a C `fassert`: options, actions and saved states are checked here
-and refused with one line (ValueError), and every call on a closed env raises RuntimeError.
+and refused with one line (ValueError), and every call on a closed env raises RuntimeError. With
+Gymnasium installed, importing the package registers `procgen_hd/<game>-v0` (see `gymnasium_env`).
 """
 
 import ctypes
@@ -405,3 +406,12 @@ class ProcgenHDEnv:
     def __del__(self):
         self.close()
 
+
+try:  # Gymnasium is optional: with it, `procgen_hd/<game>-v0` works in gymnasium.make and make_vec
+    import gymnasium  # noqa: F401
+except ImportError:
+    pass
+else:
+    from procgen_hd.gymnasium_env import register_envs
+
+    register_envs()
