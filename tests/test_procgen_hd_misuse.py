@@ -80,6 +80,28 @@ def test_a_state_with_a_huge_entity_count_is_refused_not_allocated():
     assert result.startswith("ValueError: set_state: state 1 is truncated or corrupt: a length of 2147483647 at byte"), result
 
 
+def test_a_state_claiming_generated_assets_is_refused():
+    """libenv `fassert`s in deserialize when a state has use_generated_assets set (the option's int after the name)."""
+    setup = """
+    at = 4 + 4 + len("bigfish") + 4  # version, name length, name, paint_vel_info
+    bad = state[:at] + (1).to_bytes(4, "little") + state[at + 4 :]
+    """
+    assert outcome(setup, "envs.set_state([state, bad])") == (
+        "ValueError: set_state: state 1 has use_generated_assets set: Procgen cannot restore such a game")
+
+
+def test_a_state_saved_in_the_middle_of_a_step_is_refused():
+    """libenv's act() `fassert`s that no restored game is waiting for a step."""
+    setup = """
+    reader = procgen_hd._StateReader(state)  # walk to is_waiting_for_step as check_state does
+    reader.int(), reader.string(), reader.skip(12 + 5), reader.random_generator(), reader.random_generator()
+    reader.skip(14)
+    bad = state[: reader.offset] + (1).to_bytes(4, "little") + state[reader.offset + 4 :]
+    """
+    assert outcome(setup, "envs.set_state([state, bad])") == (
+        "ValueError: set_state: state 1 is corrupt: it was saved in the middle of a step")
+
+
 def test_a_state_of_another_game_is_refused_naming_both_games():
     setup = """
     coinrun = procgen_hd.ProcgenHDEnv("coinrun", 1, 64)
@@ -134,6 +156,13 @@ def test_a_non_integer_or_out_of_range_action_is_refused(actions, message):
 
 def test_step_wait_without_step_async_is_refused():
     assert outcome("", "envs.step_wait()") == "RuntimeError: step_wait: no step is running; start one with step_async"
+
+
+@pytest.mark.parametrize("call", ["envs.reset()", "envs.get_state()", "envs.set_state([state, state])"])
+def test_reset_and_states_during_a_running_step_are_refused(call):
+    name = call.split("(")[0].split(".")[1]
+    assert outcome("envs.step_async(np.array([1, 2]))", call) == (
+        f"RuntimeError: {name}: a step started by step_async is still running; collect it with step_wait first")
 
 
 def test_a_second_step_async_before_step_wait_is_refused():
