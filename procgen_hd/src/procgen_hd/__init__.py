@@ -407,11 +407,11 @@ class ProcgenHDEnv:
         self.close()
 
 
-try:  # Gymnasium is optional: with it, `procgen_hd/<game>-v0` works in gymnasium.make and make_vec
-    import gymnasium  # noqa: F401
+try:  # Gymnasium (>= 1.1, which has AutoresetMode) is optional: with it, `procgen_hd/<game>-v0` works in make and make_vec
+    import gymnasium
 except ImportError:
-    pass
-else:
+    gymnasium = None
+if gymnasium is not None and hasattr(gymnasium.vector, "AutoresetMode"):
     from procgen_hd.gymnasium_env import register_envs
 
     register_envs()
