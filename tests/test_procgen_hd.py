@@ -4,6 +4,7 @@ every resolution, procgen's level protocol and same-step reset, saved states, an
 import os
 import subprocess
 import sys
+import tempfile
 
 import envpool
 import numpy as np
@@ -121,12 +122,67 @@ def test_saved_states_restore_the_games_exactly():
         assert np.array_equal(info["level_seed"], info2["level_seed"])
 
 
+def test_a_state_saved_at_64_restores_the_same_future_at_128():
+    """The state holds no frame size: restored into a 128 env it plays on exactly as the game saved at 128 does."""
+    code = """
+import sys, numpy as np, procgen_hd
+resolution = int(sys.argv[1])
+actions = np.random.default_rng(4).integers(0, 15, (340, 3))
+envs = procgen_hd.ProcgenHDEnv("bigfish", 3, resolution, num_levels=5, seed=1)
+envs.reset()
+for action in actions[:40]:
+    envs.step(action)
+saved = envs.get_state()
+if resolution == 128:
+    other = procgen_hd.ProcgenHDEnv("bigfish", 3, 128, num_levels=5, seed=9)
+    other.reset()
+    other.set_state([a.tobytes() for a in np.load(sys.argv[2] + "/state64.npz").values()])
+def future(env):
+    steps = [env.step(action) for action in actions[40:]]
+    return [np.stack([s[k] for s in steps]) for k in range(3)] + [np.stack([s[3]["level_seed"] for s in steps])]
+np.savez(sys.argv[2] + f"/future{resolution}.npz", *future(envs))
+if resolution == 64:
+    np.savez(sys.argv[2] + "/state64.npz", *[np.frombuffer(state, np.uint8) for state in saved])
+if resolution == 128:
+    np.savez(sys.argv[2] + "/restored.npz", *future(other))
+"""
+    folder = tempfile.mkdtemp()
+    for resolution in (64, 128):
+        result = subprocess.run([sys.executable, "-c", code, str(resolution), folder], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+    at_64, at_128, restored = (np.load(f"{folder}/{name}.npz") for name in ("future64", "future128", "restored"))
+    # (the two sizes' states differ only in drawing floats such as the pixels per cell, which each frame recomputes)
+    assert restored["arr_0"].shape == (300, 3, 3, 128, 128) and np.array_equal(restored["arr_0"], at_128["arr_0"])
+    assert at_64["arr_2"].any()  # episodes end in the compared stretch
+    for key in ("arr_1", "arr_2", "arr_3"):  # rewards, episode ends, level seeds
+        assert np.array_equal(restored[key], at_128[key]) and np.array_equal(restored[key], at_64[key])
+
+
 def test_a_state_of_another_game_is_refused_not_fatal():
     coinrun = procgen_hd.ProcgenHDEnv("coinrun", 1, 64)
     coinrun.reset()
     bigfish = procgen_hd.ProcgenHDEnv("bigfish", 1, 64)
-    with pytest.raises(ValueError, match="state 0 is not a state of bigfish"):
+    with pytest.raises(ValueError, match="state 0 is a state of coinrun, not of bigfish"):
         bigfish.set_state(coinrun.get_state())
+
+
+def test_sequential_levels_continue_the_episode_on_the_next_level_seed():
+    """procgen's use_sequential_levels: a completed level is followed by level seed + 997 in the same episode."""
+    actions = np.random.default_rng(0).integers(0, 15, (300, 8))
+    ends = {}
+    for sequential in (False, True):
+        envs = procgen_hd.ProcgenHDEnv("maze", 8, 64, num_levels=100, seed=0, use_sequential_levels=sequential)
+        _, info = envs.reset()
+        for action in actions:  # the same games until the first completed level
+            playing = info["level_seed"]
+            _, _, done, info = envs.step(action)
+            if info["prev_level_complete"].any():
+                break
+        env = np.flatnonzero(info["prev_level_complete"])[0]
+        ends[sequential] = done[env], info["level_seed"][env] - playing[env]
+        envs.close()
+    assert ends[False][0] and ends[True] == (False, 997)
 
 
 def test_step_async_then_wait_equals_step():

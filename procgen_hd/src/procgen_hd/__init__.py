@@ -11,12 +11,17 @@ Procgen resets inside the step that ends an episode: that step returns the episo
 steps is an episode end). `info` holds the level seed being played (`level_seed`) and, for the step
 just taken, the level it was taken in (`prev_level_seed`) and whether it completed it
 (`prev_level_complete`). Built from raphajaner/procgen-hd at the commit in `BUILD_INFO`.
+
+Nothing a caller passes reaches a C `fassert`: options, actions and saved states are checked here
+and refused with one line (ValueError), and every call on a closed env raises RuntimeError. With
+Gymnasium installed, importing the package registers `procgen_hd/<game>-v0` (see `gymnasium_env`).
 """
 
 import ctypes
 import gc
 import json
 import os
+import struct
 
 import numpy as np
 
@@ -43,6 +48,7 @@ NUM_ACTIONS = 15
 MAX_RESOLUTION = 4096  # Qt draws larger frames too; one 4096 x 4096 frame is already 50 MB per environment
 INT32_MAX = 2**31 - 1
 MAX_STATE_BYTES = 2**20  # procgen's own bound on a serialised game state
+MAX_THREADS = 1024  # libenv starts one OS thread each; a failed thread start would terminate the process
 
 # The C API (gym3's libenv.h)
 UINT8, INT32, FLOAT32 = 1, 2, 3
@@ -85,6 +91,112 @@ _lib.set_state.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctype
 # The fork draws one frame size per process (a global set by each new environment): open envs share it.
 _open_resolutions = []
 
+# The fork's game state (Game/BasicAbstractGame::serialize and each game's override): 4-byte little-endian ints and
+# floats, strings and vectors prefixed by their length. libenv `fassert`s (exits the process) on a wrong version, game
+# name or a read past the end, and throws std::length_error on a huge vector length: so every state is parsed here first.
+STATE_VERSION, END_OF_BUFFER = 0, 0xCAFECAFE
+ENTITY_BYTES = 31 * 4  # Entity::serialize: 31 ints and floats, the type is the 7th
+PLAYER = 0
+GAME_OPTION_NAMES = ("paint_vel_info", "use_generated_assets", "use_monochrome_assets", "restrict_themes",
+                     "use_backgrounds", "center_agent", "debug_mode", "distribution_mode", "use_sequential_levels",
+                     "use_easy_jump", "plain_assets", "physics_mode")
+# After BasicAbstractGame's fields: s a 4-byte value, v a vector of them, e a list of entities
+GAME_STATE_TAILS = {"bigfish": "ss", "bossfight": "v" + "s" * 23, "caveflyer": "", "chaser": "vv" + "s" * 7,
+                    "climber": "s" * 7, "coinrun": "s" * 7, "dodgeball": "s" * 7, "fruitbot": "sss", "heist": "ssv",
+                    "jumper": "s" * 7, "leaper": "svsvs", "maze": "ss", "miner": "s", "ninja": "s" * 8,
+                    "plunder": "svvvv" + "s" * 9, "starpilot": "e"}
+REQUIRED_ENTITIES = {"bossfight": 2, "jumper": 1}  # deserialize `fassert`s that the boss / the goal exists
+MT19937_WORDS = 624
+
+
+class _StateReader:
+    """Reads a serialised game state as libenv's ReadBuffer does, raising ValueError where it would abort."""
+
+    def __init__(self, data: bytes):
+        self.data, self.offset = data, 0
+
+    def take(self, size: int) -> bytes:
+        if size < 0 or self.offset + size > len(self.data):
+            raise ValueError(f"is truncated or corrupt: it needs byte {self.offset + size} of {len(self.data)}")
+        self.offset += size
+        return self.data[self.offset - size : self.offset]
+
+    def int(self) -> int:
+        return struct.unpack("<i", self.take(4))[0]
+
+    def skip(self, count: int):
+        self.take(4 * count)
+
+    def length(self, item_bytes: int) -> int:
+        count = self.int()
+        if count < 0 or count * item_bytes > len(self.data) - self.offset:
+            raise ValueError(f"is truncated or corrupt: a length of {count} at byte {self.offset - 4} runs past its end")
+        return count
+
+    def string(self) -> bytes:
+        return self.take(self.length(1))
+
+    def random_generator(self):
+        """RandGen: a seeded flag and std::mt19937 as text (624 words and a position)."""
+        self.int()
+        words = self.string().split()
+        if len(words) != MT19937_WORDS + 1 or not all(w.isdigit() and int(w) < 2**32 for w in words) \
+                or int(words[-1]) > MT19937_WORDS:
+            raise ValueError(f"is corrupt: no random generator state at byte {self.offset}")
+
+    def entity_types(self) -> list:
+        count = self.length(ENTITY_BYTES)
+        return [struct.unpack_from("<i", self.take(ENTITY_BYTES), 24)[0] for _ in range(count)]
+
+
+def check_state(state, game: str):
+    """Raise ValueError (the reason, as a sentence's end) unless `state` is one libenv can restore into a `game` env."""
+    if not isinstance(state, (bytes, bytearray)):
+        raise ValueError(f"is a {type(state).__name__}, not bytes from get_state")
+    reader = _StateReader(bytes(state))
+    version = reader.int()
+    if version != STATE_VERSION:
+        raise ValueError(f"is not a Procgen game state (format version {version}, expected {STATE_VERSION})")
+    name = reader.string()
+    if name != game.encode():
+        shown = name.decode("ascii", "replace") if name.decode("ascii", "replace") in GAMES else "an unknown game"
+        raise ValueError(f"is a state of {shown}, not of {game}")
+    options = dict(zip(GAME_OPTION_NAMES, (reader.int() for _ in GAME_OPTION_NAMES)))
+    if options["use_generated_assets"]:
+        raise ValueError("has use_generated_assets set: Procgen cannot restore such a game")
+    modes = {code: name for name, (code, games) in DISTRIBUTION_MODES.items() if game in games and name != "exploration"}
+    if options["distribution_mode"] not in modes:
+        raise ValueError(f"is corrupt: distribution mode {options['distribution_mode']} is not one of {game}'s")
+    reader.skip(5)  # grid_step, level seed range, game_type, game_n
+    reader.random_generator(), reader.random_generator()  # level seeds, game
+    reader.skip(14)  # step data, action, timeout, level seeds, episode bookkeeping, cur_time
+    if reader.int() != 0:
+        raise ValueError("is corrupt: it was saved in the middle of a step")  # act() `fassert`s on it
+    reader.skip(1)  # grid_size
+    types = reader.entity_types()
+    for kind, required in ((PLAYER, "the agent"), (REQUIRED_ENTITIES.get(game), f"{game}'s main entity")):
+        if kind is not None and kind not in types:
+            raise ValueError(f"is corrupt: it holds no entity for {required}")
+    reader.skip(19)  # background, movement and centring
+    reader.random_generator()  # assets
+    reader.skip(9)  # world size, unit, view, offsets, visibility
+    width, height = reader.int(), reader.int()
+    cells = reader.length(4)
+    if width < 0 or height < 0 or cells != width * height:
+        raise ValueError(f"is corrupt: its {width} x {height} grid does not hold {width * height} cells")
+    reader.skip(cells)
+    for item in GAME_STATE_TAILS[game]:
+        if item == "s":
+            reader.skip(1)
+        elif item == "v":
+            reader.skip(reader.length(4))
+        else:
+            reader.entity_types()
+    if struct.unpack("<I", reader.take(4))[0] != END_OF_BUFFER:
+        raise ValueError(f"is corrupt: no end marker at byte {reader.offset - 4}")
+    if reader.offset != len(reader.data):
+        raise ValueError(f"is corrupt: {len(reader.data) - reader.offset} bytes follow its end marker")
+
 
 def check_options(game: str, resolution: int, num_levels: int, start_level: int, distribution_mode: str, seed: int,
                   num_envs: int = 1, num_threads: int = 0):
@@ -102,6 +214,13 @@ def check_options(game: str, resolution: int, num_levels: int, start_level: int,
                              ("num_envs", num_envs, 1), ("num_threads", num_threads, 0)):
         if not isinstance(value, int) or not low <= value <= INT32_MAX:
             raise ValueError(f"{name} {value!r} must be an integer from {low} to {INT32_MAX}")
+    if num_threads > MAX_THREADS:
+        raise ValueError(f"num_threads {num_threads} starts too many threads; choose from 0 to {MAX_THREADS}")
+    frame_bytes = num_envs * resolution * resolution * 7  # our frames (3 bytes a pixel) and libenv's (4)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if frame_bytes > memory:
+        raise ValueError(f"num_envs {num_envs} at resolution {resolution} needs {frame_bytes / 2**30:.1f} GiB of frames, "
+                         f"more than this machine's {memory / 2**30:.1f} GiB")
     if num_levels and start_level + num_levels > INT32_MAX:
         raise ValueError(f"start_level {start_level} + num_levels {num_levels} must stay below 2**31")
     if distribution_mode == "exploration" and (num_levels, start_level) != (0, 0):
@@ -121,11 +240,15 @@ class ProcgenHDEnv:
     """
 
     def __init__(self, game: str, num_envs: int, resolution: int = 64, num_levels: int = 0, start_level: int = 0,
-                 distribution_mode: str = "easy", seed: int = 0, num_threads: int = None, **visual_options):
+                 distribution_mode: str = "easy", seed: int = 0, num_threads: int = None,
+                 use_sequential_levels: bool = False, **visual_options):
         self._handle = None
         unknown = sorted(set(visual_options) - set(VISUAL_OPTIONS))
         if unknown:
             raise ValueError(f"unknown option {unknown[0]!r}; the visual options are: {', '.join(VISUAL_OPTIONS)}")
+        for name, value in dict(visual_options, use_sequential_levels=use_sequential_levels).items():
+            if not isinstance(value, (bool, np.bool_)) and value not in (0, 1):  # libenv `fassert`s a byte of 0 or 1
+                raise ValueError(f"{name} {value!r} must be True or False")
         if num_threads is None:
             num_threads = min(num_envs, len(os.sched_getaffinity(0))) if isinstance(num_envs, int) else 0
         check_options(game, resolution, num_levels, start_level, distribution_mode, seed, num_envs, num_threads)
@@ -134,8 +257,8 @@ class ProcgenHDEnv:
         self.game, self.num_envs, self.resolution = game, num_envs, resolution
         self.num_levels, self.start_level, self.distribution_mode = num_levels, start_level, distribution_mode
         self.num_actions = NUM_ACTIONS
-        self.options = dict(VISUAL_OPTIONS, **visual_options)
-        self._needs_reset_step = False
+        self.options = dict(VISUAL_OPTIONS, **visual_options, use_sequential_levels=use_sequential_levels)
+        self._needs_reset_step, self._step_pending = False, False
         self._make(num_threads, seed)
 
     def _make(self, num_threads: int, seed: int):
@@ -145,7 +268,7 @@ class ProcgenHDEnv:
                  ("distribution_mode", INT32, DISTRIBUTION_MODES[self.distribution_mode][0]),
                  ("num_actions", INT32, NUM_ACTIONS), ("rand_seed", INT32, seed), ("num_threads", INT32, num_threads),
                  ("debug_mode", INT32, 0), ("obs_width", INT32, self.resolution), ("obs_height", INT32, self.resolution),
-                 ("render_human", UINT8, False), ("use_sequential_levels", UINT8, False)]
+                 ("render_human", UINT8, False)]
         items += [(name, UINT8, bool(value)) for name, value in self.options.items()]
         keep, options = [], (_Option * len(items))()
         for option, (name, dtype, value) in zip(options, items):
@@ -177,40 +300,75 @@ class ProcgenHDEnv:
                                  row_pointers(*infos), row_pointers(self._actions))
         _lib.libenv_set_buffers(self._handle, ctypes.byref(self._buffers))
 
+    def _check_open(self, call: str):
+        if self._handle is None:
+            raise RuntimeError(f"{call}: this Procgen-HD env is closed (libenv has freed its games); make a new one")
+
+    def _check_no_pending_step(self, call: str):
+        if self._step_pending:
+            raise RuntimeError(f"{call}: a step started by step_async is still running; collect it with step_wait first")
+
     def _observation(self):
         """Copies of what libenv wrote: frames (N, 3, R, R) as a channel-first view of (N, R, R, 3) memory."""
         info = {name: values.copy() for name, values in self._infos.items()}
         return self._obs.copy().transpose(0, 3, 1, 2), info
 
-    def reset(self):
-        """(obs, info). The first call returns the initial frames; later calls start a new episode in every env."""
-        if self._needs_reset_step:
-            self.step(np.full(self.num_envs, -1))  # procgen's forced reset: action -1 ends the episode
-        _lib.libenv_observe(self._handle)
-        self._needs_reset_step = True
-        return self._observation()
-
-    def step_async(self, actions):
-        """Start a step of every env in the worker threads and return at once (`step_wait` collects it)."""
-        actions = np.asarray(actions)
-        if actions.shape != (self.num_envs,) or ((actions < -1) | (actions >= NUM_ACTIONS)).any():
-            raise ValueError(f"actions must be {self.num_envs} integers in [0, {NUM_ACTIONS})")
+    def _act(self, actions):
         self._actions[:] = actions
         self._needs_reset_step = True
         _lib.libenv_act(self._handle)
 
+    def reset(self):
+        """(obs, info). The first call returns the initial frames; later calls start a new episode in every env."""
+        self._check_open("reset")
+        self._check_no_pending_step("reset")
+        if self._needs_reset_step:
+            self._act(-1)  # procgen's forced reset: action -1 ends the episode
+        _lib.libenv_observe(self._handle)
+        self._needs_reset_step = True
+        return self._observation()
+
+    def check_actions(self, actions) -> np.ndarray:
+        """`actions` as an array of `num_envs` integers in [0, NUM_ACTIONS), or ValueError naming the first bad one."""
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs,):
+            raise ValueError(f"actions of shape {actions.shape}: need one integer per env, shape ({self.num_envs},)")
+        if not np.issubdtype(actions.dtype, np.integer):
+            raise ValueError(f"actions of dtype {actions.dtype}: need integers in [0, {NUM_ACTIONS}) (none is rounded)")
+        bad = np.flatnonzero((actions < 0) | (actions >= NUM_ACTIONS))
+        if bad.size:
+            raise ValueError(f"action {actions[bad[0]]} of env {bad[0]}: actions are integers in [0, {NUM_ACTIONS})")
+        return actions
+
+    def step_async(self, actions):
+        """Start a step of every env in the worker threads and return at once (`step_wait` collects it)."""
+        self._check_open("step_async")
+        self._check_no_pending_step("step_async")
+        self._act(self.check_actions(actions))
+        self._step_pending = True
+
     def step_wait(self):
         """(obs, reward, done, info) of the step started by `step_async`."""
+        self._check_open("step_wait")
+        if not self._step_pending:
+            raise RuntimeError("step_wait: no step is running; start one with step_async")
         _lib.libenv_observe(self._handle)
+        self._step_pending = False
         obs, info = self._observation()
         return obs, self._rewards.copy(), self._firsts.astype(bool), info
 
     def step(self, actions):
+        self._check_open("step")
         self.step_async(actions)
         return self.step_wait()
 
     def get_state(self) -> list:
-        """Each env's serialised game state (bytes): level, positions, RNGs, step count."""
+        """Each env's serialised game state (bytes): level, positions, RNGs, step count. The frame size is not part of
+        it: a state restores the same game at any resolution."""
+        self._check_open("get_state")
+        self._check_no_pending_step("get_state")
+        if self.options["use_generated_assets"]:
+            raise ValueError("get_state: Procgen cannot save a game with use_generated_assets=True")
         _lib.libenv_observe(self._handle)
         buffer, states = ctypes.create_string_buffer(MAX_STATE_BYTES), []
         for i in range(self.num_envs):
@@ -219,13 +377,23 @@ class ProcgenHDEnv:
         return states
 
     def set_state(self, states: list):
-        """Restore `get_state`'s states; returns (obs, info) of the restored games, as `reset` does."""
+        """Restore `get_state`'s states (saved at any resolution); returns (obs, info) of the restored games, as `reset`
+        does. Every state is checked before any is restored: a bad one raises ValueError and changes nothing."""
+        self._check_open("set_state")
+        self._check_no_pending_step("set_state")
+        if self.options["use_generated_assets"]:
+            raise ValueError("set_state: Procgen cannot restore a game with use_generated_assets=True")
+        if isinstance(states, (bytes, bytearray, str)) or not hasattr(states, "__len__"):
+            raise ValueError(f"set_state needs a list of {self.num_envs} states (bytes), got a {type(states).__name__}")
         if len(states) != self.num_envs:
             raise ValueError(f"set_state needs {self.num_envs} states, got {len(states)}")
         for i, state in enumerate(states):
-            if state[4:8] != len(self.game).to_bytes(4, "little") or state[8 : 8 + len(self.game)] != self.game.encode():
-                raise ValueError(f"set_state: state {i} is not a state of {self.game}")  # libenv would exit the process
-            _lib.set_state(self._handle, i, ctypes.create_string_buffer(state, len(state)), len(state))
+            try:
+                check_state(state, self.game)
+            except ValueError as error:
+                raise ValueError(f"set_state: state {i} {error}") from None
+        for i, state in enumerate(states):
+            _lib.set_state(self._handle, i, ctypes.create_string_buffer(bytes(state), len(state)), len(state))
         self._needs_reset_step = True
         return self._observation()
 
@@ -237,3 +405,13 @@ class ProcgenHDEnv:
 
     def __del__(self):
         self.close()
+
+
+try:  # Gymnasium (>= 1.1, which has AutoresetMode) is optional: with it, `procgen_hd/<game>-v0` works in make and make_vec
+    import gymnasium
+except ImportError:
+    gymnasium = None
+if gymnasium is not None and hasattr(gymnasium.vector, "AutoresetMode"):
+    from procgen_hd.gymnasium_env import register_envs
+
+    register_envs()
