@@ -122,7 +122,8 @@ def performance_profile(scores_by_task, thresholds, reps: int, seed: int):
 def read_event_file(path: str):
     """({tag: [(step, value)]}, None) from one event file, read record by record with TensorBoard's own
     reader; a damaged record (a truncated file, a failed checksum, garbage) ends the reading and its
-    reason comes back instead of None, with the points read before it."""
+    reason comes back instead of None, with the points read before it. A resumed run's SummaryWriter(purge_step=N)
+    opens its file with a session start at step N: that step comes back under the key None."""
     from google.protobuf.message import DecodeError
     from tensorboard.compat.proto import event_pb2
     from tensorboard.compat.tensorflow_stub import errors, pywrap_tensorflow
@@ -134,6 +135,8 @@ def read_event_file(path: str):
             reader.GetNext()
             event = event_pb2.Event.FromString(reader.record())
             records += 1
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                points[None].append((event.step, None))
             for value in event.summary.value:
                 if value.HasField("simple_value"):
                     points[value.tag].append((event.step, value.simple_value))
@@ -147,7 +150,9 @@ def read_event_file(path: str):
 def read_event_scalars(run_dir: str, problems=None) -> dict:
     """{tag: (steps, values)} from every event file of a run folder, oldest file first. A resumed
     run re-logs the steps after its last checkpoint: points of a later file replace the earlier
-    points at or after that file's first step for the same tag. Damage that loses points goes to
+    points at or after that file's first step for the same tag, and a file that starts with a purge step
+    (a resume from the checkpoint at that step) drops every earlier point at or after it, of every tag, as
+    TensorBoard does (what a killed process logged past its last checkpoint). Damage that loses points goes to
     `problems`: the newest file damaged, or an older one with no event readable (an older file
     that ends in a partial record is what a kill leaves before a resume)."""
     merged = {}
@@ -156,6 +161,8 @@ def read_event_scalars(run_dir: str, problems=None) -> dict:
         points_by_tag, damage = read_event_file(path)
         if damage and problems is not None and (index == len(paths) - 1 or not points_by_tag):
             problems.append(damage)
+        for purge_step, _ in points_by_tag.pop(None, [])[:1]:
+            merged = {tag: [p for p in points if p[0] < purge_step] for tag, points in merged.items()}
         for tag, points in points_by_tag.items():
             first_step = points[0][0]
             merged[tag] = [p for p in merged.get(tag, []) if p[0] < first_step] + points

@@ -215,6 +215,19 @@ def test_resumed_run_later_event_file_replaces_overlapping_steps(tmp_path):
     assert steps.tolist() == [100, 200, 300, 400] and values.tolist() == [1.0, 20.0, 30.0, 40.0]
 
 
+def test_a_resume_purges_every_tag_a_killed_process_logged_past_its_checkpoint(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = write_run(str(tmp_path), "Pong-v5", 1, {}, {"charts/episodic_return": [(100, 1.0), (200, 2.0), (300, 3.0)],
+                                                         "eval/return": [(200, 5.0)]}, unix_time=1)
+    writer = SummaryWriter(run_dir, filename_suffix=".resumed", purge_step=200)  # resumed from the step-200 checkpoint
+    writer.add_scalar("eval/return", 6.0, 200)  # only the final evaluation: no new training episodes
+    writer.close()
+    scalars = analyze.read_event_scalars(run_dir)
+    assert scalars["charts/episodic_return"][0].tolist() == [100]  # 200 and 300 came after the checkpoint
+    assert scalars["eval/return"][1].tolist() == [6.0]
+
+
 def test_disagreeing_logged_normalized_score_is_reported(tmp_path):
     run_dir = write_run(str(tmp_path), "coinrun", 1, {"distribution_mode": "easy"},
                         {"eval/test_levels/return": [(100, 7.5)], "eval/test_levels/normalized_score": [(100, 0.9)]})
