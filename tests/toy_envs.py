@@ -54,7 +54,22 @@ def _generator(seed: int, *stream) -> np.random.Generator:
     return np.random.default_rng([seed % 2**32, *stream])
 
 
-class ToyAtari:
+class EnvPoolCalls:
+    """EnvPool's asynchronous pair (send, then recv: the step's results) and close, over a toy's synchronous step."""
+
+    pending = None
+
+    def send(self, actions):
+        self.pending = actions
+
+    def recv(self):
+        return self.step(self.pending)
+
+    def close(self):
+        pass
+
+
+class ToyAtari(EnvPoolCalls):
     """EnvPool's Atari interface on the cue task above (see the module docstring)."""
 
     def __init__(self, num_envs, seed, img_height=84, img_width=84, gray_scale=True, use_inter_area_resize=True,
@@ -74,7 +89,6 @@ class ToyAtari:
         self.previous_action = np.zeros(num_envs, np.int64)
         self.game_over = np.zeros(num_envs, bool)  # the next step starts a new game (EnvPool's auto-reset)
         self.life_lost = np.zeros(num_envs, bool)  # with episodic life: the next step starts the next life
-        self.pending = None
 
     def frame(self, i: int) -> np.ndarray:
         """Phase 0: the cue (left half lit, or the right half in vertical stripes); phases 1-2: the choice as the grey
@@ -150,17 +164,8 @@ class ToyAtari:
         rewards = np.sign(raw) if self.reward_clip else raw
         return self.stacks.copy(), rewards.astype(np.float32), terminated, truncated, self.info(raw, game_over)
 
-    def send(self, actions):
-        self.pending = actions
 
-    def recv(self):
-        return self.step(self.pending)
-
-    def close(self):
-        pass
-
-
-class ToyReach:
+class ToyReach(EnvPoolCalls):
     """EnvPool's DeepMind Control interface on the reach task above: `from_pixels` gives stacked RGB frames (the target
     in red, the point in green), else the state-only twin's dict of positions. Both simulate the same episodes for the
     same seed and actions; a reward is that of the step's last control step, as EnvPool's frame_skip."""
@@ -179,7 +184,7 @@ class ToyReach:
         self.elapsed = np.zeros(num_envs, np.int32)
         self.rewards = np.zeros(num_envs, np.float32)
         self.stacks = np.zeros((num_envs, 3 * frame_stack, render_height, render_width), np.uint8)
-        self.needs_reset, self.pending = True, None
+        self.needs_reset = True
 
     def column(self, position) -> np.ndarray:
         return np.clip(((position + 1) / 2 * self.side[1]).astype(int), 0, self.side[1] - 1)
@@ -227,15 +232,6 @@ class ToyReach:
         truncated = self.elapsed >= self.max_episode_steps
         self.needs_reset = bool(truncated.all())
         return self.observation(False), self.rewards.copy(), np.zeros(self.num_envs, bool), truncated, self.info()
-
-    def send(self, actions):
-        self.pending = actions
-
-    def recv(self):
-        return self.step(self.pending)
-
-    def close(self):
-        pass
 
 
 class ToyProcgen:
