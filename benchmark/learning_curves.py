@@ -17,14 +17,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cleanrl_pool"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import utils  # noqa: E402
 from analyze import read_event_scalars  # noqa: E402
 
 LEVEL_SETS = ("train_levels", "test_levels")
-
-
-def fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+fail = utils.fail
 
 
 def read_run(run_dir: str) -> dict:

@@ -79,17 +79,17 @@ def random_return(env, episodes: int, seed: int = 0) -> float:
 
 
 def random_reach_return(action_repeat: int, episodes: int = 8) -> float:
-    env = toy_envs.make("CartpoleSwingup-v1", env_type="gymnasium", num_envs=episodes, seed=0, from_pixels=True,
-                        render_width=24, render_height=24, frame_skip=action_repeat,
-                        max_episode_steps=toy_envs.REACH_CONTROL_STEPS // action_repeat, frame_stack=3)
-    twin = toy_envs.make("CartpoleSwingup-v1", env_type="gymnasium", num_envs=episodes, seed=0, frame_skip=1)
-    env.reset(), twin.reset()
+    """One episode per env of uniform actions, stepped by the SAC script's own action repeat and reward twin."""
+    import sac_dmc_gap as sac
+
+    env = (toy_envs.make("CartpoleSwingup-v1", env_type="gymnasium", num_envs=episodes, seed=0, from_pixels=True,
+                         render_width=24, render_height=24, frame_skip=action_repeat,
+                         max_episode_steps=toy_envs.REACH_CONTROL_STEPS // action_repeat, frame_stack=3),
+           toy_envs.make("CartpoleSwingup-v1", env_type="gymnasium", num_envs=episodes, seed=0, frame_skip=1))
+    sac.reset_env(env)
     rng, total = np.random.default_rng(0), np.zeros(episodes)
     for _ in range(toy_envs.REACH_CONTROL_STEPS // action_repeat):
-        actions = rng.uniform(-1, 1, (episodes, 1))
-        env.step(actions)
-        for _ in range(action_repeat):
-            total += twin.step(actions)[1]
+        total += sac.step_env(env, rng.uniform(-1, 1, (episodes, 1)), action_repeat)[1]
     return float(total.mean())
 
 
