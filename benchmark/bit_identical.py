@@ -118,13 +118,16 @@ def without_time(resume):
 
 
 def compare(before: str, after: str) -> list:
-    found = []
-    for name in sorted(os.listdir(before)):
+    """Differences between two recordings, over what AFTER holds (a `record --only` compares only those runs)."""
+    found, names = [], sorted(set(os.listdir(before)) & set(os.listdir(after)))
+    print("compared:", " ".join(name for name in names if not name.endswith(".log")), flush=True)
+    for name in names:
         texts = [open(os.path.join(folder, name)).read() for folder in (before, after) if name.endswith((".txt", ".json"))]
         if name.startswith("help_"):  # the same lines: every flag with its default and help, in any order
             texts = [sorted(text.splitlines()) for text in texts]
         found += [f"{name} differs"] * (len(texts) == 2 and texts[0] != texts[1])
     files_before, files_after = run_files(before), run_files(after)
+    files_before = {path: full for path, full in files_before.items() if path.split(os.sep)[0] in names}
     if set(files_before) != set(files_after):
         found.append(f"files differ: {sorted(set(files_before) ^ set(files_after))}")
     for path in sorted(set(files_before) & set(files_after)):
@@ -141,7 +144,7 @@ def compare(before: str, after: str) -> list:
             for config in configs:
                 config["resume"] = without_time(config.get("resume"))
             found += [f"{path} differs"] * (configs[0] != configs[1])
-    for name in sorted(os.listdir(before)):
+    for name in names:
         for run_dir, other in zip(*(glob.glob(os.path.join(folder, name, "runs", "*")) for folder in (before, after))):
             found += [f"{name}: TensorBoard scalars differ"] * (scalars(run_dir) != scalars(other))
     return found
