@@ -117,6 +117,27 @@ class Args(utils.RunArgs):
     init: str = "dopamine"
     """initial weights: `dopamine` (Dopamine's Flax initialisers, see `dopamine_init`) or `torch` (PyTorch's defaults)"""
 
+    # Sparse training (GAP §3.1; JaxPruner's Dopamine agents): masks on the weights, updated at gradient-update counts
+    sparsity_method: str = "none"
+    """`none`, `prune` (gradual magnitude pruning, Zhu & Gupta 2017), `static` (a random mask fixed at initialisation)
+    or `rigl` (drop the smallest weights, regrow where the gradient is largest: Evci et al. 2020)"""
+    sparsity: float = 0.9
+    """the fraction of the masked weights that are zero: reached at the end of pruning, held by static and RigL (GAP 0.9)"""
+    sparsity_scope: str = "all"
+    """the weights masked: `all` (every conv and dense kernel, the output layer too, as JaxPruner) or `bottleneck`
+    (only those after the encoder: the bottleneck's dense layer and the head, the GAP paper's psi)"""
+    sparsity_distribution: str = "erk"
+    """each masked tensor's sparsity: `erk` (Erdős-Rényi-Kernel, as JaxPruner's and RigL's DQN configs) or `uniform`"""
+    sparsity_start: float = 0.04
+    """pruning starts after this fraction of the agent steps (GAP: 8M of 200M frames); RigL updates from the start"""
+    sparsity_end: float = 0.8
+    """pruning reaches --sparsity, and RigL's drop fraction decays to 0, at this fraction of the agent steps (GAP: 160M
+    of 200M frames)"""
+    mask_update_every: int = 0
+    """gradient updates between mask updates; 0: the method's reference, 1,000 for prune (JaxPruner), 5,000 for rigl (GAP)"""
+    drop_fraction: float = 0.2
+    """the fraction of each tensor's active weights RigL drops and regrows, cosine-decayed to 0 at --sparsity-end (GAP 0.2)"""
+
     # Evaluation, checkpoints and diagnostics (x axis: agent steps)
     eval_every: int = 250_000
     """agent steps between evaluations (one more runs at the end); 0 evaluates only at the end"""
@@ -168,6 +189,8 @@ FLAG_RANGES = {
     "repeat_action_probability": "[0, 1)", "num_atoms": "[2, inf)", "v_min": "(-inf, inf)", "v_max": "(-inf, inf)",
     "noisy_std": "(0, inf)", "adam_eps": "(0, inf)", "epsilon_decay_steps": "[1, inf)", "priority_exponent": "[0, inf)",
     "importance_exponent": "[0, inf)", "iteration_steps": "[1, inf)",
+    "sparsity": "(0, 1)", "sparsity_start": "[0, 1]", "sparsity_end": "[0, 1]", "mask_update_every": "[0, inf)",
+    "drop_fraction": "[0, 1]",
 }
 
 def parse_args() -> Args:
@@ -442,21 +465,171 @@ def make_learner(args, num_actions: int, device):
     return q_network, target_network, optimizer
 
 
-def learner_step(q_network, target_network, optimizer, replay: dict, support, args):
+def learner_step(q_network, target_network, optimizer, replay: dict, support, args, masked=(), step: bool = True):
     """One update: a prioritised batch, the importance-weighted mean cross-entropy, one gradient step, then the
     sampled leaves get priority loss ** priority_exponent (Dopamine: sqrt(loss + 1e-10)) and the running maximum,
     which new transitions receive, grows with them, in place. No host value is read: a CUDA graph can capture it.
-    Returns the (detached) loss and the mean Q of the batch."""
+    Returns the (detached) loss and the mean Q of the batch.
+
+    Sparse training (`masked`: masked_pairs' (weight, mask) pairs): the step masks the weights after it, and static and
+    RigL also mask the gradients before it (JaxPruner's is_sparse_gradients, pruning's are dense); `step=False`
+    leaves the dense gradients in `.grad` and takes no step (a RigL mask update: JaxPruner's skip_gradients)."""
     batch = sample_batch(replay, args.batch_size, args.n_step, args.frame_stack, args.gamma)
     losses, logits = rainbow_loss(q_network, target_network, batch, support, args.double, args.torch_deterministic)
     loss = (importance_weights(batch["probabilities"], args.importance_exponent) * losses).mean()
     optimizer.zero_grad()
     loss.backward()
-    optimizer.step()
+    if step:
+        if args.sparsity_method in ("static", "rigl"):
+            apply_masks([(weight.grad, mask) for weight, mask in masked])
+        optimizer.step()
+        apply_masks(masked)
     priorities = (losses.detach().double() + 1e-10) ** args.priority_exponent
     sum_tree_update(replay["sum_tree"], batch["leaves"], priorities)
     torch.maximum(replay["max_priority"], priorities.max(), out=replay["max_priority"])  # in place: graph-safe
     return loss.detach(), q_values(logits.detach(), support).mean()
+
+
+# Sparse training (GAP §3.1): JaxPruner's gradual magnitude pruning, static sparse training and RigL, per-tensor masks
+def sparsifiable_weights(q_network, scope: str) -> dict:
+    """The weights sparse training masks, by name: every parameter of more than one dimension (JaxPruner's
+    NOT_DIM_ONE filter: conv and dense kernels, NoisyNet weight_mu and weight_sigma, the output layer too; biases
+    never); `scope` bottleneck: only those after the encoder (the dense part, the GAP paper's psi: the bottleneck's
+    dense layer and the head)."""
+    return {name: weight for name, weight in q_network.named_parameters()
+            if weight.ndim > 1 and (scope == "all" or not name.startswith("encoder."))}
+
+
+def erk_sparsities(shapes: dict, sparsity: float) -> dict:
+    """Erdős-Rényi-Kernel sparsity per tensor as JaxPruner (sparsity_distributions.py:140-281): density epsilon x
+    sum(shape) / prod(shape), epsilon such that the tensors keep as many weights as `sparsity` everywhere would;
+    while a density would pass 1, the tensors of the largest ratio become dense and epsilon is solved again."""
+    dense = set()
+    while True:
+        kept, divisor, ratios = 0, 0.0, {}
+        for name, shape in shapes.items():
+            size = math.prod(shape)
+            zeros = math.floor(sparsity * size)
+            if name in dense:
+                kept -= zeros
+            else:
+                ratios[name] = sum(shape) / size
+                kept += size - zeros
+                divisor += ratios[name] * size
+        epsilon, largest = kept / divisor, max(ratios.values())
+        if largest * epsilon <= 1:
+            return {name: 0.0 if name in dense else 1 - epsilon * ratios[name] for name in shapes}
+        dense |= {name for name, ratio in ratios.items() if ratio == largest}
+
+
+def topk_mask(scores, sparsity: float):
+    """JaxPruner's top-k mask (mask_calculator.py:66-92): True at the max(1, round(n (1 - sparsity))) largest
+    scores, a tie going to the lower flat index."""
+    flat = scores.flatten()
+    order = torch.sort(flat, descending=True, stable=True).indices
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    mask[order[:max(1, round(flat.numel() * (1 - sparsity)))]] = True
+    return mask.view(scores.shape)
+
+
+def pruning_sparsity(target: float, update: int, start: int, end: int) -> float:
+    """Zhu & Gupta's polynomial schedule as JaxPruner's (sparsity_schedules.py:95-135): target (1 - (1 - progress)^3),
+    progress = clip(update + 1 - start, 0, end - start) / (end - start), its "+1" included; 1 when start == end."""
+    progress = 1.0 if end == start else min(max(update + 1 - start, 0), end - start) / (end - start)
+    return target * (1 - (1 - progress) ** 3)
+
+
+def rigl_drop_fraction(initial: float, update: int, end: int) -> float:
+    """optax.cosine_decay_schedule(initial, end) at `update`, RigL's drop fraction in JaxPruner (api.py:168-171)."""
+    return initial * 0.5 * (1 + math.cos(math.pi * min(update, end) / end))
+
+
+def rigl_mask(mask, weight, gradient, drop_fraction: float):
+    """RigL's drop and grow (Evci et al. 2020) as JaxPruner's (sparse_trainers.py:102-133, 169-171): keep the
+    density x (1 - drop_fraction) active weights of largest |w| (inactive ones score below all), then grow back to the
+    old density the positions of largest |dense gradient| (kept ones score above all)."""
+    density = mask.sum().item() / mask.numel()
+    magnitude = weight.abs()
+    kept = topk_mask(torch.where(mask, magnitude, magnitude.min() - 1e-5), 1 - density * (1 - drop_fraction))
+    return topk_mask(torch.where(kept, gradient.abs().max() + 1e-5, gradient.abs()), 1 - density)
+
+
+def mask_update_schedule(args) -> tuple:
+    """(first, last, every) gradient update of the mask updates. The flags' fractions of the agent steps become the
+    updates made by then (one per train_frequency steps after learning_starts); RigL updates from update 1 (JaxPruner's
+    dqn.gin) to --sparsity-end; every: --mask-update-every, or the method's reference (prune 1,000, rigl 5,000)."""
+    def updates_by(fraction):
+        return max(0, (round(fraction * args.total_timesteps) - args.learning_starts) // args.train_frequency)
+    every = args.mask_update_every or {"prune": 1_000, "rigl": 5_000}.get(args.sparsity_method, 0)
+    first = 1 if args.sparsity_method == "rigl" else updates_by(args.sparsity_start)
+    return first, updates_by(args.sparsity_end), every
+
+
+def is_mask_update(method: str, update: int, first: int, last: int, every: int) -> bool:
+    """Whether the masks change at this gradient update: JaxPruner's PeriodicSchedule (sparsity_schedules.py:53-70),
+    every `every` updates from `first` to `last`, and pruning also at `last` itself, so that it ends at its target."""
+    if method not in ("prune", "rigl"):
+        return False
+    return (first <= update <= last and update % every == 0) or (method == "prune" and update == last)
+
+
+def make_masks(q_network, args) -> tuple:
+    """The masks ({name: bool tensor}, empty without sparse training) and each tensor's target sparsity (uniform or
+    ERK). Pruning starts from all ones; static and RigL from a random top-k at the target (JaxPruner's
+    StaticRandomSparse: uniform random scores), drawn with torch's generator."""
+    if args.sparsity_method == "none":
+        return {}, {}
+    weights = sparsifiable_weights(q_network, args.sparsity_scope)
+    sparsities = ({name: args.sparsity for name in weights} if args.sparsity_distribution == "uniform" else
+                  erk_sparsities({name: tuple(weight.shape) for name, weight in weights.items()}, args.sparsity))
+    if args.sparsity_method == "prune":
+        return {name: torch.ones_like(weight, dtype=torch.bool) for name, weight in weights.items()}, sparsities
+    return {name: topk_mask(torch.rand(weight.shape, device=weight.device), sparsities[name])
+            for name, weight in weights.items()}, sparsities
+
+
+def masked_pairs(network, masks: dict) -> list:
+    """(weight, mask) for every masked weight of the online network or of its target."""
+    return [(weight, masks[name]) for name, weight in network.named_parameters() if name in masks]
+
+
+@torch.no_grad()
+def apply_masks(pairs):
+    """tensor *= mask, in place, for (tensor, mask) pairs (a captured step reads the same tensors)."""
+    for tensor, mask in pairs:
+        tensor.mul_(mask)
+
+
+@torch.no_grad()
+def prune_masks_(masks: dict, q_network, sparsities: dict, update: int, first: int, last: int):
+    """Gradual magnitude pruning at this update (JaxPruner's MagnitudePruning): each mask, in place, keeps the largest
+    |w| of the weights before the step at the tensor's target x the schedule; the step masks the weights after it."""
+    for name, weight in q_network.named_parameters():
+        if name in masks:
+            masks[name].copy_(topk_mask(weight.abs(), pruning_sparsity(sparsities[name], update, first, last)))
+
+
+@torch.no_grad()
+def rigl_masks_(masks: dict, q_network, optimizer, drop_fraction: float):
+    """RigL's mask update from the dense gradients in `.grad`: new masks in place, Adam's moments (exp_avg,
+    exp_avg_sq) of the grown weights reset to 0 (JaxPruner's restart_inner_state), the dropped weights zeroed; grown
+    weights start at 0, as they were under the mask."""
+    for name, weight in q_network.named_parameters():
+        if name in masks:
+            new_mask = rigl_mask(masks[name], weight, weight.grad, drop_fraction)
+            grown = new_mask & ~masks[name]
+            optimizer.state[weight]["exp_avg"].masked_fill_(grown, 0)
+            optimizer.state[weight]["exp_avg_sq"].masked_fill_(grown, 0)
+            masks[name].copy_(new_mask)
+            weight.mul_(new_mask)
+
+
+def sparse_training(args, updates: tuple):
+    """What a sparse run's checkpoint must match to be resumed: its sparsity flags and mask updates (None: dense)."""
+    if args.sparsity_method == "none":
+        return None
+    return {"method": args.sparsity_method, "sparsity": args.sparsity, "scope": args.sparsity_scope,
+            "distribution": args.sparsity_distribution, "mask_updates": list(updates), "drop_fraction": args.drop_fraction}
 
 
 def soft_update(target, online, rate: float):
@@ -732,6 +905,9 @@ def check_args(args):
     utils.check_choice("encoder", args.encoder, tuple(ENCODERS))
     utils.check_choice("pool", args.pool, ("flatten", "avg", "max"))
     utils.check_choice("init", args.init, ("dopamine", "torch"))
+    utils.check_choice("sparsity-method", args.sparsity_method, ("none", "prune", "static", "rigl"))
+    utils.check_choice("sparsity-scope", args.sparsity_scope, ("all", "bottleneck"))
+    utils.check_choice("sparsity-distribution", args.sparsity_distribution, ("erk", "uniform"))
     utils.check_ranges(args, FLAG_RANGES)
     if not args.v_min < args.v_max:
         utils.fail(f"--v-min {args.v_min} must be below --v-max {args.v_max}")
@@ -750,6 +926,8 @@ def check_args(args):
     if args.buffer_size // args.num_envs < args.frame_stack + args.n_step + 1:
         utils.fail(f"--buffer-size {args.buffer_size} leaves {args.buffer_size // args.num_envs} slots per environment; "
                    f"--num-envs {args.num_envs} needs at least {args.frame_stack + args.n_step + 1} each")
+    if args.sparsity_start > args.sparsity_end:
+        utils.fail(f"--sparsity-start {args.sparsity_start} must not be above --sparsity-end {args.sparsity_end}")
     utils.check_tracking(args)
     device = utils.training_device(args)
     utils.check_memory(args.buffer_size // args.num_envs * args.num_envs * args.resolution**2, device,
@@ -763,9 +941,13 @@ def main():
     # derived values
     replay_capacity = args.buffer_size // args.num_envs  # slots per environment
     replay_gib = args.num_envs * replay_capacity * args.resolution**2 / 2**30  # uint8 frames
+    sparse_schedule = mask_update_schedule(args)  # (first, last, every) gradient update of the mask updates
     device = utils.training_device(args)
     run = utils.Run(args, SCRIPT, RUN_NEUTRAL_FLAGS, ARCHITECTURE_FLAGS)  # the run folder, and the checkpoint to resume
     checkpoint, global_step = run.checkpoint, run.step
+    if checkpoint and checkpoint.get("sparse_training") != sparse_training(args, sparse_schedule):
+        utils.fail(f"--resume {run.checkpoint_file!r} was trained with sparse training {checkpoint.get('sparse_training')}, "
+                   f"this run asks for {sparse_training(args, sparse_schedule)}")
     resumed_replay = None  # (replay, buffer_time) beside the newest checkpoint, if this is it
     if checkpoint:
         resumed_replay = utils.load_saved_replay(run.checkpoint_file, global_step, args.num_envs, replay_capacity, device)
@@ -782,6 +964,7 @@ def main():
     num_actions = envs.action_space.n
     support = torch.linspace(args.v_min, args.v_max, args.num_atoms, device=device)
     q_network, target_network, optimizer = make_learner(args, num_actions, device)
+    masks, sparsities = make_masks(q_network, args)  # {} without sparse training
     replay, buffer_time = resumed_replay or (make_replay(args.num_envs, replay_capacity, args.resolution, device), 0)
     update_count, update_credit = 0, 0
     iteration_returns = []  # whole-game returns of the training games that ended in this iteration (Dopamine's statistic)
@@ -789,10 +972,14 @@ def main():
         q_network.load_state_dict(checkpoint["q_network"])
         target_network.load_state_dict(checkpoint["target_network"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        for mask_name, mask in masks.items():
+            mask.copy_(checkpoint["sparsity_masks"][mask_name])
         update_count, update_credit = checkpoint["update_count"], checkpoint["update_credit"]
         iteration_returns = list(checkpoint.get("iteration_returns", []))
         utils.set_rng_state(checkpoint["rng"])
         run.resumed()
+    online_masked, target_masked = masked_pairs(q_network, masks), masked_pairs(target_network, masks)
+    apply_masks(online_masked + target_masked)  # sparse from initialisation (JaxPruner: from after the first step)
     run.log_parameter_counts(utils.parameter_counts(q_network))
     q_forward = torch.compile(q_network) if args.compile else q_network
     target_forward = torch.compile(target_network) if args.compile else target_network
@@ -814,17 +1001,26 @@ def main():
         episode_done.copy_(done)
 
     def update():  # one learner step on tensors that stay in place
-        return learner_step(q_forward, target_forward, optimizer, replay, support, args)
+        return learner_step(q_forward, target_forward, optimizer, replay, support, args, online_masked)
 
     if captured:  # each of the three a CUDA graph, replayed at every call
         act, store, update = (utils.CapturedStep(act, "acting"), utils.CapturedStep(store, "store"),
                               utils.CapturedStep(update, "learner step"))
 
+    def mask_update():  # masks that change at this update, outside the captured step: before it (prune), instead (RigL)
+        if args.sparsity_method == "prune":  # from the weights before the step, which masks them after it
+            prune_masks_(masks, q_network, sparsities, update_count, *sparse_schedule[:2])
+            return update()
+        outputs = learner_step(q_forward, target_forward, optimizer, replay, support, args, online_masked, step=False)
+        rigl_masks_(masks, q_network, optimizer, rigl_drop_fraction(args.drop_fraction, update_count, sparse_schedule[1]))
+        return outputs
+
     def checkpoint_payload():
+        sparse = {"sparse_training": sparse_training(args, sparse_schedule), "sparsity_masks": masks} if masks else {}
         return utils.checkpoint_payload(SCRIPT, args, global_step, q_network=q_network.state_dict(),
                                         target_network=target_network.state_dict(), optimizer=optimizer.state_dict(),
                                         update_count=update_count, update_credit=update_credit,
-                                        iteration_returns=list(iteration_returns))
+                                        iteration_returns=list(iteration_returns), **sparse)
 
     loss_total, q_total = torch.zeros((), device=device), torch.zeros((), device=device)  # summed since the last log
 
@@ -862,12 +1058,14 @@ def main():
             update_credit += args.num_envs
             while update_credit >= args.train_frequency:
                 update_credit -= args.train_frequency
-                loss, mean_q = update()
+                masks_change = is_mask_update(args.sparsity_method, update_count, *sparse_schedule)
+                loss, mean_q = mask_update() if masks_change else update()
                 update_count += 1
                 loss_total += loss
                 q_total += mean_q
             if utils.crossed(previous_step, global_step, args.target_network_frequency):
                 soft_update(target_network, q_network, 1.0)  # Dopamine copies the online network
+                apply_masks(target_masked)  # the target is as sparse as the online network, whatever the rate
 
         # store the step taken from o_t; an auto-reset step (after an episode end) is never a transition
         next_obs, rewards, terminated, truncated, info = envs.recv()
@@ -902,7 +1100,8 @@ def main():
         if utils.crossed(previous_step, global_step, args.diag_every):
             q_network.eval()
             recent = recent_observations(replay, buffer_time, args.diag_batch_size, args.frame_stack)
-            for tag, value in utils.network_diagnostics(q_network, recent, args.dormant_threshold).items():
+            diagnostics = utils.network_diagnostics(q_network, recent, args.dormant_threshold)
+            for tag, value in {**diagnostics, **(utils.sparsity_diagnostics(q_network) if masks else {})}.items():
                 run.writer.add_scalar(tag, value, global_step)
             run.writer.add_images("images/saliency", utils.q_saliency(expected_q(q_network, support), recent[:4]), global_step)
             q_network.zero_grad(set_to_none=True)

@@ -724,6 +724,21 @@ def parameter_counts(network) -> dict:
 
 
 @torch.no_grad()
+def sparsity_diagnostics(network) -> dict:
+    """Per part (as `parameter_counts`), as TensorBoard tags: `diag/sparsity/{part}`, the fraction of zero weights
+    among its weights of more than one dimension (those sparse training can mask), and `diag/params/{part}_effective`,
+    its parameters less those zero weights (the GAP paper's effective parameters)."""
+    heads = [module for name, module in network.named_children() if name not in ("encoder", "bottleneck")]
+    tags = {}
+    for part, modules in {"encoder": [network.encoder], "bottleneck": [network.bottleneck], "head": heads}.items():
+        weights = [p for module in modules for p in module.parameters() if p.ndim > 1]
+        zeros = int(torch.stack([(weight == 0).sum() for weight in weights]).sum()) if weights else 0
+        tags[f"diag/sparsity/{part}"] = zeros / max(sum(weight.numel() for weight in weights), 1)
+        tags[f"diag/params/{part}_effective"] = parameter_count(*modules) - zeros
+    return tags
+
+
+@torch.no_grad()
 def network_diagnostics(network, obs, threshold: float) -> dict:
     """Dormant fraction per part and feature norm (REFERENCE §5) of a network made of `encoder`, `bottleneck` and heads
     (as `parameter_counts`), on a batch of observations, as TensorBoard tags.

@@ -36,6 +36,20 @@ SHARED = {
     "soft_update": ("dqn", "rainbow"),
     "select_actions": ("dqn", "rainbow"),
     "evaluate": ("dqn", "rainbow"),
+    "sparsifiable_weights": ("dqn", "rainbow"),
+    "erk_sparsities": ("dqn", "rainbow"),
+    "topk_mask": ("dqn", "rainbow"),
+    "pruning_sparsity": ("dqn", "rainbow"),
+    "rigl_drop_fraction": ("dqn", "rainbow"),
+    "rigl_mask": ("dqn", "rainbow"),
+    "mask_update_schedule": ("dqn", "rainbow"),
+    "is_mask_update": ("dqn", "rainbow"),
+    "make_masks": ("dqn", "rainbow"),
+    "masked_pairs": ("dqn", "rainbow"),
+    "apply_masks": ("dqn", "rainbow"),
+    "prune_masks_": ("dqn", "rainbow"),
+    "rigl_masks_": ("dqn", "rainbow"),
+    "sparse_training": ("dqn", "rainbow"),
 }
 
 SECTIONS = ("Args", "Network", "Algorithm", "Storage", "Environment", "Evaluation", "Main")  # the math before the plumbing
