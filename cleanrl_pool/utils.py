@@ -11,7 +11,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -184,6 +184,12 @@ def latest_checkpoint(run_dir: str):
     return paths[-1] if paths else None
 
 
+def flag_defaults(args) -> dict:
+    """Each flag's default in the script's Args: the value a run written before the flag existed trained with (a new flag's
+    default keeps the behaviour it adds to off), so an older config.json or checkpoint reads as if it had it."""
+    return {field.name: field.default for field in fields(args) if field.default is not MISSING}
+
+
 def training_config(config: dict, neutral_flags=RUN_NEUTRAL_FLAGS) -> dict:
     """The resolved flags that decide what is trained (JSON-normalised, the `neutral_flags` left out)."""
     return {key: value for key, value in json.loads(json.dumps(config)).items() if key not in neutral_flags}
@@ -227,7 +233,7 @@ def resolve_run(args, neutral_flags=RUN_NEUTRAL_FLAGS):
         for run_dir in sorted(glob.glob(glob.escape(run_prefix(args)) + "*"), reverse=True):
             try:
                 with open(os.path.join(run_dir, "config.json")) as f:
-                    same = training_config(json.load(f), neutral_flags) == wanted
+                    same = training_config({**flag_defaults(args), **json.load(f)}, neutral_flags) == wanted
             except (OSError, ValueError):
                 continue
             checkpoint, finished = latest_checkpoint(run_dir), os.path.exists(os.path.join(run_dir, "final.pt"))
@@ -368,7 +374,7 @@ def load_checkpoint(path: str, script: str, args, architecture_flags) -> dict:
         fail(f"--resume {path!r} was written by an older {script} (checkpoint format {checkpoint.get('format', 1)}, "
              f"this one reads {CHECKPOINT_FORMAT}): start a new run")
     for flag in architecture_flags:
-        saved, asked = checkpoint["args"].get(flag), getattr(args, flag)
+        saved, asked = checkpoint["args"].get(flag, flag_defaults(args).get(flag)), getattr(args, flag)
         if saved != asked:
             fail(f"--resume {path!r} was trained with --{flag.replace('_', '-')} {saved!r}, this run asks for {asked!r}")
     return checkpoint

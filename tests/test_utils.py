@@ -1,6 +1,7 @@
 """utils.py: dormant fraction, saliency, RNG state, checkpoints, run folders, score tables."""
 import dataclasses
 import glob
+import json
 import os
 import random
 import shutil
@@ -155,6 +156,21 @@ def test_resume_auto_continues_only_a_run_of_the_same_training_configuration(tmp
     assert utils.resolve_run(args_like(tmp_path, resume="auto", eval_every=7))[0] == same
     run_dir, checkpoint = utils.resolve_run(args_like(tmp_path, resume="auto", learning_rate=5e-5))
     assert checkpoint is None and run_dir not in (same, str(tmp_path / "game__exp__1__200"))
+
+
+def test_a_run_from_before_a_flag_existed_resumes_at_that_flags_default(tmp_path):
+    run = make_run(tmp_path, "game__exp__1__100", steps=(5,))
+    config = json.load(open(os.path.join(run, "config.json")))
+    del config["width"]  # written by a script that had no --width yet
+    utils.write_json(os.path.join(run, "config.json"), config)
+    assert utils.resolve_run(args_like(tmp_path, resume="auto")) == (run, utils.checkpoint_path(run, 5))
+    assert utils.resolve_run(args_like(tmp_path, resume="auto", width=3))[1] is None  # another value: not that run
+    old = utils.checkpoint_payload("x.py", args_like(tmp_path), 5)
+    del old["args"]["width"]
+    utils.save_checkpoint(utils.checkpoint_path(run, 5), old)
+    assert utils.load_checkpoint(utils.checkpoint_path(run, 5), "x.py", args_like(tmp_path), ("width",))["global_step"] == 5
+    with pytest.raises(SystemExit):
+        utils.load_checkpoint(utils.checkpoint_path(run, 5), "x.py", args_like(tmp_path, width=3), ("width",))
 
 
 def test_resume_auto_reuses_a_folder_a_kill_left_without_checkpoint(tmp_path):
