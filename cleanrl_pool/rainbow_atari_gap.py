@@ -213,7 +213,8 @@ class SoftMoE(nn.Module):
     dispatch = softmax over the tokens, combine = softmax over all n p slots; each slot's input (the tokens mixed by
     dispatch) goes through its expert, shared by the expert's slots; each token's output mixes all slot outputs by
     combine. `routed=False` (--pool tokens) skips the routing: the one expert maps every token. In: the flattened
-    feature map (B, C*H*W); out: the output tokens flattened (B, H*W*C)."""
+    feature map (B, C*H*W); out: the output tokens flattened (B, H*W*C). Dopamine's `scalar` parameter (used only by
+    its normalisation, off) and its nan_to_num of the slot inputs (a no-op on finite inputs) are left out."""
 
     def __init__(self, token_dim: int, num_tokens: int, experts: list, routed: bool):
         super().__init__()
