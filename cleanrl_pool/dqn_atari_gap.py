@@ -18,6 +18,7 @@ import envpool
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import tyro
 
 import utils
@@ -223,12 +224,29 @@ class ResidualBlock(nn.Module):
     def forward(self, x):
         return x + self.conv1(self.relu1(self.conv0(self.relu0(x))))
 
+class SameMaxPool2d(nn.Module):
+    """Flax's max_pool(padding="SAME") of Dopamine's Impala `Stack`: -inf padding of total max((ceil(side / stride) - 1)
+    x stride + kernel - side, 0), the odd pixel after: 0 before and 1 after at 84 and 42 (PyTorch's MaxPool2d(3, 2,
+    padding=1) pads 1 before, which moves every window one pixel up and left), 1 and 1 at 21; side ceil(side / stride)."""
+
+    def __init__(self, kernel: int, stride: int):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x):
+        pads = []
+        for side in (x.shape[-1], x.shape[-2]):  # F.pad takes the last axis first
+            total = max((math.ceil(side / self.stride) - 1) * self.stride + self.kernel - side, 0)
+            pads += [total // 2, total - total // 2]
+        return F.max_pool2d(F.pad(x, pads, value=-math.inf), self.kernel, self.stride)
+
 def impala_encoder(in_channels: int, width: int, blocks: int) -> nn.Sequential:
-    """Espeholt et al. 2018: three stages of Conv3x3 -> MaxPool(3, stride 2, padding 1) -> `blocks` residual blocks
-    (2 in the paper), (16, 32, 32) x width channels, then a ReLU: R x R -> ceil(R / 8) x ceil(R / 8) x 32 width."""
+    """Espeholt et al. 2018 as Dopamine's ImpalaEncoder: three stages of Conv3x3 -> MaxPool(3, stride 2, SAME) ->
+    `blocks` residual blocks (2 in the paper), (16, 32, 32) x width channels, then a ReLU: R x R -> ceil(R / 8)
+    x ceil(R / 8) x 32 width."""
     layers, channels = [], in_channels
     for out_channels in (16 * width, 32 * width, 32 * width):
-        layers += [nn.Conv2d(channels, out_channels, 3, padding=1), nn.MaxPool2d(3, stride=2, padding=1)]
+        layers += [nn.Conv2d(channels, out_channels, 3, padding=1), SameMaxPool2d(3, 2)]
         layers += [ResidualBlock(out_channels) for _ in range(blocks)]
         channels = out_channels
     return nn.Sequential(*layers, nn.ReLU())

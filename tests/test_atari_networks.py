@@ -341,3 +341,53 @@ def test_a_resume_with_another_network_flag_is_refused_with_one_line(tiny_run):
                         "--resume", str(run_dir / "final.pt"), cwd=cwd)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
     assert "was trained with --num-experts 2, this run asks for 1" in result.stderr
+
+
+# Impala's max-pool pads as Flax's SAME (Dopamine), not PyTorch's symmetric padding
+def slow_same_max_pool(image, kernel=3, stride=2):
+    """Flax / TensorFlow SAME by hand on one (H, W) list of lists: out side ceil(side / stride), total padding
+    (out - 1) stride + kernel - side, before = total // 2; each window's max over the pixels inside the image."""
+    side = len(image)
+    out = -(-side // stride)
+    before = max((out - 1) * stride + kernel - side, 0) // 2
+    return [[max(image[r][c] for r in range(i * stride - before, i * stride - before + kernel) if 0 <= r < side
+                 for c in range(j * stride - before, j * stride - before + kernel) if 0 <= c < side)
+             for j in range(out)] for i in range(out)]
+
+
+def test_same_max_pool_at_4x4_is_flax_same_and_differs_from_pytorchs_symmetric_padding():
+    image = torch.tensor([[1.0, 9.0, 2.0, 3.0],
+                          [4.0, 5.0, 6.0, 7.0],
+                          [8.0, 0.0, 1.0, 2.0],
+                          [3.0, 4.0, 5.0, 6.0]])
+    # windows rows/cols {0, 1, 2} and {2, 3} (0 before, 1 after), worked by hand
+    expected = [[9.0, 7.0],
+                [8.0, 6.0]]
+    assert rainbow.SameMaxPool2d(3, 2)(image[None, None])[0, 0].tolist() == expected == slow_same_max_pool(image.tolist())
+    symmetric = torch.nn.MaxPool2d(3, stride=2, padding=1)(image[None, None])[0, 0].tolist()
+    assert symmetric == [[9.0, 9.0], [8.0, 7.0]]  # PyTorch's windows {-1, 0, 1} and {1, 2, 3}
+
+
+@pytest.mark.parametrize("side", [5, 6, 7, 21, 42, 84])
+def test_same_max_pool_matches_the_slow_reference_with_negative_inputs(side):
+    torch.manual_seed(side)
+    images = -torch.rand(2, 3, side, side) - 0.5  # all below 0: a zero padding would win every border window
+    pooled = dqn.SameMaxPool2d(3, 2)(images)
+    assert pooled.shape == (2, 3, -(-side // 2), -(-side // 2))
+    for b in range(2):
+        for c in range(3):
+            assert pooled[b, c].tolist() == slow_same_max_pool(images[b, c].tolist())
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_impala_feature_maps_go_84_42_21_11_through_flax_same_pools(script):
+    module = SCRIPTS[script]
+    encoder = module.impala_encoder(4, 1, 2)
+    sides = []
+    pools = [layer for layer in encoder if isinstance(layer, module.SameMaxPool2d)]
+    hooks = [pool.register_forward_hook(lambda _, inputs, output: sides.append((inputs[0].shape[-1], output.shape[-1])))
+             for pool in pools]
+    encoder(torch.zeros(1, 4, 84, 84))
+    for hook in hooks:
+        hook.remove()
+    assert sides == [(84, 42), (42, 21), (21, 11)]

@@ -26,7 +26,8 @@ SHARED = {
     "feature_map_shape": ("ppo", "dqn", "rainbow", "sac"),
     "Bottleneck": ("ppo", "dqn", "rainbow", "sac"),
     "ResidualBlock": ("ppo", "dqn", "rainbow"),
-    "impala_encoder": ("dqn", "rainbow"),  # PPO keeps Impoola's own
+    "impala_encoder": ("dqn", "rainbow"),  # PPO keeps Impoola's own (PyTorch's max-pool padding)
+    "SameMaxPool2d": ("dqn", "rainbow"),
     "make_encoder": ("dqn", "rainbow"),
     "SoftMoE": ("dqn", "rainbow"),
     "SamePad2d": ("rainbow", "sac"),
