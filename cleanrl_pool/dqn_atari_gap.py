@@ -17,12 +17,14 @@ import envpool
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import tyro
 
 import utils
 
 SCRIPT = os.path.basename(__file__)
-ARCHITECTURE_FLAGS = ("encoder", "pool", "width", "dense_scale", "resolution", "frame_stack", "env_id")
+ARCHITECTURE_FLAGS = ("encoder", "pool", "width", "dense_scale", "resolution", "frame_stack", "env_id", "num_experts",
+                      "encoder_blocks", "dense_layers", "layer_norm")
 # Flags of this script that do not change what is trained (bookkeeping, speed switches): --resume auto ignores them
 RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"save_buffer", "log_every", "cuda_graphs", "pinned_staging"}
 
@@ -53,15 +55,26 @@ class Args(utils.RunArgs):
     encoder: str = "nature"
     """the conv trunk: `nature` (Mnih et al. 2015) or `impala` (Espeholt et al. 2018)"""
     pool: str = "avg"
-    """what joins the encoder to the dense layer: `flatten`, `avg` (global average pooling) or `max`"""
+    """what joins the encoder to the dense layers: `flatten`, `avg` (global average pooling), `max`, `softmoe` (Dopamine's
+    SoftMoE on the H x W tokens in place of the first dense layer) or `tokens` (the same block without routing)"""
     width: int = 1
     """multiplies every encoder channel count (the papers' τ)"""
     dense_scale: int = 1
     """multiplies the width of the dense layer after the bottleneck"""
+    num_experts: int = 1
+    """experts of `--pool softmoe` (1: the GAP paper's SoftMoE-1), each with ceil(H x W / num_experts) slots"""
+    encoder_blocks: int = 2
+    """residual blocks per stage of the Impala encoder (Dopamine's ImpalaEncoder.num_blocks)"""
+    dense_layers: int = 1
+    """hidden dense layers of 512 x dense_scale after the join (with softmoe/tokens, the block stands for the first)"""
+    layer_norm: bool = False
+    """if toggled, every hidden dense layer is Dense -> LayerNorm -> ReLU (BRO, Nauman et al. 2024)"""
 
     # DQN (CleanRL's dqn_atari defaults)
     learning_rate: float = 1e-4
     """the learning rate of the Adam optimiser"""
+    weight_decay: float = 0.0
+    """coupled L2, Adam(weight_decay=...): gradient + weight_decay x weight before Adam, as ReDo (Sokar et al. 2023)"""
     buffer_size: int = 1_000_000
     """replay capacity in transitions, summed over environments"""
     gamma: float = 0.99
@@ -145,9 +158,10 @@ FLAG_RANGES = {
     "tau": "(0, 1]", "exploration_fraction": "(0, 1]",
     "sparsity": "(0, 1)", "sparsity_start": "[0, 1]", "sparsity_end": "[0, 1]", "mask_update_every": "[0, inf)",
     "drop_fraction": "[0, 1]",
+    "num_experts": "[1, inf)", "encoder_blocks": "[0, inf)", "dense_layers": "[1, inf)", "weight_decay": "[0, inf)",
 }
 
-# Network: bottleneck (pool + Linear(512 x dense_scale) + ReLU) on the encoder (nature | impala) -> Q head
+# Network: bottleneck (join + Linear(512 x dense_scale) + ReLU, or a SoftMoE block) on the encoder -> Q head
 def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
     """The join between encoder and dense layer, the papers' subject: (B, C, H, W) -> (B, C*H*W) for flatten,
     (B, C) for global average pooling (avg: GAP, Impoola) or global max pooling (max)."""
@@ -160,6 +174,37 @@ def pool_features(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
 def pooled_size(channels: int, side: int, pool: str) -> int:
     """Features after the join: C*H*W for flatten (the dense layer then grows with R^2), C for global pooling."""
     return channels * side * side if pool == "flatten" else channels
+
+TOKEN_JOINS = ("softmoe", "tokens")  # --pool values whose block reads the H x W tokens in place of the first dense layer
+
+class SoftMoE(nn.Module):
+    """Soft MoE (Puigcerver et al. 2024) on the m = H x W tokens of d = C dims, as Dopamine's labs/moes layer (PER_PIXEL
+    tokens, capacity factor 1, no normalisation): logits = x phi for p = ceil(m / n) slots of each of n experts;
+    dispatch = softmax over the tokens, combine = softmax over all n p slots; each slot's input (the tokens mixed by
+    dispatch) goes through its expert, shared by the expert's slots; each token's output mixes all slot outputs by
+    combine. `routed=False` (--pool tokens) skips the routing: the one expert maps every token. In: the flattened
+    feature map (B, C*H*W); out: the output tokens flattened (B, H*W*C). Dopamine's `scalar` parameter (used only by
+    its normalisation, off) and its nan_to_num of the slot inputs (a no-op on finite inputs) are left out."""
+
+    def __init__(self, token_dim: int, num_tokens: int, experts: list, routed: bool):
+        super().__init__()
+        self.token_dim, self.num_tokens, self.experts = token_dim, num_tokens, nn.ModuleList(experts)
+        self.phi = None
+        if routed:  # Flax's lecun_normal: normal cut at 2 std, variance 1 / fan_in, fan_in = experts x token_dim
+            slots, std = math.ceil(num_tokens / len(experts)), 1 / math.sqrt(len(experts) * token_dim) / 0.87962566103423978
+            self.phi = nn.Parameter(torch.empty(token_dim, len(experts), slots))
+            nn.init.trunc_normal_(self.phi, 0.0, std, -2 * std, 2 * std)
+
+    def forward(self, features):
+        tokens = features.reshape(len(features), self.token_dim, self.num_tokens).transpose(1, 2)  # (B, m, d)
+        if self.phi is None:
+            return self.experts[0](tokens).flatten(1)
+        logits = torch.einsum("bmd,dnp->bmnp", tokens, self.phi)
+        dispatch = logits.softmax(dim=1)  # per slot, over the tokens
+        combine = logits.flatten(2).softmax(dim=2).view_as(logits)  # per token, over all slots of all experts
+        slot_inputs = torch.einsum("bmd,bmnp->bnpd", tokens, dispatch)
+        slot_outputs = torch.stack([expert(slot_inputs[:, i]) for i, expert in enumerate(self.experts)], dim=1)
+        return torch.einsum("bnpd,bmnp->bmd", slot_outputs, combine).flatten(1)
 
 class Bottleneck(nn.Module):
     """The join and the dense layer after it, dense(pool_features(feature map)): the weights that grow with the
@@ -201,32 +246,63 @@ class ResidualBlock(nn.Module):
     def forward(self, x):
         return x + self.conv1(self.relu1(self.conv0(self.relu0(x))))
 
-def impala_encoder(in_channels: int, width: int) -> nn.Sequential:
-    """Espeholt et al. 2018: three stages of Conv3x3 -> MaxPool(3, stride 2, padding 1) -> two residual blocks,
-    (16, 32, 32) x width channels, then a ReLU: R x R -> ceil(R / 8) x ceil(R / 8) x 32 width."""
+class SameMaxPool2d(nn.Module):
+    """Flax's max_pool(padding="SAME") of Dopamine's Impala `Stack`: -inf padding of total max((ceil(side / stride) - 1)
+    x stride + kernel - side, 0), the odd pixel after: 0 before and 1 after at 84 and 42 (PyTorch's MaxPool2d(3, 2,
+    padding=1) pads 1 before, which moves every window one pixel up and left), 1 and 1 at 21; side ceil(side / stride)."""
+
+    def __init__(self, kernel: int, stride: int):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x):
+        pads = []
+        for side in (x.shape[-1], x.shape[-2]):  # F.pad takes the last axis first
+            total = max((math.ceil(side / self.stride) - 1) * self.stride + self.kernel - side, 0)
+            pads += [total // 2, total - total // 2]
+        return F.max_pool2d(F.pad(x, pads, value=-math.inf), self.kernel, self.stride)
+
+def impala_encoder(in_channels: int, width: int, blocks: int) -> nn.Sequential:
+    """Espeholt et al. 2018 as Dopamine's ImpalaEncoder: three stages of Conv3x3 -> MaxPool(3, stride 2, SAME) ->
+    `blocks` residual blocks (2 in the paper), (16, 32, 32) x width channels, then a ReLU: R x R -> ceil(R / 8)
+    x ceil(R / 8) x 32 width."""
     layers, channels = [], in_channels
     for out_channels in (16 * width, 32 * width, 32 * width):
-        layers += [
-            nn.Conv2d(channels, out_channels, 3, padding=1),
-            nn.MaxPool2d(3, stride=2, padding=1),
-            ResidualBlock(out_channels),
-            ResidualBlock(out_channels),
-        ]
+        layers += [nn.Conv2d(channels, out_channels, 3, padding=1), SameMaxPool2d(3, 2)]
+        layers += [ResidualBlock(out_channels) for _ in range(blocks)]
         channels = out_channels
     return nn.Sequential(*layers, nn.ReLU())
 
-ENCODERS = {"nature": nature_encoder, "impala": impala_encoder}  # --encoder: (in_channels, width) -> conv trunk
+def make_encoder(args) -> nn.Sequential:
+    """--encoder: the conv trunk on the stacked frames, Impala's with --encoder-blocks residual blocks per stage."""
+    if args.encoder == "impala":
+        return impala_encoder(args.frame_stack, args.width, args.encoder_blocks)
+    return nature_encoder(args.frame_stack, args.width)
+
+def hidden_layer(features: int, dense: int, args) -> list:
+    """One hidden dense layer of psi: Linear -> ReLU, or BRO's Linear -> LayerNorm -> ReLU with --layer-norm."""
+    return [nn.Linear(features, dense), *([nn.LayerNorm(dense)] if args.layer_norm else []), nn.ReLU()]
 
 class QNetwork(nn.Module):
-    """Q(s, .) = head(bottleneck(encoder(s / 255))); bottleneck = pool + Linear(512 x dense_scale) + ReLU."""
+    """Q(s, .) = head(bottleneck(encoder(s / 255))); bottleneck = the join and psi's hidden dense layers, each
+    Linear(512 x dense_scale) + ReLU; with softmoe / tokens a SoftMoE block of Dense(512 x dense_scale) -> ReLU ->
+    Dense(C) experts stands for the first, and the next layer reads its H*W*C output (Dopamine's MoE networks)."""
 
     def __init__(self, args, num_actions: int):
         super().__init__()
-        self.encoder = ENCODERS[args.encoder](args.frame_stack, args.width)
+        self.encoder = make_encoder(args)
         channels, side = feature_map_shape(self.encoder, args.frame_stack, args.resolution)
-        features, dense = pooled_size(channels, side, args.pool), 512 * args.dense_scale
-        self.bottleneck = Bottleneck(args.pool, nn.Sequential(nn.Linear(features, dense), nn.ReLU()))
-        self.head = nn.Linear(dense, num_actions)
+        dense = 512 * args.dense_scale
+        if args.pool in TOKEN_JOINS:
+            experts = [nn.Sequential(nn.Linear(channels, dense), nn.ReLU(), nn.Linear(dense, channels))
+                       for _ in range(args.num_experts)]
+            layers, features = [SoftMoE(channels, side * side, experts, args.pool == "softmoe")], channels * side * side
+        else:
+            layers, features = hidden_layer(pooled_size(channels, side, args.pool), dense, args), dense
+        for _ in range(args.dense_layers - 1):  # deeper psi
+            layers, features = layers + hidden_layer(features, dense, args), dense
+        self.bottleneck = Bottleneck("flatten" if args.pool in TOKEN_JOINS else args.pool, nn.Sequential(*layers))
+        self.head = nn.Linear(features, num_actions)
 
     def forward(self, obs):
         return self.head(self.bottleneck(self.encoder(obs.float() / 255.0)))
@@ -258,7 +334,9 @@ def make_learner(args, num_actions: int, device):
     target_network = QNetwork(args, num_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
     capturable = torch.device(device).type == "cuda"  # Adam's step count stays on the device: no sync, graph-safe
-    return q_network, target_network, torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, capturable=capturable)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                 capturable=capturable)
+    return q_network, target_network, optimizer
 
 
 def learner_step(q_network, target_network, optimizer, replay: dict, buffer_time, args, masked=(), step: bool = True):
@@ -636,14 +714,20 @@ def check_args(args):
     if utils.atari_game(args.env_id) not in utils.atari_games():
         utils.fail(f"--env-id {args.env_id!r} is not an EnvPool Atari game; choose one of: "
                    f"{', '.join(utils.atari_games())}")
-    utils.check_choice("encoder", args.encoder, tuple(ENCODERS))
-    utils.check_choice("pool", args.pool, ("flatten", "avg", "max"))
+    utils.check_choice("encoder", args.encoder, ("nature", "impala"))
+    utils.check_choice("pool", args.pool, ("flatten", "avg", "max", *TOKEN_JOINS))
     utils.check_choice("sparsity-method", args.sparsity_method, ("none", "prune", "static", "rigl"))
     utils.check_choice("sparsity-scope", args.sparsity_scope, ("all", "bottleneck"))
     utils.check_choice("sparsity-distribution", args.sparsity_distribution, ("erk", "uniform"))
     utils.check_ranges(args, FLAG_RANGES)
+    if args.encoder_blocks != 2 and args.encoder != "impala":
+        utils.fail(f"--encoder-blocks {args.encoder_blocks} needs --encoder impala (the Nature CNN has no residual blocks)")
+    if args.num_experts != 1 and args.pool != "softmoe":
+        utils.fail(f"--num-experts {args.num_experts} needs --pool softmoe")
+    if args.layer_norm and args.pool in TOKEN_JOINS:
+        utils.fail(f"--layer-norm is for the dense layers of --pool flatten|avg|max; --pool {args.pool}'s experts have none")
     with torch.device("meta"):
-        encoder = ENCODERS[args.encoder](args.frame_stack, args.width)
+        encoder = make_encoder(args)
     if feature_map_shape(encoder, args.frame_stack, args.resolution)[1] < 1:
         low = next(side for side in range(1, 4097) if feature_map_shape(encoder, args.frame_stack, side)[1] >= 1)
         utils.fail(f"--resolution {args.resolution} is too small for --encoder {args.encoder}; use at least {low}")

@@ -26,7 +26,10 @@ SHARED = {
     "feature_map_shape": ("ppo", "dqn", "rainbow", "sac"),
     "Bottleneck": ("ppo", "dqn", "rainbow", "sac"),
     "ResidualBlock": ("ppo", "dqn", "rainbow"),
-    "impala_encoder": ("ppo", "dqn", "rainbow"),
+    "impala_encoder": ("dqn", "rainbow"),  # PPO keeps Impoola's own (PyTorch's max-pool padding)
+    "SameMaxPool2d": ("dqn", "rainbow"),
+    "make_encoder": ("dqn", "rainbow"),
+    "SoftMoE": ("dqn", "rainbow"),
     "SamePad2d": ("rainbow", "sac"),
     "stack_frames": ("dqn", "rainbow"),
     "n_step_returns": ("dqn", "rainbow"),
@@ -55,9 +58,12 @@ SHARED = {
 SECTIONS = ("Args", "Network", "Algorithm", "Storage", "Environment", "Evaluation", "Main")  # the math before the plumbing
 HEADER = re.compile(r"^# (\w+)(: .+)?$")
 
-# Flags that mean the same in every script but are each script's own (the rest are utils.RunArgs'): their type and
+# Flags that mean the same in these scripts but are each script's own (the rest are utils.RunArgs'): their type and
 # docstring must read the same (defaults differ by paper: width 2 in Impoola, dense scale 4 in Rainbow, flatten in DrQ's SAC)
-SHARED_FLAGS = ("exp_name", "pool", "width", "dense_scale")
+ALL = tuple(SCRIPTS)
+SHARED_FLAGS = [("exp_name", ALL), ("width", ALL), ("dense_scale", ALL), ("pool", ("ppo", "sac")),
+                *((flag, ("dqn", "rainbow")) for flag in ("pool", "num_experts", "encoder_blocks", "dense_layers",
+                                                          "layer_norm", "weight_decay"))]
 
 
 @pytest.mark.parametrize("name", sorted(SHARED))
@@ -93,10 +99,10 @@ def field_text(module, name):
     return [lines[start].split(" = ")[0], lines[start + 1]]
 
 
-@pytest.mark.parametrize("flag", SHARED_FLAGS)
-def test_shared_flag_reads_the_same_in_every_script(flag):
-    texts = {script: field_text(module, flag) for script, module in SCRIPTS.items()}
-    assert all(text == texts["dqn"] for text in texts.values()), texts
+@pytest.mark.parametrize("flag,scripts", SHARED_FLAGS)
+def test_shared_flag_reads_the_same_in_every_script(flag, scripts):
+    texts = {script: field_text(SCRIPTS[script], flag) for script in scripts}
+    assert all(text == texts[scripts[0]] for text in texts.values()), texts
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
