@@ -5,7 +5,8 @@ CleanRL `dqn_atari` defaults (Mnih et al. 2015 protocol: life loss is terminal, 
 nature|impala`, `--dense-scale`, `--double` and `--n-step`, so that "scaling the dense layer hurts
 with flatten and helps with global average pooling" (Sokar & Castro 2025, "Mind the GAP") can be
 reproduced with plain DQN. The replay stores each frame once and rebuilds the 4-frame stacks when
-it samples them, on the training device.
+it samples them, on the training device. The score is CleanRL's: 10 whole games (every life, raw
+rewards) with the training wrappers, at epsilon = `end_e` (0.01).
 """
 
 import copy
@@ -92,8 +93,8 @@ class Args(utils.RunArgs):
     """agent steps between evaluations (one more runs at the end); 0 evaluates only at the end"""
     eval_episodes: int = 10
     """full-game episodes per evaluation, one per evaluation environment"""
-    eval_epsilon: float = 0.05
-    """epsilon of the greedy policy at evaluation (CleanRL's `dqn_eval`)"""
+    eval_epsilon: float = 0.01
+    """epsilon of the greedy policy at evaluation (CleanRL's dqn_atari evaluates at its `end_e`, 0.01)"""
     save_every: int = 1_000_000
     """agent steps between checkpoints; 0 saves only `final.pt`"""
     save_buffer: bool = True
