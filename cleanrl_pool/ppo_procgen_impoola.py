@@ -11,7 +11,6 @@ Usage: python cleanrl_pool/ppo_procgen_impoola.py --env-id bigfish --resolution 
 
 import copy
 import os
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -616,19 +615,17 @@ def main():
     learning_rate = args.learning_rate * (2 / args.width if args.rescale_lr else 1.0)  # Impoola: lr / (τ / 2)
     device = utils.training_device(args)
     fast = speed_plan(args, device)  # the speed switches acting here (none on a CPU)
-    run_dir, checkpoint_file = utils.resolve_run(args, RUN_NEUTRAL_FLAGS)
-    checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
-    utils.print_config(args, device=device, run_dir=run_dir, batch_size=batch_size, minibatch_size=minibatch_size,
-                       micro_batch_size=micro_batch_size, num_iterations=num_iterations, learning_rate=f"{learning_rate:g}",
-                       speed_switches=", ".join(name for name, on in fast.items() if on) or "none")
-    writer = utils.start_run(args, run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+    run = utils.Run(args, SCRIPT, RUN_NEUTRAL_FLAGS, ARCHITECTURE_FLAGS)  # the run folder, and the checkpoint to resume
+    checkpoint, global_step = run.checkpoint, run.step
+    run.open(device, batch_size=batch_size, minibatch_size=minibatch_size, micro_batch_size=micro_batch_size,
+             num_iterations=num_iterations, learning_rate=f"{learning_rate:g}",
+             speed_switches=", ".join(name for name, on in fast.items() if on) or "none")
 
     # set-up
     utils.seed_everything(args.seed, args.torch_deterministic)
     utils.configure_cuda(args, device)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    global_step = checkpoint["global_step"] if checkpoint else 0
     envs = make_envs(args, args.num_envs, args.num_levels, args.seed)
     next_obs_np, _ = envs.reset()
     if fast["overlap_envs"]:  # the same games, as two halves stepped in turn
@@ -652,9 +649,9 @@ def main():
         next_done = checkpoint["next_done"].to(device)
         episodes = {key: value.numpy().copy() for key, value in checkpoint["episodes"].items()}
         utils.set_rng_state(checkpoint["rng"])
-        utils.echo(f"resumed from {checkpoint_file} at step {global_step}")
+        run.resumed()
     next_obs = torch.from_numpy(next_obs_np).to(device)
-    utils.log_parameter_counts(writer, utils.parameter_counts(agent), fresh=checkpoint is None)
+    run.log_parameter_counts(utils.parameter_counts(agent))
 
     def checkpoint_payload():
         return utils.checkpoint_payload(SCRIPT, args, global_step, model=agent.state_dict(), optimizer=optimizer.state_dict(),
@@ -670,19 +667,18 @@ def main():
             returns, frames = evaluate(model, level_envs, num_episodes, seed, device, args.capture_video)
             level_envs.close()
             score = utils.procgen_normalized_score(args.env_id, args.distribution_mode, returns.mean())
-            writer.add_scalar(f"eval/{level_set}/return", returns.mean(), global_step)
-            writer.add_scalar(f"eval/{level_set}/normalized_score", score, global_step)
+            run.writer.add_scalar(f"eval/{level_set}/return", returns.mean(), global_step)
+            run.writer.add_scalar(f"eval/{level_set}/normalized_score", score, global_step)
             utils.echo(f"step {global_step}: eval {level_set} return {returns.mean():.2f} (+- {returns.std():.2f}, "
                        f"{len(returns)} episodes), normalized score {score:.3f}")
             if frames:
-                utils.save_video(os.path.join(run_dir, "videos", f"{level_set}_step_{global_step:012d}.gif"), frames)
+                run.save_video(f"{level_set}_step_{global_step:012d}.gif", frames)
 
     # training loop
-    progress = utils.Progress(args.total_timesteps, global_step, args.progress)
-    start_step, start_time = global_step, time.time()
+    run.start_clock(global_step)
     for iteration in range(global_step // batch_size + 1, num_iterations + 1):
         previous_step = global_step
-        last_good = copy.deepcopy(checkpoint_payload())  # this iteration's start: the previous one checked it finite
+        run.keep_good(checkpoint_payload())  # this iteration's start: the previous one checked it finite
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * learning_rate
         # Rollout, then the value of the last observation and GAE (one autocast region: bf16 weights cast once, cached)
@@ -690,7 +686,7 @@ def main():
             next_obs, next_done, finished_returns, finished_lengths = collect_rollout(
                 lambda obs: policy(agent, obs, fast["bf16"]), env_groups, rollout, next_obs, next_done, reward_normalizer,
                 episodes, args.gamma, args.reward_clip,
-                on_step=lambda steps, episodic_return: progress.update(global_step + steps, episodic_return),
+                on_step=lambda steps, episodic_return: run.progress.update(global_step + steps, episodic_return),
             )
             with torch.no_grad():
                 next_value = model(next_obs)[1]
@@ -701,39 +697,35 @@ def main():
         # Optimise the policy and value network on the flattened rollout
         batch = {key: rollout[key].flatten(0, 1) for key in ("obs", "actions", "logprobs", "values")}
         batch["advantages"], batch["returns"] = advantages.flatten(), returns.flatten()
-        losses, finite = ppo_update(model, agent, optimizer, batch, args, micro_batch_size, fast["bf16"], progress.update)
+        losses, finite = ppo_update(model, agent, optimizer, batch, args, micro_batch_size, fast["bf16"], run.progress.update)
 
         # logging, and the non-finite check (a few host syncs per iteration, none per environment step)
-        utils.stop_if_nonfinite(bool(finite) and bool(utils.finite_flag(agent, optimizer)), last_good, run_dir, global_step,
-                                writer)
-        scalars = {"charts/SPS": (global_step - start_step) / (time.time() - start_time),
-                   "charts/learning_rate": optimizer.param_groups[0]["lr"],
+        run.check_finite(bool(finite) and bool(utils.finite_flag(agent, optimizer)), global_step)
+        scalars = {"charts/SPS": run.sps(global_step), "charts/learning_rate": optimizer.param_groups[0]["lr"],
                    **{f"losses/{name}": value for name, value in losses.items()},
                    "losses/explained_variance": explained_variance(batch["values"], batch["returns"])}
         if finished_returns:
             scalars["charts/episodic_return"] = np.mean(finished_returns)
             scalars["charts/episodic_length"] = np.mean(finished_lengths)
-        utils.log_scalars(writer, global_step, scalars)
+        run.log(global_step, scalars)
         # diagnostics on recent observations (REFERENCE §5)
         if utils.crossed(previous_step, global_step, args.diag_every):
             recent = batch["obs"][torch.randperm(batch_size, device=device)[: args.diag_batch_size]]
             for tag, value in utils.network_diagnostics(agent, recent, args.dormant_threshold).items():
-                writer.add_scalar(tag, value, global_step)
-            writer.add_image("images/saliency", saliency_grid(agent, recent[:4]), global_step)
+                run.writer.add_scalar(tag, value, global_step)
+            run.writer.add_image("images/saliency", saliency_grid(agent, recent[:4]), global_step)
         # evaluation (the last iteration's is the final one below) and checkpoints
         if utils.crossed(previous_step, global_step, args.eval_every) and iteration < num_iterations:
             run_evaluation(args.eval_episodes)
         if utils.crossed(previous_step, global_step, args.save_every):
-            utils.save_periodic_checkpoint(run_dir, global_step, checkpoint_payload(), args.keep_checkpoints)
+            run.save(global_step, checkpoint_payload())
 
     # evaluation and saving at the end (every iteration's check covered the last state)
-    progress.close()
+    run.progress.close()
     if args.final_eval_episodes:
         run_evaluation(args.final_eval_episodes)
-    utils.save_checkpoint(os.path.join(run_dir, "final.pt"), checkpoint_payload())
+    run.finish(checkpoint_payload())
     envs.close()
-    utils.finish_run(writer)
-    utils.echo(f"done: {run_dir}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import copy
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import envpool
@@ -765,21 +764,18 @@ def main():
     replay_capacity = args.buffer_size // args.num_envs  # slots per environment
     replay_gib = args.num_envs * replay_capacity * args.resolution**2 / 2**30  # uint8 frames
     device = utils.training_device(args)
-    run_dir, checkpoint_file = utils.resolve_run(args, RUN_NEUTRAL_FLAGS)
-    checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
+    run = utils.Run(args, SCRIPT, RUN_NEUTRAL_FLAGS, ARCHITECTURE_FLAGS)  # the run folder, and the checkpoint to resume
+    checkpoint, global_step = run.checkpoint, run.step
     resumed_replay = None  # (replay, buffer_time) beside the newest checkpoint, if this is it
     if checkpoint:
-        resumed_replay = utils.load_saved_replay(checkpoint_file, checkpoint["global_step"], args.num_envs, replay_capacity,
-                                                 device)
-    utils.print_config(args, device=device, run_dir=run_dir, replay=f"{replay_gib:.2f} GiB")
-    writer = utils.start_run(args, run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+        resumed_replay = utils.load_saved_replay(run.checkpoint_file, global_step, args.num_envs, replay_capacity, device)
+    run.open(device, replay=f"{replay_gib:.2f} GiB")
 
     # set-up
     utils.seed_everything(args.seed, args.torch_deterministic)
     utils.configure_cuda(args, device)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    global_step = checkpoint["global_step"] if checkpoint else 0
     env_seed = args.seed + global_step  # a resumed run cannot restore the emulators: it restarts the games
     envs = make_env(args, args.num_envs, env_seed)
     eval_envs = make_env(args, args.eval_episodes, env_seed + 1_000_000, for_evaluation=True)
@@ -796,8 +792,8 @@ def main():
         update_count, update_credit = checkpoint["update_count"], checkpoint["update_credit"]
         iteration_returns = list(checkpoint.get("iteration_returns", []))
         utils.set_rng_state(checkpoint["rng"])
-        utils.echo(f"resumed from {checkpoint_file} at step {global_step}")
-    utils.log_parameter_counts(writer, utils.parameter_counts(q_network), fresh=checkpoint is None)
+        run.resumed()
+    run.log_parameter_counts(utils.parameter_counts(q_network))
     q_forward = torch.compile(q_network) if args.compile else q_network
     target_forward = torch.compile(target_network) if args.compile else target_network
     q_function = expected_q(q_forward, support)
@@ -841,9 +837,9 @@ def main():
         q_network.train()
         normalized = utils.atari_human_normalized_score(args.env_id, returns.mean())
         normalized = {} if normalized is None else {"eval/normalized_score": normalized}
-        utils.log_scalars(writer, global_step, {"eval/return": returns.mean(), **normalized})
+        run.log(global_step, {"eval/return": returns.mean(), **normalized})
         if video is not None:
-            utils.save_video(os.path.join(run_dir, "videos", f"eval_step_{global_step:012d}.gif"), video)
+            run.save_video(f"eval_step_{global_step:012d}.gif", video)
 
     # training loop
     obs, info = envs.reset()
@@ -851,9 +847,7 @@ def main():
     buffer_time = store_reset(replay, buffer_time, obs_device, info, args.n_step, args.frame_stack)
     episode_return = np.zeros(args.num_envs)
     logged_updates = update_count
-    last_good = None
-    progress = utils.Progress(args.total_timesteps, global_step, args.progress)
-    start_step, start_time = global_step, time.time()
+    run.start_clock(global_step)
     while global_step < args.total_timesteps:
         epsilon = dopamine_epsilon(args, global_step)
         newest_slot.fill_(buffer_time)
@@ -881,14 +875,13 @@ def main():
         store(actions_now, *stage.env_step(rewards, terminated, truncated, info), obs_device)
         buffer_time += 1
         for game_return, game_length in utils.finished_games(episode_return, info, truncated):
-            utils.log_scalars(writer, global_step, {"charts/episodic_return": game_return,
-                                                    "charts/episodic_length": game_length})
-            progress.update(episodic_return=game_return)
+            run.log(global_step, {"charts/episodic_return": game_return, "charts/episodic_length": game_length})
+            run.progress.update(episodic_return=game_return)
             iteration_returns.append(float(game_return))
-        progress.update(global_step)
+        run.progress.update(global_step)
         if utils.crossed(previous_step, global_step, args.iteration_steps):  # Dopamine's score: its train_average_return
             if iteration_returns:
-                writer.add_scalar("charts/iteration_return", np.mean(iteration_returns), global_step)
+                run.writer.add_scalar("charts/iteration_return", np.mean(iteration_returns), global_step)
             iteration_returns = []
 
         # logging, and the non-finite check: the interval's one host sync reads both
@@ -896,26 +889,26 @@ def main():
             updates, logged_updates = update_count - logged_updates, update_count
             finite, mean_loss, mean_q_value = torch.stack([finite_flag(),
                                                            loss_total / max(updates, 1), q_total / max(updates, 1)]).tolist()
-            utils.stop_if_nonfinite(finite == 1, last_good, run_dir, global_step, writer)
-            last_good = copy.deepcopy(checkpoint_payload())
-            scalars = {"charts/SPS": (global_step - start_step) / (time.time() - start_time),
-                       "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/epsilon": epsilon}
+            run.check_finite(finite == 1, global_step)
+            run.keep_good(checkpoint_payload())
+            scalars = {"charts/SPS": run.sps(global_step), "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                       "charts/epsilon": epsilon}
             if updates:
                 scalars.update({"losses/loss": mean_loss, "losses/q_values": mean_q_value})
                 loss_total.zero_(), q_total.zero_()
-            utils.log_scalars(writer, global_step, scalars)
+            run.log(global_step, scalars)
 
         # diagnostics on recent observations, without the NoisyNet noise
         if utils.crossed(previous_step, global_step, args.diag_every):
             q_network.eval()
             recent = recent_observations(replay, buffer_time, args.diag_batch_size, args.frame_stack)
             for tag, value in utils.network_diagnostics(q_network, recent, args.dormant_threshold).items():
-                writer.add_scalar(tag, value, global_step)
-            writer.add_images("images/saliency", utils.q_saliency(expected_q(q_network, support), recent[:4]), global_step)
+                run.writer.add_scalar(tag, value, global_step)
+            run.writer.add_images("images/saliency", utils.q_saliency(expected_q(q_network, support), recent[:4]), global_step)
             grad_cam = utils.grad_cam(q_network.encoder,
                                       lambda features: q_values(q_network.head(q_network.bottleneck(features)), support),
                                       recent[:4].float() / 255.0)  # expected Q(s, a*) from the feature map the join reads
-            writer.add_images("images/grad_cam", grad_cam, global_step)
+            run.writer.add_images("images/grad_cam", grad_cam, global_step)
             q_network.zero_grad(set_to_none=True)
             q_network.train()
 
@@ -923,19 +916,17 @@ def main():
         if utils.crossed(previous_step, global_step, args.eval_every) and global_step < args.total_timesteps:
             run_evaluation()
         if utils.crossed(previous_step, global_step, args.save_every):
-            utils.stop_if_nonfinite(bool(finite_flag()), last_good, run_dir, global_step, writer)
+            run.check_finite(bool(finite_flag()), global_step)
             saved_replay = {"replay": replay, "buffer_time": buffer_time} if args.save_buffer else None
-            utils.save_periodic_checkpoint(run_dir, global_step, checkpoint_payload(), args.keep_checkpoints, saved_replay)
+            run.save(global_step, checkpoint_payload(), saved_replay)
 
     # evaluation and saving at the end
-    progress.close()
-    utils.stop_if_nonfinite(bool(finite_flag()), last_good, run_dir, global_step, writer)
+    run.progress.close()
+    run.check_finite(bool(finite_flag()), global_step)
     run_evaluation()
-    utils.save_checkpoint(os.path.join(run_dir, "final.pt"), checkpoint_payload())
+    run.finish(checkpoint_payload())
     envs.close()
     eval_envs.close()
-    utils.finish_run(writer)
-    utils.echo(f"done: {run_dir}")
 
 
 if __name__ == "__main__":

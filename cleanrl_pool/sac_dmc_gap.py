@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 
 import envpool
@@ -842,20 +841,18 @@ def main():
     views = 2 if args.augment else 1  # DrQ's K = M = 2 augmented views
     obs_shape = (3 * args.frame_stack, args.resolution, args.resolution)
     device = utils.training_device(args)
-    run_dir, checkpoint_file = utils.resolve_run(args, RUN_NEUTRAL_FLAGS)
-    checkpoint = utils.load_checkpoint(checkpoint_file, SCRIPT, args, ARCHITECTURE_FLAGS) if checkpoint_file else None
+    run = utils.Run(args, SCRIPT, RUN_NEUTRAL_FLAGS, ARCHITECTURE_FLAGS)  # the run folder, and the checkpoint to resume
+    checkpoint, global_step = run.checkpoint, run.step
     if checkpoint:  # the replay saved beside the newest checkpoint, if this is it
-        checkpoint.update(utils.load_replay(checkpoint_file, checkpoint["global_step"]) or {})
+        checkpoint.update(utils.load_replay(run.checkpoint_file, global_step) or {})
     if checkpoint and "replay" in checkpoint and len(checkpoint["replay"]["rewards"]) != args.buffer_size:
         utils.fail(f"--buffer-size {args.buffer_size} differs from the {len(checkpoint['replay']['rewards'])} transitions "
-                   f"of the replay saved in {checkpoint_file}; resume with that --buffer-size")
-    utils.print_config(args, device=device, run_dir=run_dir,
-                       agent_steps_per_episode=CONTROL_STEPS_PER_EPISODE // args.action_repeat,
-                       environment_frames=f"{args.total_timesteps * args.action_repeat:,}",
-                       replay_gib=round(replay_bytes(args.buffer_size, obs_shape[0], args.resolution) / 2**30, 2))
+                   f"of the replay saved in {run.checkpoint_file}; resume with that --buffer-size")
+    run.open(device, agent_steps_per_episode=CONTROL_STEPS_PER_EPISODE // args.action_repeat,
+             environment_frames=f"{args.total_timesteps * args.action_repeat:,}",
+             replay_gib=round(replay_bytes(args.buffer_size, obs_shape[0], args.resolution) / 2**30, 2))
     if args.cheap_visuals_for_tests:
         utils.echo("warning: --cheap-visuals-for-tests: no shadows or anti-aliasing, not the benchmark's pictures")
-    writer = utils.start_run(args, run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
 
     # set-up
     utils.seed_everything(args.seed, args.torch_deterministic)
@@ -863,7 +860,6 @@ def main():
     bf16, memory_format, overlap_envs = speed_switches(args, device)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    global_step = checkpoint["global_step"] if checkpoint else 0
     env, eval_env = make_envs(args, args.seed + global_step)  # a resumed run cannot restore the simulators: new episodes
     action_dim = env[0].action_space.shape[0]
     encoder, actor, critic = make_networks(args, obs_shape[0], action_dim, device, memory_format)
@@ -877,8 +873,8 @@ def main():
             replay = {key: value.to(device) for key, value in checkpoint["replay"].items()}
             replay_position, replay_size = checkpoint["replay_position"], checkpoint["replay_size"]
         utils.set_rng_state(checkpoint["rng"])
-        utils.echo(f"resumed from {checkpoint_file} at step {global_step}")
-    utils.log_parameter_counts(writer, parameter_counts(encoder, actor, critic), fresh=checkpoint is None)
+        run.resumed()
+    run.log_parameter_counts(parameter_counts(encoder, actor, critic))
     losses = tuple(torch.compile(fn) if args.compile else fn for fn in (critic_loss, actor_and_temperature_losses))
 
     def checkpoint_payload():
@@ -905,16 +901,14 @@ def main():
     def run_evaluation():
         returns, video = evaluate(encoder, actor, eval_env, args.action_repeat, device, args.capture_video)
         if video is not None:
-            utils.save_video(os.path.join(run_dir, "videos", f"eval_step_{global_step:012d}.gif"), video)
-        utils.log_scalars(writer, global_step, {  # DMC: at most a reward of 1 per control step
+            run.save_video(f"eval_step_{global_step:012d}.gif", video)
+        run.log(global_step, {  # DMC: at most a reward of 1 per control step
             "eval/return": returns.mean(), "eval/normalized_score": returns.mean() / CONTROL_STEPS_PER_EPISODE})
 
     # training loop
     obs = torch.as_tensor(reset_env(env), device=device)
     episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
-    last_good = None
-    progress = utils.Progress(args.total_timesteps, global_step, args.progress)
-    start_step, start_time = global_step, time.time()
+    run.start_clock(global_step)
     deferred_updates = 0  # --overlap-envs: the last step's updates, run while the environment takes the next step
     state_reads = (args.log_every, args.diag_every, args.eval_every, args.save_every)  # intervals that read the networks
     while global_step < args.total_timesteps:
@@ -939,9 +933,9 @@ def main():
         episode_length += ~auto_reset
         finished = np.flatnonzero(terminated | truncated)
         for env_index in finished:
-            writer.add_scalar("charts/episodic_return", episode_return[env_index], global_step)
-            writer.add_scalar("charts/episodic_length", episode_length[env_index], global_step)
-        progress.update(global_step, episodic_return=episode_return[finished[-1]] if len(finished) else None)
+            run.writer.add_scalar("charts/episodic_return", episode_return[env_index], global_step)
+            run.writer.add_scalar("charts/episodic_length", episode_length[env_index], global_step)
+        run.progress.update(global_step, episodic_return=episode_return[finished[-1]] if len(finished) else None)
         episode_return[finished], episode_length[finished] = 0.0, 0
 
         # gradient updates, once the replay holds the seed steps (DrQ: one per agent step); --overlap-envs runs them
@@ -958,10 +952,10 @@ def main():
             finite_now, alpha, *mean_values = torch.stack([
                 finite_flag(means), log_alpha.detach().exp().reshape(()),
                 *(mean.float() for mean in means.values())]).tolist()
-            utils.stop_if_nonfinite(finite_now == 1, last_good, run_dir, global_step, writer)
-            last_good = copy.deepcopy(checkpoint_payload())
-            utils.log_scalars(writer, global_step, {
-                "charts/SPS": (global_step - start_step) / (time.time() - start_time), "losses/alpha": alpha,
+            run.check_finite(finite_now == 1, global_step)
+            run.keep_good(checkpoint_payload())
+            run.log(global_step, {
+                "charts/SPS": run.sps(global_step), "losses/alpha": alpha,
                 "charts/learning_rate": parts["critic_optimizer"].param_groups[0]["lr"],
                 **{f"losses/{name}": value for name, value in zip(means, mean_values)}})
             recent_losses = {name: [] for name in recent_losses}
@@ -970,28 +964,25 @@ def main():
         if replay_size and utils.crossed(previous_step, global_step, args.diag_every):
             recent = recent_observations(replay, replay_position, replay_size, args.diag_batch_size)
             for tag, value in network_diagnostics(encoder, actor, critic, recent, args.dormant_threshold).items():
-                writer.add_scalar(tag, value, global_step)
-            writer.add_images("images/saliency", value_saliency(encoder, actor, critic, recent[:4]), global_step)
+                run.writer.add_scalar(tag, value, global_step)
+            run.writer.add_images("images/saliency", value_saliency(encoder, actor, critic, recent[:4]), global_step)
 
         # evaluation and checkpoints
         if utils.crossed(previous_step, global_step, args.eval_every) and global_step < args.total_timesteps:
             run_evaluation()
         if utils.crossed(previous_step, global_step, args.save_every):
             # checked since the last log too: its losses, every weight and Adam moment
-            utils.stop_if_nonfinite(bool(finite_flag(loss_means())), last_good, run_dir, global_step, writer)
+            run.check_finite(bool(finite_flag(loss_means())), global_step)
             saved_replay = {"replay": replay, "replay_position": replay_position, "replay_size": replay_size}
-            utils.save_periodic_checkpoint(run_dir, global_step, checkpoint_payload(), args.keep_checkpoints,
-                                           saved_replay if args.save_buffer else None)
+            run.save(global_step, checkpoint_payload(), saved_replay if args.save_buffer else None)
 
     # evaluation and saving at the end
-    progress.close()
-    utils.stop_if_nonfinite(bool(finite_flag(loss_means())), last_good, run_dir, global_step, writer)
+    run.progress.close()
+    run.check_finite(bool(finite_flag(loss_means())), global_step)
     run_evaluation()
-    utils.save_checkpoint(os.path.join(run_dir, "final.pt"), checkpoint_payload())
+    run.finish(checkpoint_payload())
     for simulator in (*env, *eval_env):
         simulator.close()
-    utils.finish_run(writer)
-    utils.echo(f"done: {run_dir}")
 
 
 if __name__ == "__main__":

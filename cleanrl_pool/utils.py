@@ -4,6 +4,7 @@ training loop's plumbing (interval test, log line, live progress), Atari (game n
 replay), speed machinery (host staging, CUDA graphs), score normalisation tables and the network's diagnostics.
 Copy it next to any script you take out of this repository."""
 
+import copy
 import glob
 import json
 import os
@@ -388,6 +389,64 @@ def stop_if_nonfinite(finite: bool, last_good, run_dir: str, step: int, writer):
           "Try a lower --learning-rate.", file=sys.stderr, flush=True)
     finish_run(writer)
     raise SystemExit(1)
+
+
+# Run: one training run's bookkeeping, done once (folder, resume, writer, progress, last good state, log line, saving)
+class Run:
+    """What a training run keeps besides the algorithm. Made from the flags: the run folder and the checkpoint
+    `--resume` continues (`checkpoint`, None when fresh; `step`, the step it starts at), chosen before any work.
+    `open` prints the configuration and opens the folder and its TensorBoard writer; `start_clock` starts live
+    progress and the SPS clock as the loop begins. It calls nothing back: main() keeps every interval test and
+    decides what is logged, checked and saved."""
+
+    def __init__(self, args, script: str, neutral_flags, architecture_flags):
+        self.args = args
+        self.dir, self.checkpoint_file = resolve_run(args, neutral_flags)
+        self.checkpoint = self.checkpoint_file and load_checkpoint(self.checkpoint_file, script, args, architecture_flags)
+        self.step = self.checkpoint["global_step"] if self.checkpoint else 0
+        self.writer = self.progress = self.last_good = None
+
+    def open(self, device, **derived):
+        """Print every flag and the derived values, then create and lock the folder, write config.json, open the writer."""
+        print_config(self.args, device=device, run_dir=self.dir, **derived)
+        self.writer = start_run(self.args, self.dir, purge_step=self.step if self.checkpoint else None)
+
+    def resumed(self):
+        echo(f"resumed from {self.checkpoint_file} at step {self.step}")
+
+    def log_parameter_counts(self, counts: dict):
+        log_parameter_counts(self.writer, counts, fresh=self.checkpoint is None)
+
+    def start_clock(self, step: int):
+        self.progress = Progress(self.args.total_timesteps, step, self.args.progress)
+        self.clock = step, time.time()
+
+    def sps(self, step: int) -> float:
+        """Agent steps per second since `start_clock`."""
+        return (step - self.clock[0]) / (time.time() - self.clock[1])
+
+    def log(self, step: int, scalars: dict):
+        log_scalars(self.writer, step, scalars)
+
+    def check_finite(self, finite: bool, step: int):
+        """Stop the run (exit 1, the last good state saved) unless `finite`: see `stop_if_nonfinite`."""
+        stop_if_nonfinite(finite, self.last_good, self.dir, step, self.writer)
+
+    def keep_good(self, payload: dict):
+        """Remember a checkpoint payload that was just checked finite."""
+        self.last_good = copy.deepcopy(payload)
+
+    def save(self, step: int, payload: dict, replay: dict = None):
+        save_periodic_checkpoint(self.dir, step, payload, self.args.keep_checkpoints, replay)
+
+    def save_video(self, name: str, frames):
+        save_video(os.path.join(self.dir, "videos", name), frames)
+
+    def finish(self, payload: dict):
+        """Write final.pt, close the writer (and W&B), say where the run is."""
+        save_checkpoint(os.path.join(self.dir, "final.pt"), payload)
+        finish_run(self.writer)
+        echo(f"done: {self.dir}")
 
 
 # Training-loop plumbing: the interval test, the log line, live progress

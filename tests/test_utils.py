@@ -162,6 +162,9 @@ class FakeArgs:
     width: int = 2
     learning_rate: float = 1e-3
     eval_every: int = 100
+    total_timesteps: int = 32
+    keep_checkpoints: int = 3
+    progress: bool = False
 
 
 def args_like(tmp_path, **overrides):
@@ -419,6 +422,38 @@ def test_stop_if_nonfinite_before_any_good_state_writes_nothing(tmp_path, capsys
     with pytest.raises(SystemExit):
         utils.stop_if_nonfinite(False, None, str(tmp_path / "run"), 3, Writer())
     assert not os.path.exists(tmp_path / "run") and "no checkpoint was written" in capsys.readouterr().err
+
+
+def test_run_keeps_a_fresh_run_and_its_resume_in_one_folder(tmp_path, capsys):
+    from conftest import read_scalars
+
+    args = args_like(tmp_path)
+    run = utils.Run(args, "x.py", utils.RUN_NEUTRAL_FLAGS, ("pool",))
+    assert (run.checkpoint, run.step) == (None, 0) and run.dir.startswith(utils.run_prefix(args))
+    run.open("cpu", replay="1 GiB")
+    assert os.path.isfile(os.path.join(run.dir, "config.json")) and "run_dir = " + run.dir in capsys.readouterr().out
+    run.log_parameter_counts({"encoder": 3, "bottleneck": 4})  # a fresh run logs them
+    run.start_clock(0)
+    run.log(8, {"charts/SPS": run.sps(8)})
+    run.keep_good(utils.checkpoint_payload("x.py", args, 8))
+    run.check_finite(True, 8)  # finite: nothing happens
+    run.save(8, utils.checkpoint_payload("x.py", args, 8))
+    run.progress.close()
+    run.finish(utils.checkpoint_payload("x.py", args, 16))
+    assert torch.load(os.path.join(run.dir, "final.pt"), weights_only=True)["global_step"] == 16
+    assert set(read_scalars(run.dir)) == {"charts/SPS", "diag/params/encoder", "diag/params/bottleneck"}
+    assert capsys.readouterr().out.endswith(f"done: {run.dir}\n")
+
+    utils._run_lock.close()  # as when the first process ends
+    checkpoint_file = utils.checkpoint_path(run.dir, 8)
+    resumed = utils.Run(args_like(tmp_path, resume=checkpoint_file), "x.py", utils.RUN_NEUTRAL_FLAGS, ("pool",))
+    assert (resumed.dir, resumed.checkpoint_file, resumed.step) == (run.dir, checkpoint_file, 8)
+    resumed.open("cpu")
+    resumed.keep_good(resumed.checkpoint)
+    os.remove(checkpoint_file)
+    with pytest.raises(SystemExit) as stop:
+        resumed.check_finite(False, 12)  # not finite: the last good state is written back, exit 1
+    assert stop.value.code == 1 and torch.load(checkpoint_file, weights_only=True)["global_step"] == 8
 
 
 def test_log_scalars_writes_every_tag_and_prints_one_line(tmp_path, capsys):
