@@ -41,6 +41,8 @@ LOGGED_NORMALIZED_TAGS = {
     "eval": "eval/normalized_score",
 }
 PARAMETER_TAGS = ("diag/params/encoder", "diag/params/bottleneck", "diag/params/head")
+# The bottleneck's weights: its non-zero ones when sparse training logs them, else all of them (the last value logged)
+BOTTLENECK_TAGS = ("diag/params/bottleneck_effective", "diag/params/bottleneck")
 # Config keys that say how a run was launched or logged, not what was trained: never a grouping flag.
 BOOKKEEPING_KEYS = {
     "env_id", "seed", "exp_name", "runs_dir", "resume", "track", "wandb_project_name", "wandb_entity",
@@ -233,6 +235,7 @@ def load_run(run_dir: str, last_episodes: int) -> dict:
         "finished": os.path.isfile(os.path.join(run_dir, "final.pt")), "normalization": normalization,
         "final": {}, "curves": {}, "warnings": [f"{run_dir}: {problem}: later points are lost" for problem in damage],
         "parameters": sum(scalars[tag][1][0] for tag in PARAMETER_TAGS) if all(t in scalars for t in PARAMETER_TAGS) else None,
+        "bottleneck": next((float(scalars[tag][1][-1]) for tag in BOTTLENECK_TAGS if tag in scalars), None),
     }
     if normalization == "raw return" and "frame_skip" in config:  # an Atari run (DQN, Rainbow) of a game not in the table
         run["warnings"].append(f"{run_dir}: no random/human scores for {run['env_id']!r} in utils.ATARI_RANDOM_HUMAN; "
@@ -490,6 +493,19 @@ def plot_score_vs(path, title, normalization, xlabel, series, log_x=False):
     save_figure(plt, figure, path)
 
 
+def plot_score_vs_bottleneck(path, title, normalization, points):
+    """points: {method: [(bottleneck parameters, final score), ...]} -> one dot per run, a colour per method, log x."""
+    plt, figure, (axis,) = new_figure()
+    colours = plt.get_cmap("tab20" if len(points) <= 20 else "turbo").resampled(max(len(points), 2))
+    for index, (label, xy) in enumerate(points.items()):
+        axis.scatter([x for x, _ in xy], [y for _, y in xy], s=16, alpha=0.8, color=colours(index), label=label)
+    axis.set_xscale("log")
+    axis.set(xlabel="bottleneck parameters (non-zero ones when sparse)", ylabel=f"final {score_axis_label(normalization)}",
+             title=title)
+    axis.legend(fontsize=6)
+    save_figure(plt, figure, path)
+
+
 # The summary: every number the outputs show, computed once
 def summarize(collected, reps=50_000, curve_reps=2_000, seed=0, group_by=None, curve_points=50) -> dict:
     """The numbers of `collect_runs`' answer, as data (nothing is written): {"partitions": {name:
@@ -513,7 +529,8 @@ def summarize(collected, reps=50_000, curve_reps=2_000, seed=0, group_by=None, c
 def summarize_split(groups, split, normalization, reps, curve_reps, seed, curve_points) -> dict:
     """One split of one partition, per group that scores it: "per_game" [(env_id, final scores)],
     "aggregates" {metric: (point, CI low, CI high)}, "profiles" (thresholds, {group: profile}),
-    "curves" (learning curve or None) and "parameters" (median parameter count of its runs, or None)."""
+    "curves" (learning curve or None), "parameters" (median parameter count of its runs, or None) and "bottleneck"
+    [(bottleneck parameters, final score)] of each run that logged its count (BOTTLENECK_TAGS)."""
     per_group = {group: scores_by_task(members, split) for group, members in groups.items()}
     per_group = {group: tasks for group, tasks in per_group.items() if tasks}
     aggregates = {group: aggregate_with_intervals([s for _, s in tasks], reps, seed) for group, tasks in per_group.items()}
@@ -527,17 +544,20 @@ def summarize_split(groups, split, normalization, reps, curve_reps, seed, curve_
     profiles = {group: performance_profile([s for _, s in tasks], thresholds, reps, seed)
                 for group, tasks in per_group.items()}
     parameters = {group: [run["parameters"] for run in groups[group] if run["parameters"] is not None] for group in per_group}
+    bottleneck = {group: [(run["bottleneck"], run["final"][split]["score"]) for run in groups[group]
+                          if split in run["final"] and run["bottleneck"] is not None] for group in per_group}
     return {
         "aggregates": aggregates, "per_game": per_group, "profiles": (thresholds, profiles),
         "curves": {group: learning_curve(groups[group], split, curve_points, curve_reps, seed) for group in per_group},
         "parameters": {group: float(np.median(counts)) if counts else None for group, counts in parameters.items()},
+        "bottleneck": {group: points for group, points in bottleneck.items() if points},
     }
 
 
 # The outputs: PNGs, summary.md and scores.csv, from the summary
 METRICS = ("IQM", "median", "mean", "optimality gap")
 CSV_HEADER = ["partition", "group", "env_id", "seed", "split", "step", "return", "score", "normalization", "source",
-              "parameters", "finished", "run_dir"]
+              "parameters", "bottleneck_parameters", "finished", "run_dir"]
 
 
 def format_interval(value):
@@ -630,6 +650,9 @@ def plot_split(prefix, title, partition, data):
             series[f"pool={dict(group)['pool']}" if "pool" in keys else "runs"].append((parameters[group], aggregate["IQM"]))
         plot_score_vs(f"{prefix}_score_vs_parameters.png", title, normalization,
                       "parameters (encoder + bottleneck + head, median over runs)", series, log_x=True)
+    if data["bottleneck"]:  # one dot per run against its bottleneck's weights (the non-zero ones under sparse training)
+        plot_score_vs_bottleneck(f"{prefix}_score_vs_bottleneck_parameters.png", title, normalization,
+                                 {labels[group]: points for group, points in data["bottleneck"].items()})
 
 
 def score_rows(name, partition) -> list:
@@ -639,7 +662,8 @@ def score_rows(name, partition) -> list:
         group = group_label(tuple((k, run["config"].get(k)) for k in keys))
         for split, final in run["final"].items():
             rows.append([name, group, run["env_id"], run["seed"], split, final["step"], final["return"], final["score"],
-                         partition["normalization"], final["source"], run["parameters"], run["finished"], run["dir"]])
+                         partition["normalization"], final["source"], run["parameters"], run["bottleneck"], run["finished"],
+                         run["dir"]])
     return rows
 
 

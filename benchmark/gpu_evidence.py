@@ -379,7 +379,7 @@ def table_lines(rows, random_returns: dict) -> list:
     return lines + ["", "First / last training return: mean of the first / last n `charts/episodic_return` points (n = "
                     "episodes / 5, 1 to 10; PPO logs one mean per iteration, on its 200 training levels). Final eval: "
                     "the last `eval/test_levels/return` (PPO, full level distribution) or `eval/return` (DQN: whole games "
-                    "at epsilon 0.05; SAC: mean action). Random policy: the same environments and evaluation with "
+                    "at epsilon 0.01; SAC: mean action). Random policy: the same environments and evaluation with "
                     "uniform actions. SPS: the last `charts/SPS`."]
 
 

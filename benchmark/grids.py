@@ -21,6 +21,7 @@ GAP_ATARI_GAMES = [  # Sokar & Castro 2025, REFERENCE §7
     "Kangaroo", "UpNDown", "Gopher", "Hero",
 ]
 SEEDS = [1, 2, 3, 4, 5]
+GAP_RUNS = {"env-id": GAP_ATARI_GAMES, "seed": SEEDS}
 
 GRIDS = {
     "procgen_hd": {
@@ -48,5 +49,21 @@ GRIDS = {
         "script": "rainbow_atari_gap.py",
         "fixed": {"preset": "rainbow", "encoder": "impala", "total-timesteps": 50_000_000},
         "vary": {"env-id": GAP_ATARI_GAMES, "seed": SEEDS, "pool": ["flatten", "avg"], "dense-scale": [1, 2, 4, 8]},
+    },
+    "gap_comparison": {
+        "about": "Mind the GAP's comparison set: Rainbow, Impala encoder, dense layer x4: flatten, GAP, "
+                 "SoftMoE-1, tokens, and flatten + gradual pruning / static sparse / RigL, + weight decay 1e-5 (coupled "
+                 "L2, as RigL's DQN), + LayerNorm; then flatten vs GAP with 4 residual blocks per stage or 2 dense layers "
+                 "(Figure 8); the paper's 20 Atari games, 5 seeds, 200M frames. Flatten and GAP at x4 are gap_atari's runs",
+        "script": "rainbow_atari_gap.py",
+        "fixed": {"preset": "rainbow", "encoder": "impala", "total-timesteps": 50_000_000},
+        "vary": [  # dense-scale varied (one value) as in gap_atari: the same experiment names, so its runs are reused
+            {**GAP_RUNS, "pool": ["flatten", "avg", "softmoe", "tokens"], "dense-scale": [4]},
+            {**GAP_RUNS, "pool": ["flatten"], "dense-scale": [4], "sparsity-method": ["prune", "static", "rigl"]},
+            {**GAP_RUNS, "pool": ["flatten"], "dense-scale": [4], "weight-decay": [1e-5]},
+            {**GAP_RUNS, "pool": ["flatten"], "dense-scale": [4], "layer-norm": [True]},
+            {**GAP_RUNS, "pool": ["flatten", "avg"], "dense-scale": [4], "encoder-blocks": [4]},
+            {**GAP_RUNS, "pool": ["flatten", "avg"], "dense-scale": [4], "dense-layers": [2]},
+        ],
     },
 }

@@ -5,7 +5,8 @@ CleanRL `dqn_atari` defaults (Mnih et al. 2015 protocol: life loss is terminal, 
 nature|impala`, `--dense-scale`, `--double` and `--n-step`, so that "scaling the dense layer hurts
 with flatten and helps with global average pooling" (Sokar & Castro 2025, "Mind the GAP") can be
 reproduced with plain DQN. The replay stores each frame once and rebuilds the 4-frame stacks when
-it samples them, on the training device.
+it samples them, on the training device. The score is CleanRL's: 10 whole games (every life, raw
+rewards) with the training wrappers, at epsilon = `end_e` (0.01).
 """
 
 import copy
@@ -126,15 +127,15 @@ class Args(utils.RunArgs):
     """agent steps between evaluations (one more runs at the end); 0 evaluates only at the end"""
     eval_episodes: int = 10
     """full-game episodes per evaluation, one per evaluation environment"""
-    eval_epsilon: float = 0.05
-    """epsilon of the greedy policy at evaluation (CleanRL's `dqn_eval`)"""
+    eval_epsilon: float = 0.01
+    """epsilon of the greedy policy at evaluation (CleanRL's dqn_atari evaluates at its `end_e`, 0.01)"""
     save_every: int = 1_000_000
     """agent steps between checkpoints; 0 saves only `final.pt`"""
     save_buffer: bool = True
     """the newest checkpoint's replay is saved beside it (checkpoints/replay.pt, about buffer_size x resolution^2 bytes),
     so a resumed run does not repeat its warm-up; --no-save-buffer saves disk"""
     diag_every: int = 100_000
-    """agent steps between diagnostics (dormant neurons, feature norm, saliency); 0 turns them off"""
+    """agent steps between diagnostics (dormant neurons, feature norm, saliency, Grad-CAM); 0 turns them off"""
     log_every: int = 1000
     """agent steps between logs of losses and SPS (each costs one host sync)"""
 
@@ -907,6 +908,9 @@ def main():
             for tag, value in {**diagnostics, **(utils.sparsity_diagnostics(q_network) if masks else {})}.items():
                 run.writer.add_scalar(tag, value, global_step)
             run.writer.add_images("images/saliency", utils.q_saliency(q_network, recent[:4]), global_step)
+            grad_cam = utils.grad_cam(q_network.encoder, lambda features: q_network.head(q_network.bottleneck(features)),
+                                      recent[:4].float() / 255.0)  # Q(s, a*) from the feature map the join reads
+            run.writer.add_images("images/grad_cam", grad_cam, global_step)
             q_network.zero_grad(set_to_none=True)
 
         # evaluation and checkpoints

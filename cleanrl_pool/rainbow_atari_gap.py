@@ -164,7 +164,7 @@ class Args(utils.RunArgs):
     """the newest checkpoint's replay and priorities are saved beside it (checkpoints/replay.pt, about buffer_size x
     resolution^2 bytes), so a resumed run does not repeat its warm-up; --no-save-buffer saves disk"""
     diag_every: int = 250_000
-    """agent steps between diagnostics (dormant neurons, feature norm, saliency); 0 turns them off"""
+    """agent steps between diagnostics (dormant neurons, feature norm, saliency, Grad-CAM); 0 turns them off"""
     log_every: int = 1000
     """agent steps between logs of losses and SPS (each costs one host sync)"""
 
@@ -1191,6 +1191,10 @@ def main():
             for tag, value in {**diagnostics, **(utils.sparsity_diagnostics(q_network) if masks else {})}.items():
                 run.writer.add_scalar(tag, value, global_step)
             run.writer.add_images("images/saliency", utils.q_saliency(expected_q(q_network, support), recent[:4]), global_step)
+            grad_cam = utils.grad_cam(q_network.encoder,
+                                      lambda features: q_values(q_network.head(q_network.bottleneck(features)), support),
+                                      recent[:4].float() / 255.0)  # expected Q(s, a*) from the feature map the join reads
+            run.writer.add_images("images/grad_cam", grad_cam, global_step)
             q_network.zero_grad(set_to_none=True)
             q_network.train()
 

@@ -784,6 +784,26 @@ def q_saliency(q_function, obs) -> torch.Tensor:
     return saliency_image(obs.grad)
 
 
+def grad_cam(encoder, q_from_feature_map, frames) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017, as jacobgil/pytorch-grad-cam) on the encoder's output A = encoder(frames), the
+    feature map the join reads, for the score Q(s, a*) of the greedy action: alpha_k = spatial mean of dQ/dA^k,
+    cam = ReLU(sum_k alpha_k A^k), resized bilinearly (half-pixel centres, as OpenCV's resize) to the frames' size and
+    min-max normalised per image: (B, 1, H, W) in [0, 1]. `q_from_feature_map` maps A to Q-values (B, actions); no
+    parameter's .grad is touched."""
+    feature_map = encoder(frames)
+    score = q_from_feature_map(feature_map).max(dim=1).values.sum()  # images do not mix: one backward serves all
+    (gradient,) = torch.autograd.grad(score, feature_map)
+    alpha = gradient.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((alpha * feature_map).sum(dim=1, keepdim=True)).detach().float()
+
+    def min_max(images):  # pytorch-grad-cam's scale_cam_image: before the resize and again after it
+        low = images.flatten(1).min(1).values.view(-1, 1, 1, 1)
+        high = images.flatten(1).max(1).values.view(-1, 1, 1, 1)
+        return (images - low) / (high - low + 1e-7)
+
+    return min_max(torch.nn.functional.interpolate(min_max(cam), size=frames.shape[-2:], mode="bilinear", align_corners=False))
+
+
 def save_video(path: str, frames, fps: int = 30):
     """Write uint8 frames (T, H, W, 3) as an animated GIF (no codec or network needed)."""
     from PIL import Image

@@ -44,6 +44,20 @@ def read_image_tags(run_dir):
     return tags
 
 
+def read_images(run_dir):
+    """{tag: [(step, width, height), ...]} of the images in a run folder's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images = {}
+    for name in sorted(os.listdir(run_dir)):
+        if name.startswith("events.out.tfevents"):
+            accumulator = EventAccumulator(os.path.join(run_dir, name), size_guidance={"images": 0})
+            accumulator.Reload()
+            for tag in accumulator.Tags()["images"]:
+                images.setdefault(tag, []).extend((e.step, e.width, e.height) for e in accumulator.Images(tag))
+    return images
+
+
 def target_is_online_after_sync(run_dir):
     """(final target == final online network, online network moved since the step-200 checkpoint):
     a run that syncs its target at its last step, after that step's updates, gives (True, True)."""

@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-from conftest import read_image_tags, read_scalars, run_script, target_is_online_after_sync
+from conftest import read_images, read_scalars, run_script, target_is_online_after_sync
 
 TINY = ["--env-id", "Breakout", "--num-envs", "2", "--buffer-size", "400", "--learning-starts", "100",
         "--batch-size", "8", "--max-episode-steps", "150", "--target-network-frequency", "50",
@@ -72,7 +72,9 @@ def test_tensorboard_has_the_contract_tags(smoke):
     assert [step for step, _ in scalars["eval/return"]] == [200, 400]
     assert [step for step, _ in scalars["diag/feature_norm"]] == [200, 400]
     assert scalars["diag/params/bottleneck"] == [(0, SCRIPTS[name]["bottleneck"])]
-    assert "images/saliency" in read_image_tags(run_dir)
+    images = read_images(run_dir)
+    assert [step for step, _, _ in images["images/saliency"]] == [200, 400]
+    assert images["images/grad_cam"] == images["images/saliency"]  # at every diagnostics step, resized to the frames
 
 
 def test_target_network_is_the_online_network_copied_at_the_last_sync(smoke):

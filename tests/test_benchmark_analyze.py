@@ -662,3 +662,65 @@ def test_config_json_outside_a_run_folder_without_events_is_not_a_run(tmp_path):
     os.makedirs(tmp_path / "Pong__dqn_atari_gap__2__1700000001")  # a run folder that died before its first event
     shutil.copy(os.path.join(run_dir, "config.json"), tmp_path / "Pong__dqn_atari_gap__2__1700000001")
     assert analyze.find_run_dirs(str(tmp_path)) == [run_dir, str(tmp_path / "Pong__dqn_atari_gap__2__1700000001")]
+
+
+# Score against the bottleneck's (effective) parameters: one dot per run, a colour per method
+def pong_return(score):
+    return -20.7 + score * (14.6 + 20.7)  # Pong's random and human scores (REFERENCE §7)
+
+
+COMPARISON = {  # method -> (its config, its logged parameter counts, its runs' final scores)
+    "flatten": ({"pool": "flatten", "sparsity_method": "none"}, {"diag/params/bottleneck": [(0, 4096.0)]}, [0.2, 0.4]),
+    "avg": ({"pool": "avg", "sparsity_method": "none"}, {"diag/params/bottleneck": [(0, 64.0)]}, [0.5, 0.7]),
+    "prune": ({"pool": "flatten", "sparsity_method": "prune"},  # 4,096 weights, 10 % of them left at the end
+              {"diag/params/bottleneck": [(0, 4096.0)], "diag/params/bottleneck_effective": [(50, 2048.0), (100, 410.0)]},
+              [0.3, 0.1]),
+}
+
+
+def write_comparison_runs(root):
+    """Rainbow runs of flatten, GAP and flatten + pruning, two seeds each, and a GAP run that logged no parameters."""
+    for method, (config, parameters, scores) in COMPARISON.items():
+        for seed, score in enumerate(scores, start=1):
+            write_run(root, "Pong", seed, {"exp_name": f"rainbow_atari_gap-{method}", **config},
+                      {"eval/return": [(100, pong_return(score))], **parameters})
+    write_run(root, "Pong", 3, {"exp_name": "rainbow_atari_gap-avg", **COMPARISON["avg"][0]},
+              {"eval/return": [(100, pong_return(0.9))]})
+
+
+def test_bottleneck_count_is_the_last_effective_one_when_logged_else_the_bottleneck(tmp_path):
+    write_comparison_runs(str(tmp_path))
+    counts = {tuple(os.path.basename(run_dir).split("__")[1:3]): analyze.load_run(run_dir, 10)["bottleneck"]
+              for run_dir in analyze.find_run_dirs(str(tmp_path))}
+    assert counts == {("rainbow_atari_gap-flatten", "1"): 4096, ("rainbow_atari_gap-flatten", "2"): 4096,
+                      ("rainbow_atari_gap-avg", "1"): 64, ("rainbow_atari_gap-avg", "2"): 64,
+                      ("rainbow_atari_gap-avg", "3"): None,  # no count logged
+                      ("rainbow_atari_gap-prune", "1"): 410, ("rainbow_atari_gap-prune", "2"): 410}  # the last effective
+
+
+def test_score_vs_bottleneck_is_one_point_per_run_that_logged_its_count_a_colour_per_method(tmp_path, monkeypatch):
+    write_comparison_runs(str(tmp_path / "runs"))
+    plotted = {}
+    plot = analyze.plot_score_vs_bottleneck
+    monkeypatch.setattr(analyze, "plot_score_vs_bottleneck", lambda path, title, normalization, points: (
+        plotted.update({os.path.basename(path): points}), plot(path, title, normalization, points)))
+    results = analyze.analyze(str(tmp_path / "runs"), str(tmp_path / "out"), reps=50, curve_reps=10)
+    (name, points), = plotted.items()
+    assert name == "rainbow_atari_gap_eval_score_vs_bottleneck_parameters.png"
+    assert {label: [(x, round(y, 6)) for x, y in xy] for label, xy in points.items()} == {  # the methods' colours
+        "pool=avg, sparsity_method=none": [(64, 0.5), (64, 0.7)],
+        "pool=flatten, sparsity_method=none": [(4096, 0.2), (4096, 0.4)],
+        "pool=flatten, sparsity_method=prune": [(410, 0.3), (410, 0.1)]}
+    avg = (("pool", "avg"), ("sparsity_method", "none"))
+    eval_split = results["partitions"]["rainbow_atari_gap"]["splits"]["eval"]
+    assert len(dict(eval_split["per_game"][avg])["Pong"]) == 3 and len(eval_split["bottleneck"][avg]) == 2  # scored, no dot
+    with Image.open(tmp_path / "out" / "rainbow_atari_gap_eval_score_vs_bottleneck_parameters.png") as image:
+        assert image.format == "PNG"
+
+
+def test_scores_csv_holds_the_bottleneck_count_of_each_run(tmp_path):
+    write_comparison_runs(str(tmp_path / "runs"))
+    analyze.analyze(str(tmp_path / "runs"), str(tmp_path / "out"), reps=50, curve_reps=10)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
+    assert sorted(row["bottleneck_parameters"] for row in rows if "prune" in row["group"]) == ["410.0", "410.0"]
+    assert [row["bottleneck_parameters"] for row in rows if row["seed"] == "3"] == [""]

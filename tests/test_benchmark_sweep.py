@@ -117,6 +117,79 @@ def test_gap_atari_grid_is_games_by_seeds_by_pool_by_dense_scale():
     assert len(runs) == 20 * 5 * 2 * 4 and {r["flags"]["dense-scale"] for r in runs} == {1, 2, 4, 8}
 
 
+# gap_comparison (issue 21): flags that the issue's other branches add to rainbow_atari_gap.py. Until they are merged the
+# checks of a grid against its script skip it, naming them; once `rainbow_atari_gap.py --help` lists them, nothing skips.
+UNMERGED_FLAGS = {"sparsity-method", "weight-decay", "layer-norm", "encoder-blocks", "dense-layers"}
+
+
+def skip_until_the_script_has_the_grids_flags(grid_name):
+    grid = sweep.load_grid(grid_name)
+    fields, _ = sweep.script_arguments(sweep.script_path(grid))
+    missing = sorted({flag for run in sweep.expand_grid(grid) for flag in run["flags"]} - set(fields))
+    assert set(missing) <= UNMERGED_FLAGS, f"{grid_name} passes {missing}, which {grid['script']} does not have"
+    if missing:
+        pytest.skip(f"{grid['script']} has no --{', --'.join(missing)} yet (issue 21's other branches)")
+
+
+GAP_COMPARISON_METHODS = [  # (pool, sparsity-method, weight-decay, layer-norm, encoder-blocks, dense-layers)
+    ("flatten", None, None, None, None, None), ("avg", None, None, None, None, None),
+    ("softmoe", None, None, None, None, None), ("tokens", None, None, None, None, None),
+    ("flatten", "prune", None, None, None, None), ("flatten", "static", None, None, None, None),
+    ("flatten", "rigl", None, None, None, None), ("flatten", None, 1e-5, None, None, None),
+    ("flatten", None, None, True, None, None),
+    ("flatten", None, None, None, 4, None), ("avg", None, None, None, 4, None),
+    ("flatten", None, None, None, None, 2), ("avg", None, None, None, None, 2),
+]
+
+
+def method_of(run):
+    flags = run["flags"]
+    return tuple(flags.get(flag) for flag in ("pool", "sparsity-method", "weight-decay", "layer-norm", "encoder-blocks",
+                                              "dense-layers"))
+
+
+def test_gap_comparison_grid_is_the_20_games_by_5_seeds_by_the_13_methods_at_dense_scale_4():
+    runs = sweep.expand_grid(GRIDS["gap_comparison"])
+    assert len(runs) == 20 * 5 * 13
+    assert collections.Counter(method_of(run) for run in runs) == {method: 100 for method in GAP_COMPARISON_METHODS}
+    assert {run["flags"]["env-id"] for run in runs} == set(GRIDS["gap_atari"]["vary"]["env-id"])  # the paper's 20
+    assert all((r["flags"]["preset"], r["flags"]["encoder"], r["flags"]["dense-scale"], r["flags"]["total-timesteps"])
+               == ("rainbow", "impala", 4, 50_000_000) for r in runs)
+
+
+def test_gap_comparison_reuses_gap_ataris_flatten_and_gap_runs_at_dense_scale_4():
+    runs = {sweep.run_name(run): run for run in sweep.expand_grid(GRIDS["gap_comparison"])}
+    gap_atari = {sweep.run_name(run): run for run in sweep.expand_grid(GRIDS["gap_atari"]) if run["flags"]["dense-scale"] == 4}
+    assert set(gap_atari) <= set(runs)  # the same folders: a finished gap_atari run is skipped, not run twice
+    assert all(runs[name]["flags"] == gap_atari[name]["flags"] for name in gap_atari)
+
+
+def test_gap_comparison_names_each_method_in_its_experiment_name():
+    names = {run["exp_name"] for run in sweep.expand_grid(GRIDS["gap_comparison"], only={"env-id": ["Pong"], "seed": [1]})}
+    assert "rainbow_atari_gap-pool_flatten-dense_scale_4-sparsity_method_rigl" in names
+    assert "rainbow_atari_gap-pool_flatten-dense_scale_4-weight_decay_1e-05" in names
+    assert "rainbow_atari_gap-pool_avg-dense_scale_4-encoder_blocks_4" in names and len(names) == 13
+
+
+def test_gap_comparison_dry_run_lists_every_run(tmp_path, capsys, monkeypatch):
+    """The listing itself, whether or not the script has the flags yet (the flag check is the next test's)."""
+    monkeypatch.setattr(sweep, "check_flags", lambda *args: None)
+    status, out, err = run_sweep(capsys, "--grid", "gap_comparison", "--dry-run", "--runs-dir", str(tmp_path / "runs"))
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "grid gap_comparison: 1300 runs; 0 finished (skipped), 0 to resume, 1300 new" and len(lines) == 1301
+    assert any(" --pool flatten --dense-scale 4 --sparsity-method rigl --exp-name " in line for line in lines)
+    assert any(" --pool flatten --dense-scale 4 --layer-norm --exp-name " in line for line in lines)
+    assert any(" --pool avg --dense-scale 4 --dense-layers 2 --exp-name " in line for line in lines)
+
+
+def test_gap_comparison_dry_run_passes_the_flag_check_of_rainbow_atari_gap(tmp_path, capsys):
+    skip_until_the_script_has_the_grids_flags("gap_comparison")
+    status, out, err = run_sweep(capsys, "--grid", "gap_comparison", "--dry-run", "--runs-dir", str(tmp_path / "runs"))
+    assert status == 0, err
+    assert len(out.splitlines()) == 1301
+
+
 # Experiment names
 def test_exp_name_encodes_varied_flags_but_not_filters():
     grid = GRIDS["procgen_hd"]
@@ -346,6 +419,7 @@ def test_every_ready_made_grid_point_parses_with_its_script(grid_name, monkeypat
     accepts, with the grid's value: a renamed flag would otherwise fail only on the cluster."""
     import importlib
 
+    skip_until_the_script_has_the_grids_flags(grid_name)
     grid = sweep.load_grid(grid_name)
     script = grid["script"].removesuffix(".py")
     monkeypatch.syspath_prepend(os.path.join(REPO, "cleanrl_pool"))
@@ -459,11 +533,12 @@ def test_slurm_script_below_a_file_is_refused(tmp_path, capsys, no_launch):
                    "--slurm-script", str(tmp_path / "file" / "x.sbatch"))
 
 
-def test_every_ready_made_grid_passes_the_flag_check_of_its_script():
-    for name in GRIDS:
-        grid = sweep.load_grid(name)
-        fields, spell_env_id = sweep.script_arguments(sweep.script_path(grid))
-        sweep.check_flags(sweep.expand_grid(grid, spell_env_id=spell_env_id), fields, grid["script"])  # no SystemExit
+@pytest.mark.parametrize("name", sorted(GRIDS))
+def test_every_ready_made_grid_passes_the_flag_check_of_its_script(name):
+    skip_until_the_script_has_the_grids_flags(name)
+    grid = sweep.load_grid(name)
+    fields, spell_env_id = sweep.script_arguments(sweep.script_path(grid))
+    sweep.check_flags(sweep.expand_grid(grid, spell_env_id=spell_env_id), fields, grid["script"])  # no SystemExit
 
 
 def test_grid_flags_spelled_with_underscores_are_passed_with_dashes():

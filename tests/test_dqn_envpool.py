@@ -66,6 +66,13 @@ def test_rewards_are_clipped_for_training_while_info_keeps_the_raw_score(rollout
     assert np.array_equal(replay["rewards"][:, : len(records)].numpy(), clipped.T)
 
 
+def test_evaluation_defaults_are_what_cleanrls_dqn_atari_runs():
+    """vwxyzjn/cleanrl@fe8d8a03 cleanrl/dqn_atari.py:250-258 calls dqn_eval's evaluate with eval_episodes=10 and
+    epsilon=args.end_e, which is 0.01 (line 72); dqn_eval.py:17's own default 0.05 is not used (since a00e71b8)."""
+    args = dqn.Args()
+    assert (args.eval_episodes, args.eval_epsilon, args.end_e) == (10, 0.01, 0.01)
+
+
 def test_evaluation_plays_the_training_env_and_sums_raw_rewards_of_all_lives_until_game_over():
     """As CleanRL's dqn_eval: life-loss resets as in training, whole-game raw returns. The reference
     replays the same env seed and the same random draws (epsilon 1 never calls the network)."""

@@ -1,4 +1,4 @@
-"""utils.py: dormant fraction, saliency, RNG state, checkpoints, run folders, score tables."""
+"""utils.py: dormant fraction, saliency, Grad-CAM, RNG state, checkpoints, run folders, score tables."""
 import dataclasses
 import glob
 import json
@@ -61,6 +61,83 @@ def test_saliency_image_clips_at_99th_percentile_and_scales_to_unit_range():
     expected = np.minimum(flat, ceiling)
     expected = (expected - expected.min()) / (expected.max() - expected.min())
     np.testing.assert_allclose(image.numpy().ravel(), expected, atol=1e-4)
+
+
+def slow_grad_cam(encoder, head, frames, step=1e-6):
+    """Grad-CAM one image, one channel, one feature at a time: alpha_k = mean over (i, j) of the central finite
+    difference of Q(s, a*) in A[k, i, j]; cam = ReLU(sum_k alpha_k A^k); min-max, an OpenCV-style bilinear resize
+    (source = (destination + 0.5) x in / out - 0.5, clamped at the edges) and min-max again, as pytorch-grad-cam."""
+    images = []
+    for frame in frames:
+        with torch.no_grad():
+            feature_map = encoder(frame[None])[0].numpy()
+        channels, height, width = feature_map.shape
+
+        def q(values):
+            return head(torch.from_numpy(values)[None])[0].detach().numpy()
+
+        greedy = int(np.argmax(q(feature_map)))
+        alpha = []
+        for k in range(channels):
+            slopes = []
+            for i in range(height):
+                for j in range(width):
+                    up, down = feature_map.copy(), feature_map.copy()
+                    up[k, i, j] += step
+                    down[k, i, j] -= step
+                    slopes.append((q(up)[greedy] - q(down)[greedy]) / (2 * step))
+            alpha.append(sum(slopes) / len(slopes))
+        cam = np.zeros((height, width))
+        for k in range(channels):
+            cam += alpha[k] * feature_map[k]
+        cam = np.maximum(cam, 0)
+        cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-7)
+        out_h, out_w = frame.shape[-2:]
+        resized = np.zeros((out_h, out_w))
+        for y in range(out_h):
+            for x in range(out_w):
+                sy = max((y + 0.5) * height / out_h - 0.5, 0.0)
+                sx = max((x + 0.5) * width / out_w - 0.5, 0.0)
+                y0, x0 = min(int(sy), height - 1), min(int(sx), width - 1)
+                y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
+                wy, wx = sy - y0, sx - x0
+                resized[y, x] = ((1 - wy) * ((1 - wx) * cam[y0, x0] + wx * cam[y0, x1])
+                                 + wy * ((1 - wx) * cam[y1, x0] + wx * cam[y1, x1]))
+        images.append((resized - resized.min()) / (resized.max() - resized.min() + 1e-7))
+    return np.stack(images)[:, None]
+
+
+def tiny_q_network():
+    """A hand-made Q-network: conv encoder 2 x 9 x 9 -> 3 x 4 x 4 (its ReLU last), flatten -> 5 -> ReLU -> 4 actions."""
+    torch.manual_seed(2)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, stride=2), torch.nn.ReLU()).double()
+    head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4)).double()
+    return encoder, head
+
+
+def test_grad_cam_matches_a_per_channel_finite_difference_reference():
+    encoder, head = tiny_q_network()
+    frames = torch.rand(3, 2, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    greedy = head(encoder(frames)).argmax(dim=1)
+    assert greedy.tolist() == [1, 1, 0]  # each image is explained for its own greedy action
+    images = utils.grad_cam(encoder, head, frames)
+    assert images.shape == (3, 1, 9, 9)
+    np.testing.assert_allclose(images.numpy(), slow_grad_cam(encoder, head, frames), atol=1e-6)
+    assert images.amin(dim=(1, 2, 3)).tolist() == [0.0] * 3
+    assert images.amax(dim=(1, 2, 3)).tolist() == pytest.approx([1.0] * 3)  # no image all zero: a test of every one
+
+
+def test_grad_cam_touches_no_parameter_gradient():
+    encoder, head = tiny_q_network()
+    utils.grad_cam(encoder, head, torch.rand(2, 2, 9, 9, dtype=torch.float64))
+    assert all(p.grad is None for p in [*encoder.parameters(), *head.parameters()])
+
+
+def test_grad_cam_of_a_map_that_only_lowers_q_is_zero_not_nan():
+    """Every alpha_k < 0 on a non-negative map: ReLU leaves nothing, and the image is all zeros."""
+    encoder, _ = tiny_q_network()
+    images = utils.grad_cam(encoder, lambda feature_map: -feature_map.sum(dim=(2, 3)), torch.rand(2, 2, 9, 9).double())
+    assert images.abs().max().item() == 0.0
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
