@@ -27,7 +27,7 @@ SCRIPT = os.path.basename(__file__)
 ARCHITECTURE_FLAGS = ("encoder", "pool", "width", "dense_scale", "resolution", "frame_stack", "env_id", "num_experts",
                       "encoder_blocks", "dense_layers", "layer_norm")
 # Flags of this script that do not change what is trained (bookkeeping, speed switches): --resume auto ignores them
-RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"save_buffer", "log_every", "cuda_graphs", "pinned_staging"}
+RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"save_buffer", "log_every", "cuda_graphs", "pinned_staging", "eval_epsilon"}
 
 
 # Args

@@ -30,7 +30,8 @@ SCRIPT = os.path.basename(__file__)
 ARCHITECTURE_FLAGS = ("encoder", "pool", "width", "dense_scale", "resolution", "frame_stack", "env_id", "num_experts",
                       "encoder_blocks", "dense_layers", "layer_norm", "noisy", "dueling", "num_atoms", "v_min", "v_max")
 # Flags of this script that do not change what is trained (bookkeeping, speed switches): --resume auto ignores them
-RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"save_buffer", "log_every", "iteration_steps", "cuda_graphs", "pinned_staging"}
+RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"save_buffer", "log_every", "iteration_steps", "cuda_graphs", "pinned_staging",
+                                              "eval_epsilon"}
 
 
 # Args

@@ -117,20 +117,6 @@ def test_gap_atari_grid_is_games_by_seeds_by_pool_by_dense_scale():
     assert len(runs) == 20 * 5 * 2 * 4 and {r["flags"]["dense-scale"] for r in runs} == {1, 2, 4, 8}
 
 
-# gap_comparison (issue 21): flags that the issue's other branches add to rainbow_atari_gap.py. Until they are merged the
-# checks of a grid against its script skip it, naming them; once `rainbow_atari_gap.py --help` lists them, nothing skips.
-UNMERGED_FLAGS = {"sparsity-method", "weight-decay", "layer-norm", "encoder-blocks", "dense-layers"}
-
-
-def skip_until_the_script_has_the_grids_flags(grid_name):
-    grid = sweep.load_grid(grid_name)
-    fields, _ = sweep.script_arguments(sweep.script_path(grid))
-    missing = sorted({flag for run in sweep.expand_grid(grid) for flag in run["flags"]} - set(fields))
-    assert set(missing) <= UNMERGED_FLAGS, f"{grid_name} passes {missing}, which {grid['script']} does not have"
-    if missing:
-        pytest.skip(f"{grid['script']} has no --{', --'.join(missing)} yet (issue 21's other branches)")
-
-
 GAP_COMPARISON_METHODS = [  # (pool, sparsity-method, weight-decay, layer-norm, encoder-blocks, dense-layers)
     ("flatten", None, None, None, None, None), ("avg", None, None, None, None, None),
     ("softmoe", None, None, None, None, None), ("tokens", None, None, None, None, None),
@@ -184,7 +170,6 @@ def test_gap_comparison_dry_run_lists_every_run(tmp_path, capsys, monkeypatch):
 
 
 def test_gap_comparison_dry_run_passes_the_flag_check_of_rainbow_atari_gap(tmp_path, capsys):
-    skip_until_the_script_has_the_grids_flags("gap_comparison")
     status, out, err = run_sweep(capsys, "--grid", "gap_comparison", "--dry-run", "--runs-dir", str(tmp_path / "runs"))
     assert status == 0, err
     assert len(out.splitlines()) == 1301
@@ -419,7 +404,6 @@ def test_every_ready_made_grid_point_parses_with_its_script(grid_name, monkeypat
     accepts, with the grid's value: a renamed flag would otherwise fail only on the cluster."""
     import importlib
 
-    skip_until_the_script_has_the_grids_flags(grid_name)
     grid = sweep.load_grid(grid_name)
     script = grid["script"].removesuffix(".py")
     monkeypatch.syspath_prepend(os.path.join(REPO, "cleanrl_pool"))
@@ -535,7 +519,6 @@ def test_slurm_script_below_a_file_is_refused(tmp_path, capsys, no_launch):
 
 @pytest.mark.parametrize("name", sorted(GRIDS))
 def test_every_ready_made_grid_passes_the_flag_check_of_its_script(name):
-    skip_until_the_script_has_the_grids_flags(name)
     grid = sweep.load_grid(name)
     fields, spell_env_id = sweep.script_arguments(sweep.script_path(grid))
     sweep.check_flags(sweep.expand_grid(grid, spell_env_id=spell_env_id), fields, grid["script"])  # no SystemExit
