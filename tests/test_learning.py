@@ -123,3 +123,14 @@ def test_sac_learns_the_reach_task_through_main(tmp_path, monkeypatch):
     assert final(run_dir, "eval/return") >= random + 250.0  # of about 900
     checkpoint = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)
     assert checkpoint["global_step"] == 1500
+
+
+def test_every_learning_mutation_still_applies_to_its_script():
+    """tests/learning_mutations.py's proof needs each mutated text exactly once in its file: a refactor that moves it
+    would silently turn a mutation into "DOES NOT APPLY" until someone runs the 20-minute proof."""
+    import learning_mutations
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, _, path, text, _ in learning_mutations.MUTATIONS:
+        with open(os.path.join(root, path)) as f:
+            assert f.read().count(text) == 1, f"{name}: its text is no longer exactly once in {path}"
