@@ -110,8 +110,9 @@ class Args(utils.RunArgs):
     """log dormant fractions, feature norm and saliency every this many steps (0: never)"""
 
     # Speed switches (issue 13): each acts only with CUDA; on a CPU the run is the same with or without them
-    bf16: bool = True
-    """bfloat16 autocast for the rollout's inference and the update; weights, losses and advantages in float32 (CUDA only)"""
+    bf16: bool = False
+    """bfloat16 autocast for the rollout's inference and the update; weights, losses and advantages in float32 (CUDA only).
+    Off by default: no reference codebase uses it, and it moves gradients (2-6 % an update, CPU proxy); --bf16 turns it on"""
     channels_last: bool = True
     """the network and the observation batches in channels-last memory order (CUDA only)"""
     micro_batch_size: int = 0

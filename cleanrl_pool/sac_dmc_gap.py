@@ -140,8 +140,9 @@ class Args(utils.RunArgs):
     """agent steps between logs of losses and SPS (each costs one host sync)"""
 
     # Speed switches (issue 13): each acts only with CUDA; on a CPU the run is the same with or without them
-    bf16: bool = True
-    """bfloat16 autocast in the update; losses, soft Q targets, log-probs and temperature stay float32 (CUDA only)"""
+    bf16: bool = False
+    """bfloat16 autocast in the update; losses, soft Q targets, log-probs and temperature stay float32 (CUDA only).
+    Off by default: no reference codebase uses it, and it moves gradients (~1 % an update, CPU proxy); --bf16 turns it on"""
     channels_last: bool = True
     """channels-last memory format for the encoders and the update's observation batches (CUDA only)"""
     overlap_envs: bool = True

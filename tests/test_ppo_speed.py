@@ -259,16 +259,18 @@ def test_env_halves_continue_the_same_procgen_games_stepped_in_turn():
 
 
 # Which switches act where
-def test_speed_plan_turns_everything_on_on_cuda_and_nothing_on_a_cpu(monkeypatch):
+def test_speed_plan_turns_everything_asked_on_on_cuda_and_nothing_on_a_cpu(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not any(ppo.speed_plan(ppo.Args(), cpu).values())
+    on = ppo.Args(bf16=True)  # bf16 is opt-in (issue 21), the other switches are on by default
+    assert not ppo.Args().bf16 and not any(ppo.speed_plan(on, cpu).values())
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert all(ppo.speed_plan(ppo.Args(), cuda).values())
-    assert ppo.speed_plan(ppo.Args(num_envs=63), cuda)["overlap_envs"] is False
+    assert all(ppo.speed_plan(on, cuda).values())
+    assert ppo.speed_plan(ppo.Args(), cuda) == {"bf16": False, "channels_last": True, "overlap_envs": True}
+    assert ppo.speed_plan(ppo.Args(bf16=True, num_envs=63), cuda)["overlap_envs"] is False
     off = ppo.Args(bf16=False, channels_last=False, overlap_envs=False)
     assert not any(ppo.speed_plan(off, cuda).values())
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert ppo.speed_plan(ppo.Args(), cuda)["bf16"] is False
+    assert ppo.speed_plan(on, cuda)["bf16"] is False
 
 
 @pytest.mark.slow
@@ -350,7 +352,7 @@ def test_on_a_cpu_the_switches_do_nothing(plain_run, tmp_path, monkeypatch):
     assert stepped == [4] * 32  # one env of 4, 16 steps x 2 iterations
     assert forward_batches(calls, grad=False) == [4] and forward_batches(calls, grad=True) == [32]
     assert all(call["dtype"] == torch.float32 and not call["weights_channels_last"] for call in calls)
-    for flags in (NO_SWITCHES, ["--micro-batch-size", "32"]):  # explicitly the whole minibatch
+    for flags in (NO_SWITCHES, ["--bf16", "--micro-batch-size", "32"]):  # each off; each on (bf16 is opt-in), one micro-batch
         other, _, _ = train(tmp_path, monkeypatch, *flags)
         assert all(torch.equal(other[name], value) for name, value in weights.items()), flags
 
