@@ -27,7 +27,7 @@ Speed switches: per script its boolean Args fields of SWITCHES, read from the sc
 (a switch a script does not declare is listed as "not in this script"). At each script's first configuration:
 "all defaults" (no switch flag), "all switches off" (`--no-NAME` for each: the plain path), and for each switch
 the defaults with that one flipped (`--no-NAME` for one that is on by default, `--NAME` for one that is off,
-such as compile). On a CPU the switches do nothing (apart from compile), so those rates differ by noise only.
+such as compile and bf16). On a CPU the switches do nothing (apart from compile), so those rates differ by noise only.
 `--shared-gpu-runs 1,4,8`: DQN and Rainbow, k runs of the defaults (seeds 1..k) started together the way
 `sweep.py --jobs-per-gpu k` starts them (OMP_NUM_THREADS = cores / k), the sum of their rates.
 

@@ -110,8 +110,9 @@ class Args(utils.RunArgs):
     """log dormant fractions, feature norm and saliency every this many steps (0: never)"""
 
     # Speed switches (issue 13): each acts only with CUDA; on a CPU the run is the same with or without them
-    bf16: bool = True
-    """bfloat16 autocast for the rollout's inference and the update; weights, losses and advantages in float32 (CUDA only)"""
+    bf16: bool = False
+    """bfloat16 autocast for the rollout's inference and the update; weights, losses and advantages in float32 (CUDA only).
+    Off by default: no reference codebase uses it, and it moves gradients (2-6 % an update, CPU proxy); --bf16 turns it on"""
     channels_last: bool = True
     """the network and the observation batches in channels-last memory order (CUDA only)"""
     micro_batch_size: int = 0
@@ -242,11 +243,12 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma: float, gae
     return advantages, advantages + values
 
 
-def ppo_loss(model, minibatch: dict, clip_coef: float, clip_vloss: bool, ent_coef: float, vf_coef: float, bf16: bool = False):
+def ppo_loss(model, minibatch: dict, clip_coef: float, clip_vloss: bool, ent_coef: float, vf_coef: float):
     """The clipped surrogate, value and entropy terms on one (micro-)batch (obs, actions, logprobs, values, advantages
-    already normalised, returns), each a mean over it; returns (loss, its named parts and statistics, detached). With
-    `bf16` only the network runs under autocast: ratio, advantages, value targets and losses stay float32."""
-    _, newlogprob, entropy, newvalue = get_action_and_value(model, minibatch["obs"], minibatch["actions"], bf16)
+    already normalised, returns), each a mean over it; returns (loss, its named parts and statistics, detached). Under
+    --bf16 `model` is the network's forward inside the autocast context (main): ratio, advantages, value targets and
+    losses stay float32."""
+    _, newlogprob, entropy, newvalue = get_action_and_value(model, minibatch["obs"], minibatch["actions"])
     logratio = newlogprob - minibatch["logprobs"]
     ratio = logratio.exp()
     advantages = minibatch["advantages"]
@@ -266,11 +268,10 @@ def ppo_loss(model, minibatch: dict, clip_coef: float, clip_vloss: bool, ent_coe
     return loss, {name: value.detach() for name, value in stats.items()}
 
 
-def get_action_and_value(model, obs, action=None, bf16: bool = False):
-    """(action, its log-prob, entropy, value); with `bf16` the network runs under bfloat16 autocast, the distribution in
-    the weights' dtype (float32)."""
-    with torch.autocast(obs.device.type, torch.bfloat16, enabled=bf16):
-        logits, value = model(obs)
+def get_action_and_value(model, obs, action=None):
+    """(action, its log-prob, entropy, value); the distribution in the dtype of the logits, float32 also under bf16
+    autocast (Agent.forward)."""
+    logits, value = model(obs)
     distribution = Categorical(logits=logits, validate_args=False)
     if action is None:
         action = sample_action(logits)
@@ -284,14 +285,14 @@ def sample_action(logits, generator=None):
     return torch.argmax(logits - torch.log(-torch.log(uniform)), dim=1)
 
 
-def policy_step(model, obs, bf16: bool = False):
+def policy_step(model, obs):
     """The rollout's inference (compiled with --compile): (action, log-prob, value) of a batch of frames, no gradient."""
     with torch.no_grad():
-        action, logprob, _, value = get_action_and_value(model, obs, bf16=bf16)
+        action, logprob, _, value = get_action_and_value(model, obs)
     return action, logprob, value
 
 
-def ppo_update(model, agent, optimizer, batch: dict, args, micro_batch_size: int, bf16: bool, on_minibatch):
+def ppo_update(model, agent, optimizer, batch: dict, args, micro_batch_size: int, on_minibatch):
     """`--update-epochs` epochs of `--num-minibatches` shuffled minibatches of the rollout, an Adam step and `on_minibatch()`
     each (stopping past `--target-kl`). A minibatch's advantages are normalised over all of it, then its gradient is summed
     over micro-batches of `micro_batch_size` steps, each loss scaled by its share. Returns ppo_loss's named parts' means
@@ -311,7 +312,7 @@ def ppo_update(model, agent, optimizer, batch: dict, args, micro_batch_size: int
             approx_kls = []
             for micro_start in range(0, minibatch_size, micro_batch_size):
                 micro_batch = {key: value[micro_start : micro_start + micro_batch_size] for key, value in minibatch.items()}
-                loss, stats = ppo_loss(model, micro_batch, args.clip_coef, args.clip_vloss, args.ent_coef, args.vf_coef, bf16)
+                loss, stats = ppo_loss(model, micro_batch, args.clip_coef, args.clip_vloss, args.ent_coef, args.vf_coef)
                 (loss * (micro_batch_size / minibatch_size)).backward()
                 finite &= torch.isfinite(loss)
                 totals = {name: totals.get(name, 0.0) + value for name, value in stats.items()}
@@ -342,8 +343,8 @@ def speed_plan(args, device) -> dict:
 
 def update_memory(args, device, probe_size: int = 16) -> tuple:
     """(bytes per step, fixed bytes) of an update on CUDA, measured: the peak allocated by the forward and backward of a
-    probe micro-batch (torch.cuda.max_memory_allocated, under the run's bf16 and channels_last) less its gradients, per
-    step; fixed: the weights, their gradients and Adam's two moments."""
+    probe micro-batch (torch.cuda.max_memory_allocated, under the run's bf16 and channels_last, as ppo_update) less its
+    gradients, per step; fixed: the weights, their gradients and Adam's two moments."""
     fast = speed_plan(args, device)
     agent = Agent(procgen_hd.NUM_ACTIONS, args.resolution, args.pool, args.width, args.dense_scale).to(device)
     obs = torch.zeros((probe_size, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
@@ -354,14 +355,15 @@ def update_memory(args, device, probe_size: int = 16) -> tuple:
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     try:
-        _, logprob, entropy, value = get_action_and_value(agent, obs, torch.zeros(probe_size, dtype=torch.long, device=device),
-                                                          fast["bf16"])
+        forward = utils.within(utils.mixed_precision(device, fast["bf16"]), agent)
+        actions = torch.zeros(probe_size, dtype=torch.long, device=device)
+        _, logprob, entropy, value = get_action_and_value(forward, obs, actions)
         (logprob + entropy + value).sum().backward()
     except torch.cuda.OutOfMemoryError:
         utils.fail(f"--resolution {args.resolution} at --width {args.width}: an update of {probe_size} steps does not fit "
                    "in the free CUDA memory")
     peak = torch.cuda.max_memory_allocated(device) - before - weight_bytes  # the gradients are counted in `fixed`
-    del agent, obs, logprob, entropy, value
+    del agent, forward, obs, actions, logprob, entropy, value
     torch.cuda.empty_cache()
     return max(peak, 0) / probe_size, 4 * weight_bytes
 
@@ -414,55 +416,81 @@ def allocate_rollout(num_steps: int, num_envs: int, resolution: int, device, cha
     }
 
 
-def collect_rollout(policy, env_groups: list, rollout: dict, next_obs, next_done, reward_normalizer: dict, episodes: dict,
-                    gamma: float, reward_clip: float, on_step=None):
+def collect_rollout(policy, envs, rollout: dict, next_obs, next_done, reward_normalizer: dict, episodes: dict, gamma: float,
+                    reward_clip: float, on_step=None):
     """Play one rollout, writing every step into `rollout`; returns (next_obs, next_done, finished episodes' returns, their
-    lengths). `policy(obs)` gives (action, log-prob, value). `env_groups`: the envs as one group, or their halves
-    (--overlap-envs): in turn, each group waits for its game step (step_wait), acts and starts the next one (step_async), so
-    one group's game step runs while the other's policy step does; the data are the same as the groups' stepped as one.
-    One host transfer of actions per group and step, everything else stays on the device. `on_step(steps, episodic_return)`
-    follows every step: steps so far (all envs), mean return of the episodes it finished (or None).
+    lengths). `policy(obs)` gives (action, log-prob, value). One host transfer of actions per step, everything else stays
+    on the device. `on_step(steps, episodic_return)` follows every step: steps so far (all envs), mean return of the
+    episodes it finished (or None).
 
     CleanRL's convention: dones[t] = 1 when obs[t] is the first frame of an episode (the previous step
     ended one). Procgen resets inside the step that ends an episode, so every step is a real transition.
     """
+    device = next_obs.device
+    finished_returns, finished_lengths = [], []
+    for step in range(rollout["obs"].shape[0]):
+        rollout["obs"][step], rollout["dones"][step] = next_obs, next_done
+        action, rollout["logprobs"][step], rollout["values"][step] = policy(next_obs)
+        rollout["actions"][step] = action
+        frames, reward, done, _ = envs.step(action.cpu().numpy())
+        next_obs = torch.from_numpy(frames).to(device)  # channels-last: Procgen-HD draws frame-last
+        next_done = torch.from_numpy(done).to(device, torch.float32)
+        rollout["rewards"][step] = normalize_reward(
+            reward_normalizer, torch.from_numpy(reward).to(device), next_done, gamma, reward_clip
+        )
+        episodic_return = tally_episodes(episodes, reward, done, finished_returns, finished_lengths)
+        if on_step is not None:
+            on_step((step + 1) * len(done), episodic_return)
+    return next_obs, next_done, finished_returns, finished_lengths
+
+
+def tally_episodes(episodes: dict, reward, done, finished_returns: list, finished_lengths: list):
+    """Add a step's rewards to the running episodes; those it ended (an episode's return ends with the reward of the step
+    that ended it) move to the finished lists and restart. Returns the mean return of the episodes ended, or None."""
+    episodes["return"] += reward
+    episodes["length"] += 1
+    if not done.any():
+        return None
+    episodic_return = episodes["return"][done].mean()
+    finished_returns += episodes["return"][done].tolist()
+    finished_lengths += episodes["length"][done].tolist()
+    episodes["return"][done], episodes["length"][done] = 0.0, 0
+    return episodic_return
+
+
+def collect_rollout_overlapped(policy, envs, rollout: dict, next_obs, next_done, reward_normalizer: dict, episodes: dict,
+                               gamma: float, reward_clip: float, on_step=None):
+    """collect_rollout on the envs as halves (an EnvHalves, --overlap-envs): in turn, each half waits for its game step
+    (step_wait), acts and starts the next one (step_async), so one half's game step runs while the other's policy step
+    does. The data are collect_rollout's on the same games; one host transfer of actions per half and step."""
     device, num_steps = next_obs.device, rollout["obs"].shape[0]
-    bounds = np.cumsum([0] + [envs.num_envs for envs in env_groups])
+    bounds = np.cumsum([0] + [half.num_envs for half in envs.halves])
     parts = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
     obs, dones = [next_obs[part] for part in parts], [next_done[part] for part in parts]
-    results = [None] * len(env_groups)  # each group's (reward, done) of its last game step, as numpy
+    results = [None] * len(parts)  # each half's (reward, done) of its last game step, as numpy
     finished_returns, finished_lengths = [], []
-    for step in range(num_steps + 1):  # each group: the frames of `step` (its game step step - 1), then its action
-        for group, (envs, part) in enumerate(zip(env_groups, parts)):
+    for step in range(num_steps + 1):  # each half: the frames of `step` (its game step step - 1), then its action
+        for index, (half, part) in enumerate(zip(envs.halves, parts)):
             if step:
-                frames, reward, done, _ = envs.step_wait()
-                obs[group] = torch.from_numpy(frames).to(device)  # channels-last: Procgen-HD draws frame-last
-                dones[group], results[group] = torch.from_numpy(done).to(device, torch.float32), (reward, done)
+                frames, reward, done, _ = half.step_wait()
+                obs[index] = torch.from_numpy(frames).to(device)  # channels-last: Procgen-HD draws frame-last
+                dones[index], results[index] = torch.from_numpy(done).to(device, torch.float32), (reward, done)
             if step < num_steps:
-                rollout["obs"][step, part], rollout["dones"][step, part] = obs[group], dones[group]
-                action, rollout["logprobs"][step, part], rollout["values"][step, part] = policy(obs[group])
+                rollout["obs"][step, part], rollout["dones"][step, part] = obs[index], dones[index]
+                action, rollout["logprobs"][step, part], rollout["values"][step, part] = policy(obs[index])
                 rollout["actions"][step, part] = action
-                envs.step_async(action.cpu().numpy())
+                half.step_async(action.cpu().numpy())
         if not step:
             continue
         reward, done = (np.concatenate(values) for values in zip(*results))
-        next_done = dones[0] if len(dones) == 1 else torch.cat(dones)
+        next_done = torch.cat(dones)
         rollout["rewards"][step - 1] = normalize_reward(
             reward_normalizer, torch.from_numpy(reward).to(device), next_done, gamma, reward_clip
         )
-        # An episode's return ends with the reward of the step that ended it
-        episodes["return"] += reward
-        episodes["length"] += 1
-        episodic_return = None
-        if done.any():
-            episodic_return = episodes["return"][done].mean()
-            finished_returns += episodes["return"][done].tolist()
-            finished_lengths += episodes["length"][done].tolist()
-            episodes["return"][done], episodes["length"][done] = 0.0, 0
+        episodic_return = tally_episodes(episodes, reward, done, finished_returns, finished_lengths)
         if on_step is not None:
             on_step(step * len(done), episodic_return)
-    next_obs = obs[0] if len(obs) == 1 else torch.cat(obs)
-    return next_obs, next_done, finished_returns, finished_lengths
+    return torch.cat(obs), next_done, finished_returns, finished_lengths
 
 
 # Environment: Procgen-HD, drawn natively at R x R, reset in the step that ends an episode; reward normalisation
@@ -615,6 +643,7 @@ def main():
     learning_rate = args.learning_rate * (2 / args.width if args.rescale_lr else 1.0)  # Impoola: lr / (τ / 2)
     device = utils.training_device(args)
     fast = speed_plan(args, device)  # the speed switches acting here (none on a CPU)
+    ctx = utils.mixed_precision(device, fast["bf16"])  # bf16 autocast of the training's forwards (evaluation stays float32)
     run = utils.Run(args, SCRIPT, RUN_NEUTRAL_FLAGS, ARCHITECTURE_FLAGS)  # the run folder, and the checkpoint to resume
     checkpoint, global_step = run.checkpoint, run.step
     run.open(device, batch_size=batch_size, minibatch_size=minibatch_size, micro_batch_size=micro_batch_size,
@@ -628,9 +657,10 @@ def main():
         torch.set_num_threads(args.torch_threads)
     envs = make_envs(args, args.num_envs, args.num_levels, args.seed)
     next_obs_np, _ = envs.reset()
+    play_rollout = collect_rollout
     if fast["overlap_envs"]:  # the same games, as two halves stepped in turn
         envs = EnvHalves(envs, lambda num_envs: make_envs(args, num_envs, args.num_levels, args.seed))
-    env_groups = envs.halves if fast["overlap_envs"] else [envs]
+        play_rollout = collect_rollout_overlapped
     agent = Agent(envs.num_actions, args.resolution, args.pool, args.width, args.dense_scale).to(device)
     if fast["channels_last"]:
         agent = agent.to(memory_format=torch.channels_last)
@@ -682,10 +712,10 @@ def main():
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * learning_rate
         # Rollout, then the value of the last observation and GAE (one autocast region: bf16 weights cast once, cached)
-        with torch.autocast(device.type, torch.bfloat16, enabled=fast["bf16"]):
-            next_obs, next_done, finished_returns, finished_lengths = collect_rollout(
-                lambda obs: policy(agent, obs, fast["bf16"]), env_groups, rollout, next_obs, next_done, reward_normalizer,
-                episodes, args.gamma, args.reward_clip,
+        with ctx:
+            next_obs, next_done, finished_returns, finished_lengths = play_rollout(
+                lambda obs: policy(agent, obs), envs, rollout, next_obs, next_done, reward_normalizer, episodes, args.gamma,
+                args.reward_clip,
                 on_step=lambda steps, episodic_return: run.progress.update(global_step + steps, episodic_return),
             )
             with torch.no_grad():
@@ -694,10 +724,11 @@ def main():
         advantages, returns = gae(
             rollout["rewards"], rollout["values"], rollout["dones"], next_value, next_done, args.gamma, args.gae_lambda
         )
-        # Optimise the policy and value network on the flattened rollout
+        # Optimise the policy and value network on the flattened rollout (with --bf16, the network's forward autocast)
         batch = {key: rollout[key].flatten(0, 1) for key in ("obs", "actions", "logprobs", "values")}
         batch["advantages"], batch["returns"] = advantages.flatten(), returns.flatten()
-        losses, finite = ppo_update(model, agent, optimizer, batch, args, micro_batch_size, fast["bf16"], run.progress.update)
+        update_model = utils.within(ctx, model)  # the network's forward inside the mixed-precision context
+        losses, finite = ppo_update(update_model, agent, optimizer, batch, args, micro_batch_size, run.progress.update)
 
         # logging, and the non-finite check (a few host syncs per iteration, none per environment step)
         run.check_finite(bool(finite) and bool(utils.finite_flag(agent, optimizer)), global_step)

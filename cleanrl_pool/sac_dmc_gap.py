@@ -18,7 +18,6 @@ import argparse
 import copy
 import ctypes
 import ctypes.util
-import functools
 import glob
 import itertools
 import math
@@ -141,8 +140,9 @@ class Args(utils.RunArgs):
     """agent steps between logs of losses and SPS (each costs one host sync)"""
 
     # Speed switches (issue 13): each acts only with CUDA; on a CPU the run is the same with or without them
-    bf16: bool = True
-    """bfloat16 autocast in the update; losses, soft Q targets, log-probs and temperature stay float32 (CUDA only)"""
+    bf16: bool = False
+    """bfloat16 autocast in the update; losses, soft Q targets, log-probs and temperature stay float32 (CUDA only).
+    Off by default: no reference codebase uses it, and it moves gradients (~1 % an update, CPU proxy); --bf16 turns it on"""
     channels_last: bool = True
     """channels-last memory format for the encoders and the update's observation batches (CUDA only)"""
     overlap_envs: bool = True
@@ -461,27 +461,24 @@ def load_learner(parts: dict, log_alpha, checkpoint: dict):
     log_alpha.data.copy_(checkpoint["log_alpha"])
 
 
-def learner_step(parts: dict, log_alpha, batch: dict, update_count: int, losses, args, views: int, bf16: bool = False) -> dict:
+def learner_step(parts: dict, log_alpha, batch: dict, update_count: int, losses, args, views: int) -> dict:
     """Gradient update number `update_count` on `batch`: DrQ's critic step, then the actor and temperature every
     --actor-update-frequency updates; or Dopamine's one step on all three losses (--combined-loss); then the target update
-    every --target-update-frequency updates. `parts`: make_learner's networks and optimisers, `losses` the (compiled) loss
-    functions; with `bf16` the networks run under bfloat16 autocast (their outputs, and so the losses, float32).
-    Returns the detached losses of what was updated."""
+    every --target-update-frequency updates. `parts`: make_learner's networks and optimisers, `losses` the loss functions
+    as main() runs them (compiled with --compile, inside the mixed-precision context with --bf16). Returns the detached
+    losses of what was updated."""
     compute_critic_loss, compute_actor_losses = losses
-    autocast = functools.partial(torch.autocast, log_alpha.device.type, torch.bfloat16, enabled=bf16)
     target_entropy = -args.target_entropy_scale * batch["actions"].shape[1]  # DrQ -|A|, Dopamine -|A|/2
     encoder, actor, critic, target_encoder, target_critic, critic_optimizer, actor_optimizer, alpha_optimizer = (
         parts[name] for name in ("encoder", "actor", "critic", "target_encoder", "target_critic", "critic_optimizer",
                                  "actor_optimizer", "alpha_optimizer"))
     target_actor = parts.get("target_actor")  # Dopamine's target network has an actor too
-    with autocast():
-        qf_loss, q1, q2 = compute_critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch,
-                                              views, args.gamma, target_actor)
+    qf_loss, q1, q2 = compute_critic_loss(encoder, actor, critic, target_encoder, target_critic, log_alpha, batch, views,
+                                          args.gamma, target_actor)
     updated = {"qf_loss": qf_loss.detach(), "qf1_values": q1.detach().mean(), "qf2_values": q2.detach().mean()}
     if args.combined_loss:  # Dopamine: one step on all three losses, from the same weights
-        with autocast():
-            actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, batch["observations"],
-                                                          target_entropy, args.alpha_loss_on)
+        actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, batch["observations"],
+                                                      target_entropy, args.alpha_loss_on)
         combined_step(qf_loss, actor_loss, alpha_loss, critic_optimizer, actor_optimizer, alpha_optimizer)
         updated.update(actor_loss=actor_loss.detach(), alpha_loss=alpha_loss.detach())
     else:  # DrQ: the critic, then the actor and temperature on the critic just updated
@@ -490,9 +487,8 @@ def learner_step(parts: dict, log_alpha, batch: dict, update_count: int, losses,
         critic_optimizer.step()
         if update_count % args.actor_update_frequency == 0:
             observations = batch["observations"][: args.batch_size]  # the first augmented view, as DrQ
-            with autocast():
-                actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, observations,
-                                                              target_entropy, args.alpha_loss_on)
+            actor_loss, alpha_loss = compute_actor_losses(encoder, actor, critic, log_alpha, observations, target_entropy,
+                                                          args.alpha_loss_on)
             actor_optimizer.zero_grad()
             alpha_optimizer.zero_grad()
             (actor_loss + alpha_loss).backward()  # disjoint gradients: each loss detaches the other's input
@@ -858,6 +854,7 @@ def main():
     utils.seed_everything(args.seed, args.torch_deterministic)
     utils.configure_cuda(args, device)
     bf16, memory_format, overlap_envs = speed_switches(args, device)
+    ctx = utils.mixed_precision(device, bf16)  # bf16 autocast around the losses: networks in bfloat16, their outputs float32
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     env, eval_env = make_envs(args, args.seed + global_step)  # a resumed run cannot restore the simulators: new episodes
@@ -875,7 +872,8 @@ def main():
         utils.set_rng_state(checkpoint["rng"])
         run.resumed()
     run.log_parameter_counts(parameter_counts(encoder, actor, critic))
-    losses = tuple(torch.compile(fn) if args.compile else fn for fn in (critic_loss, actor_and_temperature_losses))
+    losses = tuple(utils.within(ctx, torch.compile(fn) if args.compile else fn)  # each call inside the context
+                   for fn in (critic_loss, actor_and_temperature_losses))
 
     def checkpoint_payload():
         return utils.checkpoint_payload(SCRIPT, args, global_step, update_count=update_count, log_alpha=log_alpha.detach(),
@@ -894,7 +892,7 @@ def main():
         for _ in range(count):
             update_count += 1
             batch = sample_batch(replay, replay_size, args.batch_size, views, args.image_pad, memory_format)
-            updated = learner_step(parts, log_alpha, batch, update_count, losses, args, views, bf16)
+            updated = learner_step(parts, log_alpha, batch, update_count, losses, args, views)
             for name, value in updated.items():
                 recent_losses[name].append(value)
 

@@ -4,6 +4,7 @@ training loop's plumbing (interval test, log line, live progress), Atari (game n
 replay), speed machinery (host staging, CUDA graphs), score normalisation tables and the network's diagnostics.
 Copy it next to any script you take out of this repository."""
 
+import contextlib
 import copy
 import glob
 import json
@@ -135,6 +136,22 @@ def configure_cuda(args, device: torch.device):
         return
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cudnn.benchmark = args.cudnn_benchmark and not args.torch_deterministic
+
+
+def mixed_precision(device: torch.device, bf16: bool):
+    """A run's one mixed-precision context (nanoGPT's `ctx`): bfloat16 autocast on `device` where the script's speed plan
+    turns bf16 on, else a context that does nothing. Enter it any number of times, but never inside itself: autocast
+    keeps a single saved state, so a nested entry would leave autocast on at the outer exit."""
+    return torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def within(context, function):
+    """`function`, each call of it inside `context`: a fast path put around one step at one point (LeanRL's way), so
+    that the step itself never names it."""
+    def call(*args, **kwargs):
+        with context:
+            return function(*args, **kwargs)
+    return call
 
 
 def rng_state() -> dict:

@@ -101,7 +101,7 @@ def test_ppo_update_means_every_minibatch_and_stops_past_target_kl(target_kl, mi
 
     monkeypatch.setattr(ppo, "ppo_loss", recording_loss)
     args = ppo.Args(num_minibatches=4, update_epochs=2, target_kl=target_kl)
-    means, finite = ppo.ppo_update(agent, agent, optimizer, batch, args, micro_batch_size, False, lambda: refreshed.append(1))
+    means, finite = ppo.ppo_update(agent, agent, optimizer, batch, args, micro_batch_size, lambda: refreshed.append(1))
     assert len(refreshed) == minibatches and len(recorded) == minibatches * 4 // micro_batch_size and bool(finite)
     for name, value in means.items():
         assert value == pytest.approx(np.mean([parts[name].item() for parts in recorded]), rel=1e-5, abs=1e-9), name
@@ -328,7 +328,7 @@ def test_rollout_keeps_each_episode_to_itself():
     obs, _ = envs.reset()
     calls = []
     next_obs, next_done, returns, episode_lengths = ppo.collect_rollout(
-        constant_critic, [envs], rollout, torch.from_numpy(obs), torch.zeros(2), normalizer, episodes, gamma, 10.0,
+        constant_critic, envs, rollout, torch.from_numpy(obs), torch.zeros(2), normalizer, episodes, gamma, 10.0,
         on_step=lambda steps, episodic_return: calls.append((steps, episodic_return)),
     )
     # the progress callback follows every step: steps so far (both envs), the mean return of the episodes just ended

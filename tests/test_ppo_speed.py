@@ -7,6 +7,8 @@ import glob
 import math
 import sys
 
+from types import SimpleNamespace
+
 import numpy as np
 import procgen_hd
 import pytest
@@ -37,6 +39,7 @@ def behaviour_batch(agent, size, resolution, seed):
 
 # bf16 autocast: the network in bfloat16, the loss and the weights in float32
 def test_bf16_autocast_loss_is_close_to_float32_with_float32_weights_and_loss():
+    """ppo_loss on the network's forward inside the run's mixed-precision context, as main() passes it to ppo_update."""
     torch.manual_seed(0)
     agent = ppo.Agent(15, 16, "avg", width=1, dense_scale=1)
     minibatch = behaviour_batch(agent, 32, 16, seed=1)
@@ -45,7 +48,8 @@ def test_bf16_autocast_loss_is_close_to_float32_with_float32_weights_and_loss():
     results = {}
     for bf16 in (False, True):
         agent.zero_grad()
-        loss, parts = ppo.ppo_loss(agent, minibatch, 0.2, True, 0.01, 0.5, bf16)
+        forward = utils.within(utils.mixed_precision(torch.device("cpu"), bf16), agent)
+        loss, parts = ppo.ppo_loss(forward, minibatch, 0.2, True, 0.01, 0.5)
         loss.backward()
         results[bf16] = loss, parts, torch.cat([p.grad.flatten() for p in agent.parameters()])
     assert feature_dtypes == [torch.float32, torch.bfloat16]  # autocast reached the convolutions, and only with bf16
@@ -59,10 +63,12 @@ def test_bf16_autocast_loss_is_close_to_float32_with_float32_weights_and_loss():
 
 
 def test_bf16_policy_step_gives_float32_log_probs_and_values():
+    """The rollout's policy step inside the mixed-precision context, as main() runs the whole rollout."""
     agent = ppo.Agent(15, 16, "avg", width=1, dense_scale=1)
     obs = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     torch.manual_seed(3)
-    action, logprob, value = ppo.policy_step(agent, obs, bf16=True)
+    with utils.mixed_precision(torch.device("cpu"), True):
+        action, logprob, value = ppo.policy_step(agent, obs)
     torch.manual_seed(3)
     action32, logprob32, value32 = ppo.policy_step(agent, obs)
     assert logprob.dtype == value.dtype == torch.float32 and action.dtype == torch.long
@@ -96,7 +102,7 @@ def test_micro_batches_sum_to_the_whole_minibatch_gradient_in_float64(clip_vloss
         for micro_batch_size in (16, 4, 1):
             optimizer = RecordingOptimizer()
             torch.manual_seed(5)  # the same shuffles
-            means, finite = ppo.ppo_update(agent, agent, optimizer, batch, args, micro_batch_size, False, lambda: None)
+            means, finite = ppo.ppo_update(agent, agent, optimizer, batch, args, micro_batch_size, lambda: None)
             runs[micro_batch_size] = optimizer.gradients, means
             assert bool(finite) and len(optimizer.gradients) == 4
     finally:
@@ -157,7 +163,7 @@ def test_channels_last_gives_the_same_outputs(pool):
     assert not ppo.allocate_rollout(4, 3, 24, "cpu")["obs"].flatten(0, 1).is_contiguous(memory_format=CHANNELS_LAST)
 
 
-# The overlapped rollout: two halves stepped in turn give the data of the envs stepped as one
+# The overlapped rollout: two halves stepped in turn give the data of the plain rollout of the envs stepped as one
 def pixel_policy(obs):
     """A policy whose numbers do not depend on the batch it is computed in (elementwise only): logits from the mean
     pixel, Gumbel-max samples drawn in env order, so halves in turn draw the same noise as one batch."""
@@ -193,15 +199,20 @@ class ScriptedHalf:
         self.elapsed[done], self.pending = 0, None
         return self.frames(), reward, done, {}
 
+    def step(self, action):
+        self.step_async(action)
+        return self.step_wait()
 
-def rollout_of(env_groups, num_envs, num_steps, obs):
+
+def rollout_of(collect, envs, num_envs, num_steps, obs):
+    """`collect` (collect_rollout, or collect_rollout_overlapped on halves) of `num_steps` from `obs`."""
     torch.manual_seed(7)
     rollout = ppo.allocate_rollout(num_steps, num_envs, obs.shape[-1], "cpu")
     normalizer = ppo.new_reward_normalizer(num_envs, "cpu")
     episodes = {"return": np.zeros(num_envs), "length": np.zeros(num_envs, dtype=np.int64)}
     steps = []
-    result = ppo.collect_rollout(pixel_policy, env_groups, rollout, obs, torch.zeros(num_envs), normalizer, episodes, 0.9,
-                                 10.0, on_step=lambda count, episodic_return: steps.append((count, episodic_return)))
+    result = collect(pixel_policy, envs, rollout, obs, torch.zeros(num_envs), normalizer, episodes, 0.9, 10.0,
+                     on_step=lambda count, episodic_return: steps.append((count, episodic_return)))
     return rollout, result, normalizer, episodes, steps
 
 
@@ -217,9 +228,10 @@ def assert_same_rollouts(first, second):
 def test_overlapped_rollout_equals_the_plain_rollout_of_the_same_halves():
     lengths, num_steps = [[3, 5, 2], [4, 7, 1]], 13
     obs = torch.zeros(6, 3, 4, 4, dtype=torch.uint8)
-    plain = rollout_of([ScriptedHalf(lengths[0] + lengths[1])], 6, num_steps, obs)
+    plain = rollout_of(ppo.collect_rollout, ScriptedHalf(lengths[0] + lengths[1]), 6, num_steps, obs)
     log = []
-    overlapped = rollout_of([ScriptedHalf(lengths[0], log, "A"), ScriptedHalf(lengths[1], log, "B")], 6, num_steps, obs)
+    halves = SimpleNamespace(halves=[ScriptedHalf(lengths[0], log, "A"), ScriptedHalf(lengths[1], log, "B")])
+    overlapped = rollout_of(ppo.collect_rollout_overlapped, halves, 6, num_steps, obs)
     assert_same_rollouts(overlapped, plain)
     # each half's game step (async -> wait) spans the other half's policy step (its wait -> async)
     turn = [("A", "wait"), ("A", "async"), ("B", "wait"), ("B", "async")]
@@ -235,7 +247,8 @@ def test_env_halves_continue_the_same_procgen_games_stepped_in_turn():
     try:
         obs = [torch.from_numpy(e.reset()[0]) for e in envs]
         halves = ppo.EnvHalves(envs[1], lambda num_envs: ppo.make_envs(args, num_envs, 200, seed=99))
-        plain, overlapped = rollout_of([envs[0]], 4, 40, obs[0]), rollout_of(halves.halves, 4, 40, obs[1])
+        plain = rollout_of(ppo.collect_rollout, envs[0], 4, 40, obs[0])
+        overlapped = rollout_of(ppo.collect_rollout_overlapped, halves, 4, 40, obs[1])
         assert_same_rollouts(overlapped, plain)
         assert halves.get_state() == envs[0].get_state()
         frames, _ = halves.set_state(envs[0].get_state())  # as a resumed run: the restored games' frames, frame-last
@@ -246,16 +259,18 @@ def test_env_halves_continue_the_same_procgen_games_stepped_in_turn():
 
 
 # Which switches act where
-def test_speed_plan_turns_everything_on_on_cuda_and_nothing_on_a_cpu(monkeypatch):
+def test_speed_plan_turns_everything_asked_on_on_cuda_and_nothing_on_a_cpu(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not any(ppo.speed_plan(ppo.Args(), cpu).values())
+    on = ppo.Args(bf16=True)  # bf16 is opt-in (issue 21), the other switches are on by default
+    assert not ppo.Args().bf16 and not any(ppo.speed_plan(on, cpu).values())
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert all(ppo.speed_plan(ppo.Args(), cuda).values())
-    assert ppo.speed_plan(ppo.Args(num_envs=63), cuda)["overlap_envs"] is False
+    assert all(ppo.speed_plan(on, cuda).values())
+    assert ppo.speed_plan(ppo.Args(), cuda) == {"bf16": False, "channels_last": True, "overlap_envs": True}
+    assert ppo.speed_plan(ppo.Args(bf16=True, num_envs=63), cuda)["overlap_envs"] is False
     off = ppo.Args(bf16=False, channels_last=False, overlap_envs=False)
     assert not any(ppo.speed_plan(off, cuda).values())
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert ppo.speed_plan(ppo.Args(), cuda)["bf16"] is False
+    assert ppo.speed_plan(on, cuda)["bf16"] is False
 
 
 @pytest.mark.slow
@@ -337,7 +352,7 @@ def test_on_a_cpu_the_switches_do_nothing(plain_run, tmp_path, monkeypatch):
     assert stepped == [4] * 32  # one env of 4, 16 steps x 2 iterations
     assert forward_batches(calls, grad=False) == [4] and forward_batches(calls, grad=True) == [32]
     assert all(call["dtype"] == torch.float32 and not call["weights_channels_last"] for call in calls)
-    for flags in (NO_SWITCHES, ["--micro-batch-size", "32"]):  # explicitly the whole minibatch
+    for flags in (NO_SWITCHES, ["--bf16", "--micro-batch-size", "32"]):  # each off; each on (bf16 is opt-in), one micro-batch
         other, _, _ = train(tmp_path, monkeypatch, *flags)
         assert all(torch.equal(other[name], value) for name, value in weights.items()), flags
 
@@ -357,8 +372,17 @@ def test_main_runs_through_channels_last_overlap_and_micro_batches_when_they_are
 
 
 def test_main_runs_the_network_under_bf16_autocast_when_bf16_is_on(tmp_path, monkeypatch):
+    """Forced on (as on CUDA): every training forward in bfloat16, the update's distribution and losses outside autocast."""
+    autocast_in_loss, real_loss = [], ppo.ppo_loss
+
+    def recording_loss(*args):
+        autocast_in_loss.append(torch.is_autocast_enabled("cpu"))
+        return real_loss(*args)
+
+    monkeypatch.setattr(ppo, "ppo_loss", recording_loss)
     weights, calls, _ = train(tmp_path, monkeypatch, plan={"bf16": True, "channels_last": False, "overlap_envs": False})
     assert {call["dtype"] for call in calls} == {torch.bfloat16}  # rollout, last values and update alike
+    assert autocast_in_loss == [False] * 4  # 2 iterations x 2 minibatches: only the forward inside ppo_loss is autocast
     assert forward_batches(calls, grad=True) == [32]
     assert all(value.dtype == torch.float32 and torch.isfinite(value).all() for value in weights.values())
     assert math.isfinite(sum(value.double().sum().item() for value in weights.values()))

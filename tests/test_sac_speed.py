@@ -118,8 +118,9 @@ def test_foreach_target_update_equals_the_per_parameter_loop():
 
 
 def test_the_speed_switches_apply_only_with_cuda():
-    args = sac.Args()
-    assert (args.tf32, args.cudnn_benchmark, args.bf16, args.channels_last, args.overlap_envs) == (True,) * 5
+    args = sac.Args(bf16=True)  # bf16 is opt-in (issue 21), the other switches are on by default
+    assert (args.tf32, args.cudnn_benchmark, args.channels_last, args.overlap_envs) == (True,) * 4 and not sac.Args().bf16
+    assert sac.speed_switches(sac.Args(), torch.device("cuda")) == (False, torch.channels_last, True)
     assert sac.speed_switches(args, torch.device("cpu")) == (False, torch.contiguous_format, False)
     assert sac.speed_switches(args, torch.device("cuda")) == (True, torch.channels_last, True)
     off = sac.Args(bf16=False, channels_last=False, overlap_envs=False)
@@ -199,15 +200,15 @@ def steps(events):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sac_speed")
-    return {"default": run_main(tmp_path, "default"),
+    return {"default": run_main(tmp_path, "default", "--bf16"),  # every switch on: the defaults and the opt-in bf16
             "off": run_main(tmp_path, "off", "--no-tf32", "--no-cudnn-benchmark", "--no-bf16", "--no-channels-last",
                             "--no-overlap-envs"),
             "forced": run_main(tmp_path, "forced", forced=True)}
 
 
 def test_the_switches_change_nothing_on_a_cpu(runs):
-    """The defaults (every switch on) and every switch off: the same weights, Adam moments and RNG states, and no
-    update while the environment steps."""
+    """Every switch on (the defaults and --bf16) and every switch off: the same weights, Adam moments and RNG states,
+    and no update while the environment steps."""
     default, off = tensors(runs["default"][0]), tensors(runs["off"][0])
     assert default.keys() == off.keys() and len(default) > 100
     assert all(torch.equal(default[key], off[key]) for key in default)

@@ -519,3 +519,24 @@ def test_training_device_is_cuda_only_when_available_and_asked(monkeypatch):
     assert (utils.training_device(asked).type, utils.training_device(refused).type) == ("cuda", "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert utils.training_device(asked).type == "cpu"
+
+
+def test_mixed_precision_is_bf16_autocast_only_when_asked_and_serves_many_entries():
+    layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    plain = utils.mixed_precision(torch.device("cpu"), False)
+    with plain:
+        assert layer(x).dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    ctx = utils.mixed_precision(torch.device("cpu"), True)
+    for _ in range(2):  # one object, entered again and again, leaves autocast off after each
+        with ctx:
+            assert layer(x).dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+        assert not torch.is_autocast_enabled("cpu") and layer(x).dtype == torch.float32
+
+
+def test_within_calls_the_function_inside_the_context_and_returns_its_result():
+    layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    forward = utils.within(utils.mixed_precision(torch.device("cpu"), True), layer)
+    out = forward(x)
+    assert out.dtype == torch.bfloat16 and not torch.is_autocast_enabled("cpu")
+    assert torch.allclose(out.float(), layer(x), atol=0.05)
+    assert torch.equal(utils.within(utils.mixed_precision(torch.device("cpu"), False), layer)(x), layer(x))
