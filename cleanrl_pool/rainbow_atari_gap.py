@@ -287,12 +287,16 @@ class SamePad2d(nn.Module):
         super().__init__()
         self.kernel, self.stride = kernel, stride
 
-    def forward(self, x):
+    def pads(self, x) -> list:
+        """F.pad's (left, right, top, bottom) for x: max((ceil(side / stride) - 1) x stride + kernel - side, 0) per axis."""
         pads = []
         for side in (x.shape[-1], x.shape[-2]):  # F.pad takes the last axis first
             total = max((math.ceil(side / self.stride) - 1) * self.stride + self.kernel - side, 0)
             pads += [total // 2, total - total // 2]
-        return F.pad(x, pads)
+        return pads
+
+    def forward(self, x):
+        return F.pad(x, self.pads(x))
 
 def nature_encoder(in_channels: int, width: int) -> nn.Sequential:
     """Mnih et al. 2015, SAME padding as Dopamine's Flax network (the GAP paper's): 84x84 -> 11x11x64, 7,744
@@ -316,21 +320,13 @@ class ResidualBlock(nn.Module):
         return x + self.conv1(self.relu1(self.conv0(self.relu0(x))))
 
 
-class SameMaxPool2d(nn.Module):
-    """Flax's max_pool(padding="SAME") of Dopamine's Impala `Stack`: -inf padding of total max((ceil(side / stride) - 1)
-    x stride + kernel - side, 0), the odd pixel after: 0 before and 1 after at 84 and 42 (PyTorch's MaxPool2d(3, 2,
-    padding=1) pads 1 before, which moves every window one pixel up and left), 1 and 1 at 21; side ceil(side / stride)."""
-
-    def __init__(self, kernel: int, stride: int):
-        super().__init__()
-        self.kernel, self.stride = kernel, stride
+class SameMaxPool2d(SamePad2d):
+    """Flax's max_pool(padding="SAME") of Dopamine's Impala `Stack`: SamePad2d's padding, of -inf, the odd pixel after:
+    0 before and 1 after at 84 and 42 (PyTorch's MaxPool2d(3, 2, padding=1) pads 1 before, which moves every window one
+    pixel up and left), 1 and 1 at 21; side ceil(side / stride)."""
 
     def forward(self, x):
-        pads = []
-        for side in (x.shape[-1], x.shape[-2]):  # F.pad takes the last axis first
-            total = max((math.ceil(side / self.stride) - 1) * self.stride + self.kernel - side, 0)
-            pads += [total // 2, total - total // 2]
-        return F.max_pool2d(F.pad(x, pads, value=-math.inf), self.kernel, self.stride)
+        return F.max_pool2d(F.pad(x, self.pads(x), value=-math.inf), self.kernel, self.stride)
 
 
 def impala_encoder(in_channels: int, width: int, blocks: int) -> nn.Sequential:

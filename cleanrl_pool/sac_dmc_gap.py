@@ -227,12 +227,16 @@ class SamePad2d(nn.Module):
         super().__init__()
         self.kernel, self.stride = kernel, stride
 
-    def forward(self, x):
+    def pads(self, x) -> list:
+        """F.pad's (left, right, top, bottom) for x: max((ceil(side / stride) - 1) x stride + kernel - side, 0) per axis."""
         pads = []
         for side in (x.shape[-1], x.shape[-2]):  # F.pad takes the last axis first
             total = max((math.ceil(side / self.stride) - 1) * self.stride + self.kernel - side, 0)
             pads += [total // 2, total - total // 2]
-        return F.pad(x, pads)
+        return pads
+
+    def forward(self, x):
+        return F.pad(x, self.pads(x))
 
 class Encoder(nn.Module):
     """DrQ's conv trunk: four 3x3 convs (strides 2, 1, 1, 1, 32 x width channels, ReLUs) on frames scaled to [0, 1];

@@ -30,7 +30,7 @@ SHARED = {
     "SameMaxPool2d": ("dqn", "rainbow"),
     "make_encoder": ("dqn", "rainbow"),
     "SoftMoE": ("dqn", "rainbow"),
-    "SamePad2d": ("rainbow", "sac"),
+    "SamePad2d": ("dqn", "rainbow", "sac"),
     "stack_frames": ("dqn", "rainbow"),
     "n_step_returns": ("dqn", "rainbow"),
     "gather_batch": ("dqn", "rainbow"),
