@@ -116,7 +116,7 @@ def check_memory(need_bytes: int, device: torch.device, what: str):
              f"{free / 2**30:.1f} GiB free")
 
 
-# Seeding and RNG state
+# Seeding and RNG state, the training device, mixed precision
 def seed_everything(seed: int, torch_deterministic: bool):
     random.seed(seed)
     np.random.seed(seed)
