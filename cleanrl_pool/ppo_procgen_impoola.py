@@ -27,8 +27,8 @@ import utils
 SCRIPT = os.path.basename(__file__)
 ARCHITECTURE_FLAGS = ("env_id", "pool", "width", "dense_scale", "resolution", "num_envs", "distribution_mode")
 # Flags of this script that do not change what is trained (bookkeeping, speed switches): --resume auto ignores them
-RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"final_eval_episodes", "eval_num_envs", "bf16",
-                                             "channels_last", "micro_batch_size", "overlap_envs"}
+RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"final_eval_episodes", "eval_num_envs", "channels_last", "micro_batch_size",
+                                             "overlap_envs"}
 
 
 # Args

@@ -645,7 +645,8 @@ def mask_update_schedule(args) -> tuple:
 
 def is_mask_update(method: str, update: int, first: int, last: int, every: int) -> bool:
     """Whether the masks change at this gradient update: JaxPruner's PeriodicSchedule (sparsity_schedules.py:53-70),
-    every `every` updates from `first` to `last`, and pruning also at `last` itself, so that it ends at its target."""
+    every `every` updates from `first` to `last`; pruning also at `last` itself (ours, not JaxPruner's), so that a run
+    whose `last` is no multiple of `every` still ends at its target."""
     if method not in ("prune", "rigl"):
         return False
     return (first <= update <= last and update % every == 0) or (method == "prune" and update == last)
@@ -1063,7 +1064,8 @@ def main():
         utils.set_rng_state(checkpoint["rng"])
         run.resumed()
     online_masked, target_masked = masked_pairs(q_network, masks), masked_pairs(target_network, masks)
-    apply_masks(online_masked + target_masked)  # sparse from initialisation (JaxPruner: from after the first step)
+    # sparse from initialisation (JaxPruner: from after the first step); a resumed target keeps its weights until a sync
+    apply_masks(online_masked + ([] if checkpoint else target_masked))
     run.log_parameter_counts(utils.parameter_counts(q_network))
     q_forward = torch.compile(q_network) if args.compile else q_network
     target_forward = torch.compile(target_network) if args.compile else target_network

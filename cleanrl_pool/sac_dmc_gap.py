@@ -39,7 +39,7 @@ SCRIPT = os.path.basename(__file__)
 ARCHITECTURE_FLAGS = ("env_id", "pool", "width", "dense_scale", "resolution", "frame_stack", "feature_dim", "hidden_dim",
                       "padding")
 # Flags of this script that do not change what is trained (bookkeeping, speed switches): --resume auto ignores them
-RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"save_buffer", "log_every", "bf16", "channels_last", "overlap_envs"}
+RUN_NEUTRAL_FLAGS = utils.RUN_NEUTRAL_FLAGS | {"save_buffer", "log_every", "channels_last", "overlap_envs"}
 
 
 # Args
