@@ -246,11 +246,11 @@ def resolve_run(args, neutral_flags=RUN_NEUTRAL_FLAGS):
     check_writable_folder("runs-dir", args.runs_dir)
     fresh = run_prefix(args) + str(int(time.time()))
     if args.resume == "auto":
-        wanted, orphan = training_config(asdict(args), neutral_flags), None
+        wanted, defaults, orphan = training_config(asdict(args), neutral_flags), flag_defaults(args), None
         for run_dir in sorted(glob.glob(glob.escape(run_prefix(args)) + "*"), reverse=True):
             try:
                 with open(os.path.join(run_dir, "config.json")) as f:
-                    same = training_config({**flag_defaults(args), **json.load(f)}, neutral_flags) == wanted
+                    same = training_config({**defaults, **json.load(f)}, neutral_flags) == wanted
             except (OSError, ValueError):
                 continue
             checkpoint, finished = latest_checkpoint(run_dir), os.path.exists(os.path.join(run_dir, "final.pt"))
@@ -390,8 +390,9 @@ def load_checkpoint(path: str, script: str, args, architecture_flags) -> dict:
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         fail(f"--resume {path!r} was written by an older {script} (checkpoint format {checkpoint.get('format', 1)}, "
              f"this one reads {CHECKPOINT_FORMAT}): start a new run")
+    defaults = flag_defaults(args)
     for flag in architecture_flags:
-        saved, asked = checkpoint["args"].get(flag, flag_defaults(args).get(flag)), getattr(args, flag)
+        saved, asked = checkpoint["args"].get(flag, defaults.get(flag)), getattr(args, flag)
         if saved != asked:
             fail(f"--resume {path!r} was trained with --{flag.replace('_', '-')} {saved!r}, this run asks for {asked!r}")
     return checkpoint
@@ -738,12 +739,16 @@ def saliency_image(gradient: torch.Tensor) -> torch.Tensor:
     return (saliency - low) / (high - low + 1e-12)
 
 
-def parameter_counts(network) -> dict:
-    """Weights per part (CONVENTIONS) of a network made of `encoder` (the conv trunk), `bottleneck` (the join and the
-    dense layer after it) and heads (its other parts)."""
+def network_parts(network) -> dict:
+    """The parts (CONVENTIONS) of a network made of `encoder` (the conv trunk), `bottleneck` (the join and the dense
+    layer after it) and heads (its other parts): {part: its modules}."""
     heads = [module for name, module in network.named_children() if name not in ("encoder", "bottleneck")]
-    return {"encoder": parameter_count(network.encoder), "bottleneck": parameter_count(network.bottleneck),
-            "head": parameter_count(*heads)}
+    return {"encoder": [network.encoder], "bottleneck": [network.bottleneck], "head": heads}
+
+
+def parameter_counts(network) -> dict:
+    """Weights per part of the network (`network_parts`)."""
+    return {part: parameter_count(*modules) for part, modules in network_parts(network).items()}
 
 
 @torch.no_grad()
@@ -751,9 +756,8 @@ def sparsity_diagnostics(network) -> dict:
     """Per part (as `parameter_counts`), as TensorBoard tags: `diag/sparsity/{part}`, the fraction of zero weights
     among its weights of more than one dimension (those sparse training can mask), and `diag/params/{part}_effective`,
     its parameters less those zero weights (the GAP paper's effective parameters)."""
-    heads = [module for name, module in network.named_children() if name not in ("encoder", "bottleneck")]
     tags = {}
-    for part, modules in {"encoder": [network.encoder], "bottleneck": [network.bottleneck], "head": heads}.items():
+    for part, modules in network_parts(network).items():
         weights = [p for module in modules for p in module.parameters() if p.ndim > 1]
         zeros = int(torch.stack([(weight == 0).sum() for weight in weights]).sum()) if weights else 0
         tags[f"diag/sparsity/{part}"] = zeros / max(sum(weight.numel() for weight in weights), 1)
@@ -774,7 +778,7 @@ def network_diagnostics(network, obs, threshold: float) -> dict:
     def recorder(part, record_input=False):
         return lambda module, inputs, output: activations[part].append(inputs[0] if record_input else output)
 
-    heads = [module for name, module in network.named_children() if name not in ("encoder", "bottleneck")]
+    heads = network_parts(network)["head"]
     relus = [module for module in network.encoder.modules() if isinstance(module, torch.nn.ReLU)]
     hooks = [relu.register_forward_hook(recorder("encoder")) for relu in relus]
     hooks.append(network.bottleneck.dense.register_forward_hook(recorder("pooled", record_input=True)))
