@@ -38,6 +38,11 @@ RUNS = {
     "dqn": ("dqn_atari_gap.py", ATARI + ["--n-step", "3", "--double"], (200, ["--total-timesteps", "500"])),
     "rainbow": ("rainbow_atari_gap.py", ATARI + ["--iteration-steps", "200"], (200, ["--total-timesteps", "500"])),
     "rainbow_der": ("rainbow_atari_gap.py", ["--preset", "der", "--encoder", "impala", "--dense-scale", "2"] + ATARI, None),
+    # sparse training's mask updates (outside the captured learner step) and their resume
+    "dqn_rigl": ("dqn_atari_gap.py", ATARI + ["--pool", "avg", "--sparsity-method", "rigl", "--mask-update-every", "10"],
+                 (200, [])),
+    "rainbow_prune": ("rainbow_atari_gap.py", ATARI + ["--iteration-steps", "200", "--sparsity-method", "prune",
+                                                       "--mask-update-every", "10"], (200, [])),
     "sac": ("sac_dmc_gap.py", SAC + ["--pool", "avg", "--reward-scale", "0.5"], (125, ["--total-timesteps", "300"])),
     "sac_dopamine": ("sac_dmc_gap.py", ["--preset", "dopamine"] + SAC, (125, ["--total-timesteps", "300"])),
 }

@@ -651,10 +651,7 @@ def main():
              speed_switches=", ".join(name for name, on in fast.items() if on) or "none")
 
     # set-up
-    utils.seed_everything(args.seed, args.torch_deterministic)
-    utils.configure_cuda(args, device)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    utils.set_up(args, device)  # seeds, CUDA switches, CPU threads
     envs = make_envs(args, args.num_envs, args.num_levels, args.seed)
     next_obs_np, _ = envs.reset()
     play_rollout = collect_rollout
@@ -678,8 +675,7 @@ def main():
         next_obs_np, _ = envs.set_state(checkpoint["env_states"])
         next_done = checkpoint["next_done"].to(device)
         episodes = {key: value.numpy().copy() for key, value in checkpoint["episodes"].items()}
-        utils.set_rng_state(checkpoint["rng"])
-        run.resumed()
+        run.resumed()  # and the random streams
     next_obs = torch.from_numpy(next_obs_np).to(device)
     run.log_parameter_counts(utils.parameter_counts(agent))
 

@@ -1039,10 +1039,7 @@ def main():
     run.open(device, replay=f"{replay_gib:.2f} GiB")
 
     # set-up
-    utils.seed_everything(args.seed, args.torch_deterministic)
-    utils.configure_cuda(args, device)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    utils.set_up(args, device)  # seeds, CUDA switches, CPU threads
     env_seed = args.seed + global_step  # a resumed run cannot restore the emulators: it restarts the games
     envs = make_env(args, args.num_envs, env_seed)
     eval_envs = make_env(args, args.eval_episodes, env_seed + 1_000_000, for_evaluation=True)
@@ -1061,8 +1058,7 @@ def main():
             mask.copy_(checkpoint["sparsity_masks"][mask_name])
         update_count, update_credit = checkpoint["update_count"], checkpoint["update_credit"]
         iteration_returns = list(checkpoint.get("iteration_returns", []))
-        utils.set_rng_state(checkpoint["rng"])
-        run.resumed()
+        run.resumed()  # and the random streams
     online_masked, target_masked = masked_pairs(q_network, masks), masked_pairs(target_network, masks)
     # sparse from initialisation (JaxPruner: from after the first step); a resumed target keeps its weights until a sync
     apply_masks(online_masked + ([] if checkpoint else target_masked))

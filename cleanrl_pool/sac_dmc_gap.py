@@ -855,12 +855,9 @@ def main():
         utils.echo("warning: --cheap-visuals-for-tests: no shadows or anti-aliasing, not the benchmark's pictures")
 
     # set-up
-    utils.seed_everything(args.seed, args.torch_deterministic)
-    utils.configure_cuda(args, device)
+    utils.set_up(args, device)  # seeds, CUDA switches, CPU threads
     bf16, memory_format, overlap_envs = speed_switches(args, device)
     ctx = utils.mixed_precision(device, bf16)  # bf16 autocast around the losses: networks in bfloat16, their outputs float32
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
     env, eval_env = make_envs(args, args.seed + global_step)  # a resumed run cannot restore the simulators: new episodes
     action_dim = env[0].action_space.shape[0]
     encoder, actor, critic = make_networks(args, obs_shape[0], action_dim, device, memory_format)
@@ -873,8 +870,7 @@ def main():
         if "replay" in checkpoint:
             replay = {key: value.to(device) for key, value in checkpoint["replay"].items()}
             replay_position, replay_size = checkpoint["replay_position"], checkpoint["replay_size"]
-        utils.set_rng_state(checkpoint["rng"])
-        run.resumed()
+        run.resumed()  # and the random streams
     run.log_parameter_counts(parameter_counts(encoder, actor, critic))
     losses = tuple(utils.within(ctx, torch.compile(fn) if args.compile else fn)  # each call inside the context
                    for fn in (critic_loss, actor_and_temperature_losses))

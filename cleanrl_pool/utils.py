@@ -124,6 +124,15 @@ def seed_everything(seed: int, torch_deterministic: bool):
     torch.backends.cudnn.deterministic = torch_deterministic
 
 
+def set_up(args, device: torch.device):
+    """What every run does before it builds anything: seed Python, NumPy and torch, set the CUDA switches
+    (configure_cuda) and torch's CPU threads (`--torch-threads`, 0 = torch's default)."""
+    seed_everything(args.seed, args.torch_deterministic)
+    configure_cuda(args, device)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+
+
 def training_device(args) -> torch.device:
     """CUDA when it is available and `--cuda` (the default), else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -436,6 +445,8 @@ class Run:
         self.writer = start_run(self.args, self.dir, purge_step=self.step if self.checkpoint else None)
 
     def resumed(self):
+        """Continue the checkpoint's random streams (after all the set-up's draws) and say so."""
+        set_rng_state(self.checkpoint["rng"])
         echo(f"resumed from {self.checkpoint_file} at step {self.step}")
 
     def log_parameter_counts(self, counts: dict):
