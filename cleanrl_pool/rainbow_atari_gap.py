@@ -543,6 +543,17 @@ def make_learner(args, num_actions: int, device):
     return q_network, target_network, optimizer
 
 
+def load_learner(checkpoint: dict, q_network, target_network, optimizer, masks: dict) -> tuple:
+    """A checkpoint's networks, Adam and sparsity masks, in place; returns its counters (update_count,
+    update_credit, iteration_returns)."""
+    q_network.load_state_dict(checkpoint["q_network"])
+    target_network.load_state_dict(checkpoint["target_network"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for mask_name, mask in masks.items():
+        mask.copy_(checkpoint["sparsity_masks"][mask_name])
+    return checkpoint["update_count"], checkpoint["update_credit"], list(checkpoint.get("iteration_returns", []))
+
+
 def learner_step(q_network, target_network, optimizer, replay: dict, support, args, masked=(), step: bool = True):
     """One update: a prioritised batch, the importance-weighted mean cross-entropy, one gradient step, then the
     sampled leaves get priority loss ** priority_exponent (Dopamine: sqrt(loss + 1e-10)) and the running maximum,
@@ -709,6 +720,53 @@ def sparse_training(args, updates: tuple):
         return None
     return {"method": args.sparsity_method, "sparsity": args.sparsity, "scope": args.sparsity_scope,
             "distribution": args.sparsity_distribution, "mask_updates": list(updates), "drop_fraction": args.drop_fraction}
+
+
+def check_resumed_sparsity(checkpoint, checkpoint_file: str, args):
+    """Refuse (exit 2) to resume a checkpoint whose sparse training is not the one this run asks for."""
+    asked = sparse_training(args, mask_update_schedule(args))
+    if checkpoint and checkpoint.get("sparse_training") != asked:
+        utils.fail(f"--resume {checkpoint_file!r} was trained with sparse training {checkpoint.get('sparse_training')}, "
+                   f"this run asks for {asked}")
+
+
+class SparseTraining:
+    """A run's sparse training (none with --sparsity-method none): the masks and each tensor's target sparsity
+    (make_masks), the schedule of the mask updates, the online and the target weights they mask."""
+
+    def __init__(self, args, q_network, target_network):
+        self.args, self.q_network = args, q_network
+        self.masks, self.sparsities = make_masks(q_network, args)  # {} without sparse training
+        self.schedule = mask_update_schedule(args)  # (first, last, every) gradient update of the mask updates
+        self.online, self.target = masked_pairs(q_network, self.masks), masked_pairs(target_network, self.masks)
+
+    def start(self, resumed: bool):
+        """Sparse from initialisation (JaxPruner: from after the first step); a resumed target keeps its weights until
+        the next sync, as in the run it continues."""
+        apply_masks(self.online + ([] if resumed else self.target))
+
+    def update(self, update: int, learner_step, dense_gradients, optimizer):
+        """Gradient update number `update` with the masks that change at it, outside a captured step: before the learner
+        step from the weights (prune: the step masks them after it), or instead of it from the dense gradients that
+        `dense_gradients` leaves in `.grad` (RigL). Returns the step's (loss, mean Q)."""
+        if not is_mask_update(self.args.sparsity_method, update, *self.schedule):
+            return learner_step()
+        if self.args.sparsity_method == "prune":
+            prune_masks_(self.masks, self.q_network, self.sparsities, update, *self.schedule[:2])
+            return learner_step()
+        outputs = dense_gradients()
+        rigl_masks_(self.masks, self.q_network, optimizer, rigl_drop_fraction(self.args.drop_fraction, update,
+                                                                              self.schedule[1]))
+        return outputs
+
+    def sync_target(self):
+        """The target, just synced, as sparse as the online network (whatever the sync's rate)."""
+        apply_masks(self.target)
+
+    def checkpoint_state(self) -> dict:
+        if not self.masks:
+            return {}
+        return {"sparse_training": sparse_training(self.args, self.schedule), "sparsity_masks": self.masks}
 
 
 def soft_update(target, online, rate: float):
@@ -975,7 +1033,77 @@ def evaluate(q_function, eval_envs, epsilon: float, num_actions: int, device, ca
     return returns, video
 
 
-# Main: check the flags, then train
+def log_evaluation(run, step: int, q_network, q_function, eval_envs, args, device):
+    """Evaluate without the NoisyNet noise (one whole game per evaluation environment) and log the mean return, its
+    human-normalised score and, with --capture-video, the first game."""
+    q_network.eval()  # the NoisyNet layers act on their means
+    returns, video = evaluate(q_function, eval_envs, args.eval_epsilon, eval_envs.action_space.n, device,
+                              args.capture_video)
+    q_network.train()
+    normalized = utils.atari_human_normalized_score(args.env_id, returns.mean())
+    normalized = {} if normalized is None else {"eval/normalized_score": normalized}
+    run.log(step, {"eval/return": returns.mean(), **normalized})
+    if video is not None:
+        run.save_video(f"eval_step_{step:012d}.gif", video)
+
+
+def log_diagnostics(run, step: int, q_network, support, obs, args, sparse: bool):
+    """The network's diagnostics on recent observations without the NoisyNet noise (utils.network_diagnostics; with
+    sparse training, the sparsities), and the saliency and Grad-CAM of the expected Q(s, a*) on four of them."""
+    q_network.eval()
+    diagnostics = utils.network_diagnostics(q_network, obs, args.dormant_threshold)
+    for tag, value in {**diagnostics, **(utils.sparsity_diagnostics(q_network) if sparse else {})}.items():
+        run.writer.add_scalar(tag, value, step)
+    run.writer.add_images("images/saliency", utils.q_saliency(expected_q(q_network, support), obs[:4]), step)
+    grad_cam = utils.grad_cam(q_network.encoder,
+                              lambda features: q_values(q_network.head(q_network.bottleneck(features)), support),
+                              obs[:4].float() / 255.0)  # expected Q(s, a*) from the feature map the join reads
+    run.writer.add_images("images/grad_cam", grad_cam, step)
+    q_network.zero_grad(set_to_none=True)
+    q_network.train()
+
+
+# Main: the loop's device steps, the flags' check, then train
+def device_steps(args, q_forward, target_forward, optimizer, replay: dict, support, sparse, num_actions: int, device):
+    """The loop's device work, on tensors that stay in place: `act` (epsilon-greedy a_t from o_t, which is stored
+    at slot buffer_time), `store` (the staged step into the replay) and `learn` (one gradient update; sparse
+    training's mask updates run outside it: SparseTraining.update). With --cuda-graphs on CUDA each is captured as
+    a CUDA graph at this one point and replayed at every call (LeanRL's habit)."""
+    captured = args.cuda_graphs and device.type == "cuda"
+    q_function = expected_q(q_forward, support)
+    newest_slot = torch.zeros((), dtype=torch.long, device=device)  # buffer_time: the slot of o_t
+    epsilon_now = torch.ones((), device=device)  # the captured acting's epsilon
+    actions_now = torch.zeros(args.num_envs, dtype=torch.long, device=device)  # a_t
+    episode_done = torch.zeros(args.num_envs, dtype=torch.bool, device=device)  # did the last step end a game
+
+    def act_greedy(obs, epsilon):  # epsilon-greedy on the staged observations, into actions_now
+        actions_now.copy_(select_actions(q_function, obs, epsilon, num_actions))
+
+    def store(actions, rewards, terminated, truncated, elapsed_step, next_obs):  # the staged step, into the replay
+        done = store_env_step(replay, newest_slot, actions, rewards, terminated, truncated,
+                              {"elapsed_step": elapsed_step}, next_obs, episode_done, args.n_step, args.frame_stack)
+        episode_done.copy_(done)
+
+    def update(step: bool = True):  # one learner step on tensors that stay in place (step=False: gradients only)
+        return learner_step(q_forward, target_forward, optimizer, replay, support, args, sparse.online, step=step)
+
+    graphed_act, graphed_store, graphed_update = act_greedy, store, update
+    if captured:  # each of the three a CUDA graph, replayed at every call
+        graphed_act, graphed_store, graphed_update = (utils.CapturedStep(act_greedy, "acting"),
+                                                      utils.CapturedStep(store, "store"),
+                                                      utils.CapturedStep(update, "learner step"))
+
+    def act(obs, epsilon: float, buffer_time: int):
+        newest_slot.fill_(buffer_time)
+        graphed_act(obs, epsilon_now.fill_(epsilon) if captured else epsilon)
+        return actions_now
+
+    def learn(update_count: int):
+        return sparse.update(update_count, graphed_update, lambda: update(step=False), optimizer)
+
+    return act, graphed_store, learn
+
+
 def check_args(args):
     """Refuse bad input with one line (exit 2) before any work."""
     if utils.atari_game(args.env_id) not in utils.atari_games():
@@ -1026,16 +1154,13 @@ def main():
     # derived values
     replay_capacity = args.buffer_size // args.num_envs  # slots per environment
     replay_gib = args.num_envs * replay_capacity * args.resolution**2 / 2**30  # uint8 frames
-    sparse_schedule = mask_update_schedule(args)  # (first, last, every) gradient update of the mask updates
     device = utils.training_device(args)
     run = utils.Run(args, SCRIPT, RUN_NEUTRAL_FLAGS, ARCHITECTURE_FLAGS)  # the run folder, and the checkpoint to resume
     checkpoint, global_step = run.checkpoint, run.step
-    if checkpoint and checkpoint.get("sparse_training") != sparse_training(args, sparse_schedule):
-        utils.fail(f"--resume {run.checkpoint_file!r} was trained with sparse training {checkpoint.get('sparse_training')}, "
-                   f"this run asks for {sparse_training(args, sparse_schedule)}")
-    resumed_replay = None  # (replay, buffer_time) beside the newest checkpoint, if this is it
-    if checkpoint:
-        resumed_replay = utils.load_saved_replay(run.checkpoint_file, global_step, args.num_envs, replay_capacity, device)
+    check_resumed_sparsity(checkpoint, run.checkpoint_file, args)
+    # (replay, buffer_time) saved beside the newest checkpoint, if this is it
+    resumed_replay = checkpoint and utils.load_saved_replay(run.checkpoint_file, global_step, args.num_envs,
+                                                            replay_capacity, device)
     run.open(device, replay=f"{replay_gib:.2f} GiB")
 
     # set-up
@@ -1046,91 +1171,43 @@ def main():
     num_actions = envs.action_space.n
     support = torch.linspace(args.v_min, args.v_max, args.num_atoms, device=device)
     q_network, target_network, optimizer = make_learner(args, num_actions, device)
-    masks, sparsities = make_masks(q_network, args)  # {} without sparse training
+    sparse = SparseTraining(args, q_network, target_network)  # nothing to do without --sparsity-method
     replay, buffer_time = resumed_replay or (make_replay(args.num_envs, replay_capacity, args.resolution, device), 0)
     update_count, update_credit = 0, 0
     iteration_returns = []  # whole-game returns of the training games that ended in this iteration (Dopamine's statistic)
     if checkpoint:
-        q_network.load_state_dict(checkpoint["q_network"])
-        target_network.load_state_dict(checkpoint["target_network"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        for mask_name, mask in masks.items():
-            mask.copy_(checkpoint["sparsity_masks"][mask_name])
-        update_count, update_credit = checkpoint["update_count"], checkpoint["update_credit"]
-        iteration_returns = list(checkpoint.get("iteration_returns", []))
+        update_count, update_credit, iteration_returns = load_learner(checkpoint, q_network, target_network, optimizer,
+                                                                      sparse.masks)
         run.resumed()  # and the random streams
-    online_masked, target_masked = masked_pairs(q_network, masks), masked_pairs(target_network, masks)
-    # sparse from initialisation (JaxPruner: from after the first step); a resumed target keeps its weights until a sync
-    apply_masks(online_masked + ([] if checkpoint else target_masked))
+    sparse.start(resumed=bool(checkpoint))
     run.log_parameter_counts(utils.parameter_counts(q_network))
     q_forward = torch.compile(q_network) if args.compile else q_network
     target_forward = torch.compile(target_network) if args.compile else target_network
-    q_function = expected_q(q_forward, support)
-    stage = utils.HostStaging(device, args.pinned_staging and device.type == "cuda")
-    captured = args.cuda_graphs and device.type == "cuda"
-    # the device tensors the steps below read and write in place (what a captured graph needs)
-    newest_slot = torch.zeros((), dtype=torch.long, device=device)  # buffer_time: the slot of o_t
-    epsilon_now = torch.ones((), device=device)  # the captured acting's epsilon
-    actions_now = torch.zeros(args.num_envs, dtype=torch.long, device=device)  # a_t
-    episode_done = torch.zeros(args.num_envs, dtype=torch.bool, device=device)  # did the last step end a game
-
-    def act(obs, epsilon):  # epsilon-greedy on the staged observations, into actions_now
-        actions_now.copy_(select_actions(q_function, obs, epsilon, num_actions))
-
-    def store(actions, rewards, terminated, truncated, elapsed_step, next_obs):  # the staged step, into the replay
-        done = store_env_step(replay, newest_slot, actions, rewards, terminated, truncated,
-                              {"elapsed_step": elapsed_step}, next_obs, episode_done, args.n_step, args.frame_stack)
-        episode_done.copy_(done)
-
-    def update():  # one learner step on tensors that stay in place
-        return learner_step(q_forward, target_forward, optimizer, replay, support, args, online_masked)
-
-    if captured:  # each of the three a CUDA graph, replayed at every call
-        act, store, update = (utils.CapturedStep(act, "acting"), utils.CapturedStep(store, "store"),
-                              utils.CapturedStep(update, "learner step"))
-
-    def mask_update():  # masks that change at this update, outside the captured step: before it (prune), instead (RigL)
-        if args.sparsity_method == "prune":  # from the weights before the step, which masks them after it
-            prune_masks_(masks, q_network, sparsities, update_count, *sparse_schedule[:2])
-            return update()
-        outputs = learner_step(q_forward, target_forward, optimizer, replay, support, args, online_masked, step=False)
-        rigl_masks_(masks, q_network, optimizer, rigl_drop_fraction(args.drop_fraction, update_count, sparse_schedule[1]))
-        return outputs
-
-    def checkpoint_payload():
-        sparse = {"sparse_training": sparse_training(args, sparse_schedule), "sparsity_masks": masks} if masks else {}
-        return utils.checkpoint_payload(SCRIPT, args, global_step, q_network=q_network.state_dict(),
-                                        target_network=target_network.state_dict(), optimizer=optimizer.state_dict(),
-                                        update_count=update_count, update_credit=update_credit,
-                                        iteration_returns=list(iteration_returns), **sparse)
-
+    act, store, learn = device_steps(args, q_forward, target_forward, optimizer, replay, support, sparse, num_actions,
+                                     device)
+    stage = utils.HostStaging(device, args.pinned_staging and device.type == "cuda")  # one device buffer per name
     loss_total, q_total = torch.zeros((), device=device), torch.zeros((), device=device)  # summed since the last log
 
     def finite_flag():  # on the device: are the losses since the last check (their sum), the weights and Adam's moments finite
         return utils.finite_flag(loss_total, q_network, optimizer)
 
-    def run_evaluation():
-        q_network.eval()  # the NoisyNet layers act on their means
-        returns, video = evaluate(q_function, eval_envs, args.eval_epsilon, num_actions, device, args.capture_video)
-        q_network.train()
-        normalized = utils.atari_human_normalized_score(args.env_id, returns.mean())
-        normalized = {} if normalized is None else {"eval/normalized_score": normalized}
-        run.log(global_step, {"eval/return": returns.mean(), **normalized})
-        if video is not None:
-            run.save_video(f"eval_step_{global_step:012d}.gif", video)
+    def checkpoint_payload():
+        return utils.checkpoint_payload(SCRIPT, args, global_step, q_network=q_network.state_dict(),
+                                        target_network=target_network.state_dict(), optimizer=optimizer.state_dict(),
+                                        update_count=update_count, update_credit=update_credit,
+                                        iteration_returns=list(iteration_returns), **sparse.checkpoint_state())
 
     # training loop
     obs, info = envs.reset()
-    obs_device = stage("obs", obs)  # the same device buffer at every step (HostStaging)
+    obs_device = stage("obs", obs)
     buffer_time = store_reset(replay, buffer_time, obs_device, info, args.n_step, args.frame_stack)
     episode_return = np.zeros(args.num_envs)
     logged_updates = update_count
     run.start_clock(global_step)
     while global_step < args.total_timesteps:
         epsilon = dopamine_epsilon(args, global_step)
-        newest_slot.fill_(buffer_time)
-        act(obs_device, epsilon_now.fill_(epsilon) if captured else epsilon)
-        envs.send(actions_now.cpu().numpy())  # the step's one host sync; the emulators step while the learner updates
+        actions = act(obs_device, epsilon, buffer_time)
+        envs.send(actions.cpu().numpy())  # the step's one host sync; the emulators step while the learner updates
         previous_step = global_step
         global_step += args.num_envs
 
@@ -1140,19 +1217,18 @@ def main():
             update_credit += args.num_envs
             while update_credit >= args.train_frequency:
                 update_credit -= args.train_frequency
-                masks_change = is_mask_update(args.sparsity_method, update_count, *sparse_schedule)
-                loss, mean_q = mask_update() if masks_change else update()
+                loss, mean_q = learn(update_count)
                 update_count += 1
                 loss_total += loss
                 q_total += mean_q
             if utils.crossed(previous_step, global_step, args.target_network_frequency):
                 soft_update(target_network, q_network, 1.0)  # Dopamine copies the online network
-                apply_masks(target_masked)  # the target is as sparse as the online network, whatever the rate
+                sparse.sync_target()
 
         # store the step taken from o_t; an auto-reset step (after an episode end) is never a transition
         next_obs, rewards, terminated, truncated, info = envs.recv()
         obs_device = stage("obs", next_obs)
-        store(actions_now, *stage.env_step(rewards, terminated, truncated, info), obs_device)
+        store(actions, *stage.env_step(rewards, terminated, truncated, info), obs_device)
         buffer_time += 1
         for game_return, game_length in utils.finished_games(episode_return, info, truncated):
             run.log(global_step, {"charts/episodic_return": game_return, "charts/episodic_length": game_length})
@@ -1177,25 +1253,12 @@ def main():
                 scalars.update({"losses/loss": mean_loss, "losses/q_values": mean_q_value})
                 loss_total.zero_(), q_total.zero_()
             run.log(global_step, scalars)
-
-        # diagnostics on recent observations, without the NoisyNet noise
+        # diagnostics on recent observations, evaluation and checkpoints
         if utils.crossed(previous_step, global_step, args.diag_every):
-            q_network.eval()
             recent = recent_observations(replay, buffer_time, args.diag_batch_size, args.frame_stack)
-            diagnostics = utils.network_diagnostics(q_network, recent, args.dormant_threshold)
-            for tag, value in {**diagnostics, **(utils.sparsity_diagnostics(q_network) if masks else {})}.items():
-                run.writer.add_scalar(tag, value, global_step)
-            run.writer.add_images("images/saliency", utils.q_saliency(expected_q(q_network, support), recent[:4]), global_step)
-            grad_cam = utils.grad_cam(q_network.encoder,
-                                      lambda features: q_values(q_network.head(q_network.bottleneck(features)), support),
-                                      recent[:4].float() / 255.0)  # expected Q(s, a*) from the feature map the join reads
-            run.writer.add_images("images/grad_cam", grad_cam, global_step)
-            q_network.zero_grad(set_to_none=True)
-            q_network.train()
-
-        # evaluation and checkpoints
+            log_diagnostics(run, global_step, q_network, support, recent, args, sparse=bool(sparse.masks))
         if utils.crossed(previous_step, global_step, args.eval_every) and global_step < args.total_timesteps:
-            run_evaluation()
+            log_evaluation(run, global_step, q_network, expected_q(q_forward, support), eval_envs, args, device)
         if utils.crossed(previous_step, global_step, args.save_every):
             run.check_finite(bool(finite_flag()), global_step)
             saved_replay = {"replay": replay, "buffer_time": buffer_time} if args.save_buffer else None
@@ -1204,7 +1267,7 @@ def main():
     # evaluation and saving at the end
     run.progress.close()
     run.check_finite(bool(finite_flag()), global_step)
-    run_evaluation()
+    log_evaluation(run, global_step, q_network, expected_q(q_forward, support), eval_envs, args, device)
     run.finish(checkpoint_payload())
     envs.close()
     eval_envs.close()

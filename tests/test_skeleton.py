@@ -53,6 +53,8 @@ SHARED = {
     "prune_masks_": ("dqn", "rainbow"),
     "rigl_masks_": ("dqn", "rainbow"),
     "sparse_training": ("dqn", "rainbow"),
+    "check_resumed_sparsity": ("dqn", "rainbow"),
+    "SparseTraining": ("dqn", "rainbow"),
 }
 
 SECTIONS = ("Args", "Network", "Algorithm", "Storage", "Environment", "Evaluation", "Main")  # the math before the plumbing
