@@ -49,7 +49,7 @@ def random_policy_returns(config: dict, episodes: int) -> dict:
     uniform = lambda obs: (torch.zeros(len(obs), ppo.procgen_hd.NUM_ACTIONS), None)  # noqa: E731  (logits, value)
     results = {}
     for level_set, num_levels, seed in (("train_levels", args.num_levels, args.seed + 100_000),
-                                        ("test_levels", 0, args.seed + 200_000)):  # as the run's run_evaluation
+                                        ("test_levels", 0, args.seed + 200_000)):  # as the run's log_evaluation
         envs = ppo.make_envs(args, args.eval_num_envs, num_levels, seed)
         returns, _ = ppo.evaluate(uniform, envs, episodes, seed, torch.device("cpu"))
         envs.close()

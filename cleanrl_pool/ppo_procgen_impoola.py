@@ -601,7 +601,44 @@ def saliency_grid(agent: Agent, obs: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat(list(images), dim=1) for images in rows], dim=2).cpu()
 
 
-# Main: check_args, then set-up, the training loop (one iteration: rollout, GAE, update, log), final evaluation
+def log_evaluation(run, step: int, model, num_episodes: int, args, device):
+    """Evaluate `num_episodes` on the training levels and on the full distribution, and log each set's mean return, its
+    normalised score and, with --capture-video, its first game. Fresh games with fixed seeds: every evaluation of a run
+    plays the same levels, so checkpoints compare fairly."""
+    for level_set, num_levels, seed in (("train_levels", args.num_levels, args.seed + 100_000),
+                                        ("test_levels", 0, args.seed + 200_000)):  # test: the full distribution
+        level_envs = make_envs(args, args.eval_num_envs, num_levels, seed)
+        returns, frames = evaluate(model, level_envs, num_episodes, seed, device, args.capture_video)
+        level_envs.close()
+        score = utils.procgen_normalized_score(args.env_id, args.distribution_mode, returns.mean())
+        run.writer.add_scalar(f"eval/{level_set}/return", returns.mean(), step)
+        run.writer.add_scalar(f"eval/{level_set}/normalized_score", score, step)
+        utils.echo(f"step {step}: eval {level_set} return {returns.mean():.2f} (+- {returns.std():.2f}, "
+                   f"{len(returns)} episodes), normalized score {score:.3f}")
+        if frames:
+            run.save_video(f"{level_set}_step_{step:012d}.gif", frames)
+
+
+def log_diagnostics(run, step: int, agent: Agent, obs, args):
+    """The network's diagnostics on recent observations (utils.network_diagnostics, REFERENCE §5), and the saliency of
+    V and of the most likely action's logit on four of them."""
+    for tag, value in utils.network_diagnostics(agent, obs, args.dormant_threshold).items():
+        run.writer.add_scalar(tag, value, step)
+    run.writer.add_image("images/saliency", saliency_grid(agent, obs[:4]), step)
+
+
+# Main: what a resume restores, check_args, then set-up, the training loop (one iteration: rollout, GAE, update, log)
+def load_training_state(checkpoint: dict, agent: Agent, optimizer, reward_normalizer: dict, envs, device) -> tuple:
+    """An exact continuation, in place: the network, Adam, the reward normaliser and the games mid-episode. Returns the
+    games' observations, `next_done` and the running episodes' returns and lengths."""
+    agent.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    reward_normalizer.update({key: value.to(device) for key, value in checkpoint["reward_normalizer"].items()})
+    next_obs_np, _ = envs.set_state(checkpoint["env_states"])
+    episodes = {key: value.numpy().copy() for key, value in checkpoint["episodes"].items()}
+    return next_obs_np, checkpoint["next_done"].to(device), episodes
+
+
 def check_args(args):
     """Every bad input, as one line and exit status 2, before any work (on CUDA, the update's memory:
     resolve_micro_batch_size)."""
@@ -669,12 +706,7 @@ def main():
     next_done = torch.zeros(args.num_envs, device=device)
     episodes = {"return": np.zeros(args.num_envs), "length": np.zeros(args.num_envs, dtype=np.int64)}
     if checkpoint:  # an exact continuation: the games, mid-episode, and every statistic that spans iterations
-        agent.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        reward_normalizer.update({key: value.to(device) for key, value in checkpoint["reward_normalizer"].items()})
-        next_obs_np, _ = envs.set_state(checkpoint["env_states"])
-        next_done = checkpoint["next_done"].to(device)
-        episodes = {key: value.numpy().copy() for key, value in checkpoint["episodes"].items()}
+        next_obs_np, next_done, episodes = load_training_state(checkpoint, agent, optimizer, reward_normalizer, envs, device)
         run.resumed()  # and the random streams
     next_obs = torch.from_numpy(next_obs_np).to(device)
     run.log_parameter_counts(utils.parameter_counts(agent))
@@ -684,21 +716,6 @@ def main():
                                         reward_normalizer={key: value.cpu() for key, value in reward_normalizer.items()},
                                         env_states=envs.get_state(), next_done=next_done.cpu(),
                                         episodes={key: torch.from_numpy(value.copy()) for key, value in episodes.items()})
-
-    def run_evaluation(num_episodes: int):
-        # Fresh games with fixed seeds: every evaluation of a run plays the same levels, so checkpoints compare fairly
-        for level_set, num_levels, seed in (("train_levels", args.num_levels, args.seed + 100_000),
-                                            ("test_levels", 0, args.seed + 200_000)):  # test: the full distribution
-            level_envs = make_envs(args, args.eval_num_envs, num_levels, seed)
-            returns, frames = evaluate(model, level_envs, num_episodes, seed, device, args.capture_video)
-            level_envs.close()
-            score = utils.procgen_normalized_score(args.env_id, args.distribution_mode, returns.mean())
-            run.writer.add_scalar(f"eval/{level_set}/return", returns.mean(), global_step)
-            run.writer.add_scalar(f"eval/{level_set}/normalized_score", score, global_step)
-            utils.echo(f"step {global_step}: eval {level_set} return {returns.mean():.2f} (+- {returns.std():.2f}, "
-                       f"{len(returns)} episodes), normalized score {score:.3f}")
-            if frames:
-                run.save_video(f"{level_set}_step_{global_step:012d}.gif", frames)
 
     # training loop
     run.start_clock(global_step)
@@ -738,19 +755,17 @@ def main():
         # diagnostics on recent observations (REFERENCE §5)
         if utils.crossed(previous_step, global_step, args.diag_every):
             recent = batch["obs"][torch.randperm(batch_size, device=device)[: args.diag_batch_size]]
-            for tag, value in utils.network_diagnostics(agent, recent, args.dormant_threshold).items():
-                run.writer.add_scalar(tag, value, global_step)
-            run.writer.add_image("images/saliency", saliency_grid(agent, recent[:4]), global_step)
+            log_diagnostics(run, global_step, agent, recent, args)
         # evaluation (the last iteration's is the final one below) and checkpoints
         if utils.crossed(previous_step, global_step, args.eval_every) and iteration < num_iterations:
-            run_evaluation(args.eval_episodes)
+            log_evaluation(run, global_step, model, args.eval_episodes, args, device)
         if utils.crossed(previous_step, global_step, args.save_every):
             run.save(global_step, checkpoint_payload())
 
     # evaluation and saving at the end (every iteration's check covered the last state)
     run.progress.close()
     if args.final_eval_episodes:
-        run_evaluation(args.final_eval_episodes)
+        log_evaluation(run, global_step, model, args.final_eval_episodes, args, device)
     run.finish(checkpoint_payload())
     envs.close()
 

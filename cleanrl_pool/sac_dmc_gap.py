@@ -455,14 +455,16 @@ def make_learner(args, encoder, actor, critic, device):
     return parts, log_alpha
 
 
-def load_learner(parts: dict, log_alpha, checkpoint: dict):
-    """make_learner's networks, optimisers and log alpha as a checkpoint holds them. A target actor the checkpoint lacks
-    (it was trained with --target-next-action online_sample) starts as a copy of its actor, and one line says so."""
+def load_learner(checkpoint: dict, parts: dict, log_alpha) -> int:
+    """make_learner's networks, optimisers and log alpha as a checkpoint holds them, in place; returns its update count.
+    A target actor the checkpoint lacks (it was trained with --target-next-action online_sample) starts as a copy of its
+    actor, and one line says so."""
     for name, part in parts.items():
         if name == "target_actor" and name not in checkpoint:
             utils.echo("the checkpoint has no target actor (--target-next-action online_sample): it starts as the actor")
         part.load_state_dict(checkpoint.get(name, checkpoint["actor"]))
     log_alpha.data.copy_(checkpoint["log_alpha"])
+    return checkpoint["update_count"]
 
 
 def learner_step(parts: dict, log_alpha, batch: dict, update_count: int, losses, args, views: int) -> dict:
@@ -584,6 +586,18 @@ def recent_observations(replay: dict, position: int, size: int, count: int):
     return replay["observations"][index]
 
 
+def load_saved_replay(checkpoint_file: str, step: int, buffer_size: int, device):
+    """(replay, position, size) saved beside the checkpoint of `step`, on `device`; None when that checkpoint has none
+    (the run fills its replay again). A replay of another --buffer-size is refused."""
+    saved = utils.load_replay(checkpoint_file, step)
+    if saved is None:
+        return None
+    if len(saved["replay"]["rewards"]) != buffer_size:
+        utils.fail(f"--buffer-size {buffer_size} differs from the {len(saved['replay']['rewards'])} transitions "
+                   f"of the replay saved in {checkpoint_file}; resume with that --buffer-size")
+    return {key: value.to(device) for key, value in saved["replay"].items()}, saved["replay_position"], saved["replay_size"]
+
+
 # Environment: EnvPool's DMC pixels with DrQ's action repeat (a state-only twin sums the rewards)
 DMC_TASKS = {  # --env-id: (EnvPool id, default action repeat, camera)
     # the PlaNet benchmark with DrQ's action repeats
@@ -677,6 +691,8 @@ def make_env(args, num_envs: int, seed: int, base_path: str = ""):
 def make_envs(args, seed: int):
     """The training env and the evaluation env (one environment per evaluation episode); the test-only cheap
     visuals' assets are read when an env is made, so their temporary copy can go right after."""
+    if args.cheap_visuals_for_tests:
+        utils.echo("warning: --cheap-visuals-for-tests: no shadows or anti-aliasing, not the benchmark's pictures")
     with tempfile.TemporaryDirectory() as assets:
         base_path = cheap_visuals_assets(assets) if args.cheap_visuals_for_tests else ""
         return make_env(args, args.num_envs, seed, base_path), make_env(args, args.eval_episodes, seed + 1_000_000, base_path)
@@ -725,6 +741,17 @@ def step_env(env, actions, action_repeat: int):
     """One agent step with DrQ's action repeat, waited for (see `receive_step`)."""
     send_actions(env, actions)
     return receive_step(env, actions, action_repeat)
+
+
+def finished_episodes(episodes: dict, rewards, auto_reset, ended) -> list:
+    """Add a step to each environment's running return and length (EnvPool's reset step is not an agent step); returns
+    (return, length) of each episode that `ended`, whose tallies start again."""
+    episodes["return"] += rewards
+    episodes["length"] += ~auto_reset
+    ended = np.flatnonzero(ended)
+    finished = [(episodes["return"][i], episodes["length"][i]) for i in ended]
+    episodes["return"][ended], episodes["length"][ended] = 0.0, 0
+    return finished
 
 
 # Evaluation: the mean action, one episode per environment; the network's diagnostics
@@ -793,7 +820,49 @@ def value_saliency(encoder, actor, critic, obs) -> torch.Tensor:
     return torch.cat([obs[:, -3:].float() / 255.0, saliency], dim=3)
 
 
-# Main: check the flags, then train
+def log_evaluation(run, step: int, encoder, actor, eval_env, args, device):
+    """Evaluate (one episode per evaluation environment) and log the mean return, its normalised score and, with
+    --capture-video, the first episode."""
+    returns, video = evaluate(encoder, actor, eval_env, args.action_repeat, device, args.capture_video)
+    if video is not None:
+        run.save_video(f"eval_step_{step:012d}.gif", video)
+    run.log(step, {  # DMC: at most a reward of 1 per control step
+        "eval/return": returns.mean(), "eval/normalized_score": returns.mean() / CONTROL_STEPS_PER_EPISODE})
+
+
+def log_diagnostics(run, step: int, encoder, actor, critic, obs, args):
+    """The networks' diagnostics on recent observations (network_diagnostics), and the value saliency of four of them."""
+    for tag, value in network_diagnostics(encoder, actor, critic, obs, args.dormant_threshold).items():
+        run.writer.add_scalar(tag, value, step)
+    run.writer.add_images("images/saliency", value_saliency(encoder, actor, critic, obs[:4]), step)
+
+
+# Main: the learner's losses between logs, check the flags, then train
+LOSS_NAMES = ("qf1_values", "qf2_values", "qf_loss", "actor_loss", "alpha_loss")  # learner_step's, as logged
+
+
+def loss_means(recent_losses: dict) -> dict:
+    """The mean of each loss over the updates since the last log that computed it, on the device."""
+    return {name: torch.stack(values).mean() for name, values in recent_losses.items() if values}
+
+
+def learner_finite(parts: dict, log_alpha, recent_losses: dict) -> torch.Tensor:
+    """On the device: are the losses since the last log (their means), log alpha, every weight and Adam moment finite
+    (the last update may have broken the weights)."""
+    return utils.finite_flag(log_alpha, *parts.values(), *loss_means(recent_losses).values())
+
+
+def learner_scalars(parts: dict, log_alpha, recent_losses: dict) -> tuple:
+    """(learner_finite, the learner's scalars to log: alpha, the learning rate and the losses' means since the last
+    log), read in one host sync."""
+    means = loss_means(recent_losses)
+    finite, alpha, *mean_values = torch.stack([
+        learner_finite(parts, log_alpha, recent_losses), log_alpha.detach().exp().reshape(()),
+        *(mean.float() for mean in means.values())]).tolist()
+    return finite == 1, {"losses/alpha": alpha, "charts/learning_rate": parts["critic_optimizer"].param_groups[0]["lr"],
+                         **{f"losses/{name}": value for name, value in zip(means, mean_values)}}
+
+
 def check_args(args):
     """Refuse bad input with one line (exit 2) before any work: flags, replay memory, a machine without EGL."""
     utils.check_choice("env-id", args.env_id, tuple(DMC_TASKS))
@@ -843,16 +912,11 @@ def main():
     device = utils.training_device(args)
     run = utils.Run(args, SCRIPT, RUN_NEUTRAL_FLAGS, ARCHITECTURE_FLAGS)  # the run folder, and the checkpoint to resume
     checkpoint, global_step = run.checkpoint, run.step
-    if checkpoint:  # the replay saved beside the newest checkpoint, if this is it
-        checkpoint.update(utils.load_replay(run.checkpoint_file, global_step) or {})
-    if checkpoint and "replay" in checkpoint and len(checkpoint["replay"]["rewards"]) != args.buffer_size:
-        utils.fail(f"--buffer-size {args.buffer_size} differs from the {len(checkpoint['replay']['rewards'])} transitions "
-                   f"of the replay saved in {run.checkpoint_file}; resume with that --buffer-size")
+    # (replay, position, size) saved beside the newest checkpoint, if this is it
+    resumed_replay = checkpoint and load_saved_replay(run.checkpoint_file, global_step, args.buffer_size, device)
     run.open(device, agent_steps_per_episode=CONTROL_STEPS_PER_EPISODE // args.action_repeat,
              environment_frames=f"{args.total_timesteps * args.action_repeat:,}",
              replay_gib=round(replay_bytes(args.buffer_size, obs_shape[0], args.resolution) / 2**30, 2))
-    if args.cheap_visuals_for_tests:
-        utils.echo("warning: --cheap-visuals-for-tests: no shadows or anti-aliasing, not the benchmark's pictures")
 
     # set-up
     utils.set_up(args, device)  # seeds, CUDA switches, CPU threads
@@ -862,14 +926,11 @@ def main():
     action_dim = env[0].action_space.shape[0]
     encoder, actor, critic = make_networks(args, obs_shape[0], action_dim, device, memory_format)
     parts, log_alpha = make_learner(args, encoder, actor, critic, device)
-    replay = make_replay(args.buffer_size, obs_shape, action_dim, device)
-    replay_position, replay_size, update_count = 0, 0, 0
+    replay, replay_position, replay_size = resumed_replay or (
+        make_replay(args.buffer_size, obs_shape, action_dim, device), 0, 0)
+    update_count = 0
     if checkpoint:
-        load_learner(parts, log_alpha, checkpoint)
-        update_count = checkpoint["update_count"]
-        if "replay" in checkpoint:
-            replay = {key: value.to(device) for key, value in checkpoint["replay"].items()}
-            replay_position, replay_size = checkpoint["replay_position"], checkpoint["replay_size"]
+        update_count = load_learner(checkpoint, parts, log_alpha)
         run.resumed()  # and the random streams
     run.log_parameter_counts(parameter_counts(encoder, actor, critic))
     losses = tuple(utils.within(ctx, torch.compile(fn) if args.compile else fn)  # each call inside the context
@@ -879,13 +940,7 @@ def main():
         return utils.checkpoint_payload(SCRIPT, args, global_step, update_count=update_count, log_alpha=log_alpha.detach(),
                                         **{name: part.state_dict() for name, part in parts.items()})
 
-    recent_losses = {name: [] for name in ("qf1_values", "qf2_values", "qf_loss", "actor_loss", "alpha_loss")}  # since a log
-
-    def loss_means():  # since the last log
-        return {name: torch.stack(values).mean() for name, values in recent_losses.items() if values}
-
-    def finite_flag(means):  # on the device: are these loss means, every weight and Adam moment finite (the last step
-        return utils.finite_flag(log_alpha, *parts.values(), *means.values())  # may have broken the weights)
+    recent_losses = {name: [] for name in LOSS_NAMES}  # since the last log, on the device
 
     def run_updates(count: int):  # `count` gradient updates on the replay as it is now
         nonlocal update_count
@@ -896,16 +951,9 @@ def main():
             for name, value in updated.items():
                 recent_losses[name].append(value)
 
-    def run_evaluation():
-        returns, video = evaluate(encoder, actor, eval_env, args.action_repeat, device, args.capture_video)
-        if video is not None:
-            run.save_video(f"eval_step_{global_step:012d}.gif", video)
-        run.log(global_step, {  # DMC: at most a reward of 1 per control step
-            "eval/return": returns.mean(), "eval/normalized_score": returns.mean() / CONTROL_STEPS_PER_EPISODE})
-
     # training loop
     obs = torch.as_tensor(reset_env(env), device=device)
-    episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
+    episodes = {"return": np.zeros(args.num_envs), "length": np.zeros(args.num_envs, dtype=int)}
     run.start_clock(global_step)
     deferred_updates = 0  # --overlap-envs: the last step's updates, run while the environment takes the next step
     state_reads = (args.log_every, args.diag_every, args.eval_every, args.save_every)  # intervals that read the networks
@@ -927,14 +975,11 @@ def main():
                                               torch.as_tensor(terminated, device=device, dtype=torch.float32))
         replay_size = min(replay_size + collected, args.buffer_size)
         obs = next_obs
-        episode_return += rewards
-        episode_length += ~auto_reset
-        finished = np.flatnonzero(terminated | truncated)
-        for env_index in finished:
-            run.writer.add_scalar("charts/episodic_return", episode_return[env_index], global_step)
-            run.writer.add_scalar("charts/episodic_length", episode_length[env_index], global_step)
-        run.progress.update(global_step, episodic_return=episode_return[finished[-1]] if len(finished) else None)
-        episode_return[finished], episode_length[finished] = 0.0, 0
+        finished = finished_episodes(episodes, rewards, auto_reset, terminated | truncated)
+        for episode_return, episode_length in finished:
+            run.writer.add_scalar("charts/episodic_return", episode_return, global_step)
+            run.writer.add_scalar("charts/episodic_length", episode_length, global_step)
+        run.progress.update(global_step, episodic_return=finished[-1][0] if finished else None)
 
         # gradient updates, once the replay holds the seed steps (DrQ: one per agent step); --overlap-envs runs them
         # during the next environment step, unless this step logs, diagnoses, evaluates, saves or ends the run
@@ -946,38 +991,30 @@ def main():
 
         # logging, and the non-finite check: the interval's one host sync reads both
         if utils.crossed(previous_step, global_step, args.log_every):
-            means = loss_means()
-            finite_now, alpha, *mean_values = torch.stack([
-                finite_flag(means), log_alpha.detach().exp().reshape(()),
-                *(mean.float() for mean in means.values())]).tolist()
-            run.check_finite(finite_now == 1, global_step)
+            finite, scalars = learner_scalars(parts, log_alpha, recent_losses)
+            run.check_finite(finite, global_step)
             run.keep_good(checkpoint_payload())
-            run.log(global_step, {
-                "charts/SPS": run.sps(global_step), "losses/alpha": alpha,
-                "charts/learning_rate": parts["critic_optimizer"].param_groups[0]["lr"],
-                **{f"losses/{name}": value for name, value in zip(means, mean_values)}})
-            recent_losses = {name: [] for name in recent_losses}
+            run.log(global_step, {"charts/SPS": run.sps(global_step), **scalars})
+            recent_losses.update({name: [] for name in LOSS_NAMES})
 
         # diagnostics on recent observations
         if replay_size and utils.crossed(previous_step, global_step, args.diag_every):
             recent = recent_observations(replay, replay_position, replay_size, args.diag_batch_size)
-            for tag, value in network_diagnostics(encoder, actor, critic, recent, args.dormant_threshold).items():
-                run.writer.add_scalar(tag, value, global_step)
-            run.writer.add_images("images/saliency", value_saliency(encoder, actor, critic, recent[:4]), global_step)
+            log_diagnostics(run, global_step, encoder, actor, critic, recent, args)
 
         # evaluation and checkpoints
         if utils.crossed(previous_step, global_step, args.eval_every) and global_step < args.total_timesteps:
-            run_evaluation()
+            log_evaluation(run, global_step, encoder, actor, eval_env, args, device)
         if utils.crossed(previous_step, global_step, args.save_every):
             # checked since the last log too: its losses, every weight and Adam moment
-            run.check_finite(bool(finite_flag(loss_means())), global_step)
+            run.check_finite(bool(learner_finite(parts, log_alpha, recent_losses)), global_step)
             saved_replay = {"replay": replay, "replay_position": replay_position, "replay_size": replay_size}
             run.save(global_step, checkpoint_payload(), saved_replay if args.save_buffer else None)
 
     # evaluation and saving at the end
     run.progress.close()
-    run.check_finite(bool(finite_flag(loss_means())), global_step)
-    run_evaluation()
+    run.check_finite(bool(learner_finite(parts, log_alpha, recent_losses)), global_step)
+    log_evaluation(run, global_step, encoder, actor, eval_env, args, device)
     run.finish(checkpoint_payload())
     for simulator in (*env, *eval_env):
         simulator.close()
