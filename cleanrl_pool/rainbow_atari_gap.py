@@ -745,15 +745,15 @@ class SparseTraining:
         the next sync, as in the run it continues."""
         apply_masks(self.online + ([] if resumed else self.target))
 
-    def update(self, update: int, learner_step, dense_gradients, optimizer):
+    def update(self, update: int, step, dense_gradients, optimizer):
         """Gradient update number `update` with the masks that change at it, outside a captured step: before the learner
-        step from the weights (prune: the step masks them after it), or instead of it from the dense gradients that
-        `dense_gradients` leaves in `.grad` (RigL). Returns the step's (loss, mean Q)."""
+        step `step` from the weights (prune: the step masks them after it), or instead of it from the dense gradients
+        that `dense_gradients` leaves in `.grad` (RigL). Returns the step's (loss, mean Q)."""
         if not is_mask_update(self.args.sparsity_method, update, *self.schedule):
-            return learner_step()
+            return step()
         if self.args.sparsity_method == "prune":
             prune_masks_(self.masks, self.q_network, self.sparsities, update, *self.schedule[:2])
-            return learner_step()
+            return step()
         outputs = dense_gradients()
         rigl_masks_(self.masks, self.q_network, optimizer, rigl_drop_fraction(self.args.drop_fraction, update,
                                                                               self.schedule[1]))
@@ -1068,7 +1068,8 @@ def device_steps(args, q_forward, target_forward, optimizer, replay: dict, suppo
     """The loop's device work, on tensors that stay in place: `act` (epsilon-greedy a_t from o_t, which is stored
     at slot buffer_time), `store` (the staged step into the replay) and `learn` (one gradient update; sparse
     training's mask updates run outside it: SparseTraining.update). With --cuda-graphs on CUDA each is captured as
-    a CUDA graph at this one point and replayed at every call (LeanRL's habit)."""
+    a CUDA graph at this one point and replayed at every call after a few eager warm-ups (LeanRL's habit; a capture
+    that fails runs eagerly, and so does RigL's dense-gradient pass)."""
     captured = args.cuda_graphs and device.type == "cuda"
     q_function = expected_q(q_forward, support)
     newest_slot = torch.zeros((), dtype=torch.long, device=device)  # buffer_time: the slot of o_t

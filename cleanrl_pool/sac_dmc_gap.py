@@ -586,7 +586,7 @@ def recent_observations(replay: dict, position: int, size: int, count: int):
     return replay["observations"][index]
 
 
-def load_saved_replay(checkpoint_file: str, step: int, buffer_size: int, device):
+def load_resumed_replay(checkpoint_file: str, step: int, buffer_size: int, device):
     """(replay, position, size) saved beside the checkpoint of `step`, on `device`; None when that checkpoint has none
     (the run fills its replay again). A replay of another --buffer-size is refused."""
     saved = utils.load_replay(checkpoint_file, step)
@@ -690,7 +690,8 @@ def make_env(args, num_envs: int, seed: int, base_path: str = ""):
 
 def make_envs(args, seed: int):
     """The training env and the evaluation env (one environment per evaluation episode); the test-only cheap
-    visuals' assets are read when an env is made, so their temporary copy can go right after."""
+    visuals' assets (a warning line says they are on) are read when an env is made, so their temporary copy can go
+    right after."""
     if args.cheap_visuals_for_tests:
         utils.echo("warning: --cheap-visuals-for-tests: no shadows or anti-aliasing, not the benchmark's pictures")
     with tempfile.TemporaryDirectory() as assets:
@@ -857,7 +858,7 @@ def learner_scalars(parts: dict, log_alpha, recent_losses: dict) -> tuple:
     log), read in one host sync."""
     means = loss_means(recent_losses)
     finite, alpha, *mean_values = torch.stack([
-        learner_finite(parts, log_alpha, recent_losses), log_alpha.detach().exp().reshape(()),
+        utils.finite_flag(log_alpha, *parts.values(), *means.values()), log_alpha.detach().exp().reshape(()),
         *(mean.float() for mean in means.values())]).tolist()
     return finite == 1, {"losses/alpha": alpha, "charts/learning_rate": parts["critic_optimizer"].param_groups[0]["lr"],
                          **{f"losses/{name}": value for name, value in zip(means, mean_values)}}
@@ -913,7 +914,7 @@ def main():
     run = utils.Run(args, SCRIPT, RUN_NEUTRAL_FLAGS, ARCHITECTURE_FLAGS)  # the run folder, and the checkpoint to resume
     checkpoint, global_step = run.checkpoint, run.step
     # (replay, position, size) saved beside the newest checkpoint, if this is it
-    resumed_replay = checkpoint and load_saved_replay(run.checkpoint_file, global_step, args.buffer_size, device)
+    resumed_replay = checkpoint and load_resumed_replay(run.checkpoint_file, global_step, args.buffer_size, device)
     run.open(device, agent_steps_per_episode=CONTROL_STEPS_PER_EPISODE // args.action_repeat,
              environment_frames=f"{args.total_timesteps * args.action_repeat:,}",
              replay_gib=round(replay_bytes(args.buffer_size, obs_shape[0], args.resolution) / 2**30, 2))
