@@ -1063,7 +1063,7 @@ def log_diagnostics(run, step: int, q_network, support, obs, args, sparse: bool)
     q_network.train()
 
 
-# Main: the loop's device steps, the flags' check, then train
+# Main: the loop's device steps, the learner's losses between logs, the flags' check, then train
 def device_steps(args, q_forward, target_forward, optimizer, replay: dict, support, sparse, num_actions: int, device):
     """The loop's device work, on tensors that stay in place: `act` (epsilon-greedy a_t from o_t, which is stored
     at slot buffer_time), `store` (the staged step into the replay) and `learn` (one gradient update; sparse
@@ -1103,6 +1103,17 @@ def device_steps(args, q_forward, target_forward, optimizer, replay: dict, suppo
         return sparse.update(update_count, graphed_update, lambda: update(step=False), optimizer)
 
     return act, graphed_store, learn
+
+
+def learner_losses(flag, loss_total, q_total, updates: int) -> tuple:
+    """A device flag (utils.finite_flag) as a bool, and the mean loss and Q of the `updates` learner steps since the
+    last log ({} without updates), read in one host sync; the sums restart from 0."""
+    finite, mean_loss, mean_q_value = torch.stack([flag, loss_total / max(updates, 1),
+                                                   q_total / max(updates, 1)]).tolist()
+    if not updates:
+        return finite == 1, {}
+    loss_total.zero_(), q_total.zero_()
+    return finite == 1, {"losses/loss": mean_loss, "losses/q_values": mean_q_value}
 
 
 def check_args(args):
@@ -1244,16 +1255,11 @@ def main():
         # logging, and the non-finite check: the interval's one host sync reads both
         if utils.crossed(previous_step, global_step, args.log_every):
             updates, logged_updates = update_count - logged_updates, update_count
-            finite, mean_loss, mean_q_value = torch.stack([finite_flag(),
-                                                           loss_total / max(updates, 1), q_total / max(updates, 1)]).tolist()
-            run.check_finite(finite == 1, global_step)
+            finite, losses = learner_losses(finite_flag(), loss_total, q_total, updates)
+            run.check_finite(finite, global_step)
             run.keep_good(checkpoint_payload())
-            scalars = {"charts/SPS": run.sps(global_step), "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                       "charts/epsilon": epsilon}
-            if updates:
-                scalars.update({"losses/loss": mean_loss, "losses/q_values": mean_q_value})
-                loss_total.zero_(), q_total.zero_()
-            run.log(global_step, scalars)
+            run.log(global_step, {"charts/SPS": run.sps(global_step), "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                                  "charts/epsilon": epsilon, **losses})
         # diagnostics on recent observations, evaluation and checkpoints
         if utils.crossed(previous_step, global_step, args.diag_every):
             recent = recent_observations(replay, buffer_time, args.diag_batch_size, args.frame_stack)
