@@ -291,8 +291,8 @@ def write_json(path: str, data):
 
 def start_run(args, run_dir: str, purge_step=None):
     """Create (or take over) the run folder, lock it for this process, write config.json and open the
-    TensorBoard writer (and W&B with `--track`). A resumed run passes its step as `purge_step`: events a killed process logged
-    after its last checkpoint are then hidden, as they are logged again."""
+    TensorBoard writer (and W&B with `--track`). A resumed run passes the step after its checkpoint's as `purge_step`:
+    events a killed process logged after its last checkpoint are then hidden, as they are logged again."""
     import fcntl
 
     from torch.utils.tensorboard import SummaryWriter
@@ -442,7 +442,8 @@ class Run:
     def open(self, device, **derived):
         """Print every flag and the derived values, then create and lock the folder, write config.json, open the writer."""
         print_config(self.args, device=device, run_dir=self.dir, **derived)
-        self.writer = start_run(self.args, self.dir, purge_step=self.step if self.checkpoint else None)
+        # a checkpoint is saved after its step's logging: TensorBoard hides what a killed process logged after it
+        self.writer = start_run(self.args, self.dir, purge_step=self.step + 1 if self.checkpoint else None)
 
     def resumed(self):
         """Continue the checkpoint's random streams (after all the set-up's draws) and say so."""

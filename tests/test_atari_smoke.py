@@ -127,6 +127,13 @@ def test_resume_continues_the_step_count_and_the_replay_in_the_same_folder(smoke
     assert saved["global_step"] == 600 and saved["buffer_time"] == 200 + 1 + 100  # 200 slots each, a reset, 100 more
     sps_steps = [step for step, _ in read_scalars(run_dir)["charts/SPS"]]
     assert sps_steps[-1] == 600 and max(sps_steps) == 600 and 300 in sps_steps  # the first run's events are kept
+    # TensorBoard reads the folder as a whole and drops what the resume's purge step covers: the first run's points
+    # up to its checkpoint's step stay (those at 400 were logged before the checkpoint was saved)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tensorboard = EventAccumulator(run_dir)
+    tensorboard.Reload()
+    assert [event.step for event in tensorboard.Scalars("charts/SPS")] == [100, 200, 300, 400, 500, 600]
 
 
 def test_resume_refuses_a_checkpoint_of_another_architecture(smoke):
