@@ -847,10 +847,10 @@ def loss_means(recent_losses: dict) -> dict:
     return {name: torch.stack(values).mean() for name, values in recent_losses.items() if values}
 
 
-def learner_finite(parts: dict, log_alpha, recent_losses: dict) -> torch.Tensor:
-    """On the device: are the losses since the last log (their means), log alpha, every weight and Adam moment finite
-    (the last update may have broken the weights)."""
-    return utils.finite_flag(log_alpha, *parts.values(), *loss_means(recent_losses).values())
+def learner_finite(parts: dict, log_alpha, means: dict) -> torch.Tensor:
+    """On the device: are the losses' means since the last log (loss_means), log alpha, every weight and Adam moment
+    finite (the last update may have broken the weights)."""
+    return utils.finite_flag(log_alpha, *parts.values(), *means.values())
 
 
 def learner_scalars(parts: dict, log_alpha, recent_losses: dict) -> tuple:
@@ -858,7 +858,7 @@ def learner_scalars(parts: dict, log_alpha, recent_losses: dict) -> tuple:
     log), read in one host sync."""
     means = loss_means(recent_losses)
     finite, alpha, *mean_values = torch.stack([
-        utils.finite_flag(log_alpha, *parts.values(), *means.values()), log_alpha.detach().exp().reshape(()),
+        learner_finite(parts, log_alpha, means), log_alpha.detach().exp().reshape(()),
         *(mean.float() for mean in means.values())]).tolist()
     return finite == 1, {"losses/alpha": alpha, "charts/learning_rate": parts["critic_optimizer"].param_groups[0]["lr"],
                          **{f"losses/{name}": value for name, value in zip(means, mean_values)}}
@@ -1008,13 +1008,13 @@ def main():
             log_evaluation(run, global_step, encoder, actor, eval_env, args, device)
         if utils.crossed(previous_step, global_step, args.save_every):
             # checked since the last log too: its losses, every weight and Adam moment
-            run.check_finite(bool(learner_finite(parts, log_alpha, recent_losses)), global_step)
+            run.check_finite(bool(learner_finite(parts, log_alpha, loss_means(recent_losses))), global_step)
             saved_replay = {"replay": replay, "replay_position": replay_position, "replay_size": replay_size}
             run.save(global_step, checkpoint_payload(), saved_replay if args.save_buffer else None)
 
     # evaluation and saving at the end
     run.progress.close()
-    run.check_finite(bool(learner_finite(parts, log_alpha, recent_losses)), global_step)
+    run.check_finite(bool(learner_finite(parts, log_alpha, loss_means(recent_losses))), global_step)
     log_evaluation(run, global_step, encoder, actor, eval_env, args, device)
     run.finish(checkpoint_payload())
     for simulator in (*env, *eval_env):
